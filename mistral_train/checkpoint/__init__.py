@@ -1,0 +1,1 @@
+"""Checkpoints: HF folders in and out, training state, atomic writes."""

@@ -1,0 +1,156 @@
+"""MistralConfig: the architecture, read from and written to transformers' `config.json`."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
+
+# Keys transformers writes that describe the file, not the architecture: dropped on read,
+# regenerated on write, so a round trip does not accumulate stale metadata.
+_HF_BOOKKEEPING = {"architectures", "model_type", "transformers_version", "torch_dtype", "dtype"}
+_SUPPORTED_ACTIVATIONS = {"silu", "gelu", "gelu_pytorch_tanh", "relu"}
+
+
+@dataclass
+class MistralConfig:
+    """Architecture hyper-parameters with transformers' `MistralConfig` names and defaults."""
+
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 14336
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int = 8
+    head_dim: Optional[int] = None  # None: hidden_size // num_attention_heads
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 131072
+    initializer_range: float = 0.02
+    rms_norm_eps: float = 1e-6
+    use_cache: bool = True
+    pad_token_id: Optional[int] = None
+    bos_token_id: Optional[int] = 1
+    eos_token_id: Optional[int] = 2
+    tie_word_embeddings: bool = False
+    rope_theta: float = 10000.0
+    sliding_window: Optional[int] = 4096  # None: full causal attention
+    attention_dropout: float = 0.0
+    num_labels: int = 2  # classification heads only
+    extra: dict[str, Any] = field(default_factory=dict)  # unknown keys, kept for the round trip
+
+    def __post_init__(self) -> None:
+        self.validate()  # types first, so the default head_dim below divides two ints
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+            self.validate()
+
+    def validate(self) -> None:
+        """Check types and the relations between fields; errors name the key."""
+        hints = get_type_hints(MistralConfig)
+        for f in dataclasses.fields(self):
+            if f.name == "extra":
+                continue
+            value = getattr(self, f.name)
+            if not _matches(value, hints[f.name]):
+                raise ValueError(f"`{f.name}` must be {_type_name(hints[f.name])}, got {value!r}")
+        if self.num_attention_heads % self.num_key_value_heads != 0:
+            raise ValueError(
+                f"`num_attention_heads` ({self.num_attention_heads}) must be a multiple of "
+                f"`num_key_value_heads` ({self.num_key_value_heads})"
+            )
+        if self.hidden_act not in _SUPPORTED_ACTIVATIONS:
+            raise ValueError(f"`hidden_act` {self.hidden_act!r} is not one of {sorted(_SUPPORTED_ACTIVATIONS)}")
+        if self.head_dim is not None and self.head_dim % 2 != 0:
+            raise ValueError(f"`head_dim` must be even for RoPE, got {self.head_dim}")
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise ValueError(f"`sliding_window` must be a positive integer or null, got {self.sliding_window}")
+
+    @classmethod
+    def from_hf_dict(cls, d: dict[str, Any], source: str = "config") -> "MistralConfig":
+        """Build from a transformers config dict (v4 `rope_theta` or v5 `rope_parameters`)."""
+        d = dict(d)
+        model_type = d.get("model_type", "mistral")
+        if model_type != "mistral":
+            raise ValueError(f"{source}: `model_type` is {model_type!r}, expected 'mistral'")
+        rope = d.pop("rope_parameters", None) or d.pop("rope_scaling", None)
+        if rope:
+            rope_type = rope.get("rope_type", rope.get("type", "default"))
+            if rope_type != "default":
+                raise ValueError(f"{source}: `rope_parameters.rope_type` {rope_type!r} is not supported (only 'default')")
+            if "rope_theta" in rope:
+                d["rope_theta"] = rope["rope_theta"]
+        known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+        for key in required:
+            if key not in d:
+                raise ValueError(f"{source}: required key `{key}` is missing")
+        kwargs = {k: v for k, v in d.items() if k in known}
+        if isinstance(kwargs.get("rope_theta"), int):
+            kwargs["rope_theta"] = float(kwargs["rope_theta"])
+        if isinstance(kwargs.get("eos_token_id"), list):  # some checkpoints list several EOS ids
+            eos = kwargs["eos_token_id"]
+            kwargs["eos_token_id"] = eos[0] if eos else None
+            d.setdefault("eos_token_ids", eos)
+        if kwargs.get("num_key_value_heads") is None:
+            kwargs["num_key_value_heads"] = kwargs["num_attention_heads"]
+        extra = {k: v for k, v in d.items() if k not in known and k not in _HF_BOOKKEEPING}
+        if "id2label" in d and "num_labels" not in d:
+            kwargs["num_labels"] = len(d["id2label"])
+        try:
+            return cls(**kwargs, extra=extra)
+        except ValueError as e:
+            raise ValueError(f"{source}: {e}") from e
+
+    @classmethod
+    def from_json_file(cls, path: Union[str, Path]) -> "MistralConfig":
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no config.json there")
+        try:
+            d = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from e
+        if not isinstance(d, dict):
+            raise ValueError(f"{path}: expected a JSON object")
+        return cls.from_hf_dict(d, source=str(path))
+
+    def to_hf_dict(self, architecture: str = "MistralForCausalLM") -> dict[str, Any]:
+        """The dict transformers writes for this model, plus the unknown keys we were given."""
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("extra", "num_labels")}
+        d.update(self.extra)
+        d["architectures"] = [architecture]
+        d["model_type"] = "mistral"
+        # v5 reads `rope_parameters`; v4 reads `rope_theta`: write both so either loads it.
+        d["rope_parameters"] = {"rope_type": "default", "rope_theta": self.rope_theta}
+        if architecture != "MistralForCausalLM" and "id2label" not in d:
+            d["id2label"] = {str(i): f"LABEL_{i}" for i in range(self.num_labels)}
+            d["label2id"] = {f"LABEL_{i}": i for i in range(self.num_labels)}
+        return dict(sorted(d.items()))
+
+    def save(self, folder: Union[str, Path], architecture: str = "MistralForCausalLM", dtype: Optional[str] = None) -> None:
+        d = self.to_hf_dict(architecture)
+        if dtype is not None:
+            d["dtype"] = dtype
+        (Path(folder) / "config.json").write_text(json.dumps(d, indent=2) + "\n")
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    """isinstance for the few annotation shapes MistralConfig uses; bool is not an int here."""
+    origin = get_origin(hint)
+    if origin is Union:
+        return any(_matches(value, h) for h in get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, origin or hint)
+
+
+def _type_name(hint: Any) -> str:
+    if get_origin(hint) is Union:
+        return " or ".join(_type_name(h) for h in get_args(hint))
+    return "null" if hint is type(None) else getattr(hint, "__name__", str(hint))

@@ -1,0 +1,95 @@
+"""A pre-allocated KV cache for all layers; a rolling buffer when the model has a sliding window.
+
+Slots hold keys and values by sequence index. With a sliding window of W the cache has W
+slots and token i lives in slot i % W, so memory stays fixed however long the generation:
+a query at i never needs a key older than i - W + 1.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+
+class KVCache(nn.Module):
+    """Keys and values of every layer, plus which sequence index each slot holds.
+
+    Use per forward step: `kv_index, kv_keep = cache.begin(index, keep)` once, then
+    `k, v = cache.update(layer, k_new, v_new)` in each layer.
+    """
+
+    def __init__(
+        self,
+        num_layers: int,
+        batch_size: int,
+        num_kv_heads: int,
+        head_dim: int,
+        capacity: int,
+        rolling: bool,
+        dtype: torch.dtype,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        shape = (num_layers, batch_size, num_kv_heads, capacity, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        # Sequence index held by each slot (-1: empty) and whether it is a real (non-pad) token.
+        self.register_buffer("slot_index", torch.full((capacity,), -1, dtype=torch.long, device=device), persistent=False)
+        self.register_buffer("slot_keep", torch.zeros(batch_size, capacity, dtype=torch.bool, device=device), persistent=False)
+        self.capacity = capacity
+        self.rolling = rolling
+        self._write_slots: Optional[torch.Tensor] = None
+        self._write_from = 0  # first new token that is written (a long rolling chunk keeps its last W)
+        self._concat = False
+        self._end = capacity
+
+    @classmethod
+    def for_model(cls, config, batch_size: int, max_length: int, dtype: torch.dtype, device) -> "KVCache":
+        """A cache for `max_length` tokens: a rolling buffer of `sliding_window` slots when that is smaller."""
+        window = config.sliding_window
+        rolling = window is not None and window < max_length
+        capacity = window if rolling else max_length
+        return cls(config.num_hidden_layers, batch_size, config.num_key_value_heads, config.head_dim,
+                   capacity, rolling, dtype, device)
+
+    def begin(self, index: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Register the new tokens of this step.
+
+        Args:
+            index: (Tn,) sequence indices of the new tokens (consecutive).
+            keep: (B, Tn) False for padding tokens.
+        Returns:
+            kv_index (Tk,) and kv_keep (B, Tk) describing the keys `update` will return.
+        """
+        new = index.shape[0]
+        if not self.rolling and int(index[-1]) >= self.capacity:
+            raise ValueError(f"KV cache holds {self.capacity} tokens; token index {int(index[-1])} does not fit")
+        # A chunk of several tokens in a rolling buffer would overwrite keys that its own earlier
+        # queries still need: attend over old slots + the whole chunk, then store its tail.
+        self._concat = self.rolling and new > 1
+        self._write_from = max(0, new - self.capacity) if self.rolling else 0
+        written = index[self._write_from :]
+        self._write_slots = written % self.capacity if self.rolling else written
+        if self._concat:
+            kv_index = torch.cat((self.slot_index, index))
+            kv_keep = torch.cat((self.slot_keep, keep), dim=1)
+        self.slot_index[self._write_slots] = written
+        self.slot_keep[:, self._write_slots] = keep[:, self._write_from :]
+        # A plain cache fills from slot 0: attend only over the filled part.
+        self._end = self.capacity if self.rolling else int(index[-1]) + 1
+        if not self._concat:
+            kv_index, kv_keep = self.slot_index[: self._end], self.slot_keep[:, : self._end]
+        return kv_index, kv_keep
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store this step's k, v (B, n_kv_heads, Tn, head_dim); return the keys and values to attend over."""
+        if self._concat:
+            k_all = torch.cat((self.k[layer], k), dim=2)
+            v_all = torch.cat((self.v[layer], v), dim=2)
+        self.k[layer][:, :, self._write_slots] = k[:, :, self._write_from :]
+        self.v[layer][:, :, self._write_slots] = v[:, :, self._write_from :]
+        if self._concat:
+            return k_all, v_all
+        return self.k[layer, :, :, : self._end], self.v[layer, :, :, : self._end]
