@@ -1,0 +1,161 @@
+"""Hugging Face checkpoint folders in and out: config.json + (sharded) safetensors.
+
+Keys are transformers' own, so the key map is the identity. Loading builds the model on
+the meta device and materialises it shard by shard, so peak memory stays near one copy of
+the weights. Saving writes into a temporary folder renamed into place when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from mistral_train.checkpoint.atomic import atomic_directory
+from mistral_train.model.config import MistralConfig
+from mistral_train.model.mistral import Mistral
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+_ARCHITECTURES = {
+    "causal_lm": "MistralForCausalLM",
+    "sequence_classification": "MistralForSequenceClassification",
+    "token_classification": "MistralForTokenClassification",
+}
+# Keys old checkpoints carry that hold no weights we need (RoPE tables are recomputed).
+_IGNORED_KEY = re.compile(r".*rotary_emb\.inv_freq$")
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The safetensors files of an HF folder, in index order."""
+    index_path = folder / INDEX_FILE
+    if index_path.is_file():
+        try:
+            weight_map = json.loads(index_path.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"{index_path}: expected JSON with a `weight_map` object ({e})") from e
+        names = list(dict.fromkeys(weight_map.values()))
+        missing = [n for n in names if not (folder / n).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{index_path}: lists shard(s) not in the folder: {missing}")
+        return [folder / n for n in names]
+    if (folder / SINGLE_FILE).is_file():
+        return [folder / SINGLE_FILE]
+    hint = " (only .bin weights found: convert them to safetensors; pickled weights are never loaded)" if any(folder.glob("*.bin")) else ""
+    raise FileNotFoundError(f"{folder}: no {SINGLE_FILE} or {INDEX_FILE}{hint}")
+
+
+def load_pretrained(
+    path: Union[str, Path], dtype: Optional[torch.dtype] = None, task: str = "causal_lm", quantize: Optional[str] = None
+) -> Mistral:
+    """Read an HF Mistral folder into `Mistral`.
+
+    Args:
+        path: folder with config.json and model.safetensors (or an index + shards).
+        dtype: cast floating weights to this dtype; None keeps the stored dtypes.
+        task: the head to build. A classification head loaded from a causal-LM folder
+            drops `lm_head.weight` and starts its `score` layer fresh (as transformers does).
+        quantize: reserved for NF4 base weights (QLoRA).
+    """
+    if quantize is not None:
+        raise ValueError(f"quantize={quantize!r}: quantized loading is not available in this version")
+    folder = Path(path)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: not a folder (expected an HF checkpoint folder with config.json)")
+    config = MistralConfig.from_json_file(folder / "config.json")
+    with torch.device("meta"):
+        model = Mistral(config, task=task)
+    expected = {name: p.shape for name, p in model.named_parameters(remove_duplicate=False)}
+    loaded: set[str] = set()
+    for file in weight_files(folder):
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                for key in f.keys():
+                    if _IGNORED_KEY.match(key) or (task != "causal_lm" and key == "lm_head.weight"):
+                        continue
+                    if key not in expected:
+                        raise KeyError(f"{file}: unexpected tensor `{key}` (not a parameter of a Mistral {task} model)")
+                    tensor = f.get_tensor(key)
+                    if tuple(tensor.shape) != tuple(expected[key]):
+                        raise ValueError(
+                            f"{file}: `{key}` has shape {tuple(tensor.shape)}, the model expects {tuple(expected[key])}"
+                        )
+                    if dtype is not None and tensor.is_floating_point():
+                        tensor = tensor.to(dtype)
+                    _assign(model, key, tensor)
+                    loaded.add(key)
+        except SafetensorError as e:
+            raise ValueError(f"{file}: not a readable safetensors file ({e}); is it truncated?") from e
+    if config.tie_word_embeddings and task == "causal_lm":
+        model.lm_head.weight = model.model.embed_tokens.weight
+        loaded.add("lm_head.weight")
+    if task != "causal_lm" and "score.weight" not in loaded:
+        score = nn.Linear(config.hidden_size, config.num_labels, bias=False, dtype=model.model.norm.weight.dtype)
+        nn.init.normal_(score.weight, std=config.initializer_range)
+        model.score = score
+        loaded.add("score.weight")
+    missing = sorted(set(expected) - loaded)
+    if missing:
+        raise KeyError(f"{folder}: checkpoint lacks {len(missing)} tensor(s), e.g. {missing[:5]}")
+    return model
+
+
+def _assign(model: nn.Module, key: str, tensor: torch.Tensor) -> None:
+    """Replace the (meta) parameter `key` by `tensor`."""
+    module_path, _, name = key.rpartition(".")
+    module = model.get_submodule(module_path)
+    setattr(module, name, nn.Parameter(tensor, requires_grad=tensor.is_floating_point()))
+
+
+def parse_size(size: Union[int, str]) -> int:
+    """Bytes in "5GB", "500MB", "10KB" (powers of 1000, as transformers) or an int."""
+    if isinstance(size, int):
+        return size
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B)?\s*", str(size), flags=re.IGNORECASE)
+    if not match:
+        raise ValueError(f"max_shard_size {size!r}: expected bytes as an int or like '5GB', '500MB'")
+    unit = (match.group(2) or "B").upper()
+    factor = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}[unit]
+    return int(float(match.group(1)) * factor)
+
+
+def save_pretrained(model: Mistral, path: Union[str, Path], max_shard_size: Union[int, str] = "5GB") -> None:
+    """Write `model` as an HF folder that transformers loads with the same logits.
+
+    Tied output weights are stored once (as transformers does). Shards are filled in key
+    order up to `max_shard_size`; more than one shard adds `model.safetensors.index.json`.
+    The folder appears only when complete.
+    """
+    limit = parse_size(max_shard_size)
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    if model.task == "causal_lm" and model.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    shard_bytes = 0
+    for key, tensor in state.items():
+        size = tensor.numel() * tensor.element_size()
+        if shards[-1] and shard_bytes + size > limit:
+            shards.append({})
+            shard_bytes = 0
+        shards[-1][key] = tensor
+        shard_bytes += size
+    dtype = str(next(iter(state.values())).dtype).removeprefix("torch.")
+    with atomic_directory(path) as tmp:
+        model.config.save(tmp, architecture=_ARCHITECTURES[model.task], dtype=dtype)
+        if len(shards) == 1:
+            save_file(shards[0], str(tmp / SINGLE_FILE), metadata={"format": "pt"})
+            return
+        weight_map = {}
+        for i, shard in enumerate(shards, start=1):
+            name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, str(tmp / name), metadata={"format": "pt"})
+            weight_map.update({key: name for key in shard})
+        total = sum(t.numel() * t.element_size() for t in state.values())
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
