@@ -3,12 +3,27 @@
 The YAML files in `configs/` and `recipes/` only set values; these dataclasses are the schema.
 They are registered with Hydra's ConfigStore (see `register_schemas`), so a misspelt key or a
 value of the wrong type fails when the configuration is composed, naming the key.
+
+`load_run_config(recipe, overrides)` composes `recipes/NAME.yaml` (which lists the groups in
+`configs/`) with command-line overrides through Hydra's compose API, and returns a RunConfig;
+`dump_run_config` writes the resolved result next to a run.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
-from typing import Optional
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import yaml
+from hydra import compose, initialize_config_dir
+from hydra.core.config_store import ConfigStore
+from hydra.errors import HydraException
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from mistral_train.config_checks import ConfigError, describe_error, missing_keys, suggest_key, unknown_keys
 
 
 @dataclass
@@ -37,7 +52,7 @@ class ModelSpec:
 class DataSpec:
     """Where the training rows come from and how they are read."""
 
-    path: Optional[str] = None  # a file or folder; None means the text bundled with the package
+    path: Any = None  # a file, a folder or a list of them; None means the text bundled with the package
     format: str = "text"  # text (pretraining); later issues add chat formats
     eval_fraction: float = 0.0  # share of documents held out for evaluation
 
@@ -65,6 +80,7 @@ class TrainerSpec:
     log_every: int = 5
     save_every: Optional[int] = None  # steps between checkpoints; None: only the final one
     keep_last: int = 2  # checkpoints kept on disk
+    eval_every: Optional[int] = None  # steps between held-out evaluations (data.eval_fraction > 0); None: at the end only
     sample_prompt: str = "The cat"
     sample_max_new_tokens: int = 40
 
@@ -107,3 +123,116 @@ class RunConfig:
     tracking: TrackingSpec = field(default_factory=TrackingSpec)
     run: RunSpec = field(default_factory=RunSpec)
     resume: Optional[str] = None  # "true"/"latest" or a checkpoint folder
+
+
+# ---- composing a RunConfig from recipes/ + configs/ (Hydra compose API: no output dirs, no chdir)
+
+CONFIG_ROOT_ENV = "MISTRAL_TRAIN_CONFIG_ROOT"
+DEFAULT_RECIPE = "tiny_pretrain"
+GROUP_SCHEMAS = {"model": ModelSpec, "data": DataSpec, "trainer": TrainerSpec, "adapter": AdapterSpec, "tracking": TrackingSpec}
+
+
+def register_schemas() -> None:
+    """Put the schemas in Hydra's ConfigStore: `run_schema`, the root each recipe lists first, and
+    `schema/<group>`, which each group file lists first, so its keys are checked wherever it is composed.
+    (Kept out of the groups themselves so they never show up as a choice like `adapter=...`.)
+    Also the `${required:hint}` resolver: YAML marks a value the user must give with it, because a
+    `???` merged over a schema default keeps the default instead of becoming missing."""
+    store = ConfigStore.instance()
+    store.store(name="run_schema", node=RunConfig)
+    for group, schema in GROUP_SCHEMAS.items():
+        store.store(group="schema", name=group, node=schema)
+    if not OmegaConf.has_resolver("required"):
+        OmegaConf.register_new_resolver("required", _required)
+
+
+def config_root() -> Path:
+    """The folder holding `configs/` and `recipes/`: $MISTRAL_TRAIN_CONFIG_ROOT, else the source checkout."""
+    env = os.environ.get(CONFIG_ROOT_ENV)
+    root = (Path(env).expanduser() if env else Path(__file__).resolve().parents[1]).resolve()
+    missing = [name for name in ("configs", "recipes") if not (root / name).is_dir()]
+    if missing:
+        origin = f"${CONFIG_ROOT_ENV}" if env else "the folder above the installed package"
+        raise ConfigError(
+            f"no {' or '.join(f'{m}/' for m in missing)} folder in {root} ({origin}); install mistral-train "
+            f"from a source checkout (pip install -e .) or set {CONFIG_ROOT_ENV} to a folder holding configs/ and recipes/"
+        )
+    return root
+
+
+def list_recipes(root: Optional[Path] = None) -> list[str]:
+    """Names of the recipes (`recipes/*.yaml`) under `root` (default `config_root()`)."""
+    return sorted(p.stem for p in ((root or config_root()) / "recipes").glob("*.yaml"))
+
+
+def load_run_config(recipe: str = DEFAULT_RECIPE, overrides: Sequence[str] = ()) -> RunConfig:
+    """Compose `recipes/{recipe}.yaml` with Hydra overrides (`a.b=v`, `group=option`) into a RunConfig.
+
+    Raises:
+        ConfigError: unknown recipe, key or group option, a value of the wrong type, or a required
+            value (`${required:...}` or `???`) left unset; the message is one line naming it.
+    """
+    root = config_root()
+    if not (root / "recipes" / f"{recipe}.yaml").is_file():
+        raise ConfigError(f"unknown recipe {recipe!r}; available: {', '.join(list_recipes(root))} (in {root / 'recipes'})")
+    register_schemas()
+    configs = str(root / "configs").replace("\\", "\\\\").replace("'", "\\'")
+    try:
+        with initialize_config_dir(config_dir=str(root / "recipes"), version_base="1.3", job_name="mistral_train"):
+            cfg = compose(config_name=recipe, overrides=[f"hydra.searchpath=['file://{configs}']", *overrides])
+        # `+key=v` bypasses the schema's struct flag; to_object would then drop or set stray attributes.
+        unknown = unknown_keys(cfg, RunConfig)
+        if unknown:
+            raise ConfigError(f"unknown key {unknown[0]!r}{suggest_key(unknown[0], RunConfig)}")
+        missing = missing_keys(OmegaConf.to_container(cfg, resolve=False))
+        if missing:
+            keys = " ".join(f"{m.split(' ')[0]}=..." for m in missing)
+            raise ConfigError(f"recipe {recipe!r} needs {' and '.join(missing)}: pass {keys}")
+        run = OmegaConf.to_object(cfg)
+    except (HydraException, OmegaConfBaseException) as err:
+        raise ConfigError(describe_error(err, RunConfig, root, overrides)) from err
+    except yaml.YAMLError as err:  # a YAML file that does not parse; the text names file and line
+        raise ConfigError("invalid YAML: " + " ".join(line.strip() for line in str(err).splitlines())) from err
+    return _normalize(run)
+
+
+def run_config_yaml(cfg: RunConfig) -> str:
+    """The fully resolved configuration as YAML text."""
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg), resolve=True)
+
+
+def dump_run_config(cfg: RunConfig, path: str | os.PathLike) -> Path:
+    """Write the fully resolved configuration to `path` (e.g. runs/NAME/config.yaml); return the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(run_config_yaml(cfg), encoding="utf-8")
+    return path
+
+
+def read_run_config(path: str | os.PathLike) -> RunConfig:
+    """Read a config.yaml written by `dump_run_config` back into a RunConfig, checked against the schema."""
+    try:
+        return _normalize(OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RunConfig), OmegaConf.load(path))))
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"{path}: {describe_error(err, RunConfig)}") from err
+
+
+def _home(path: Any) -> Any:
+    return os.path.expanduser(path) if isinstance(path, str) else path
+
+
+def _normalize(run: RunConfig) -> RunConfig:
+    path = run.data.path
+    if not (path is None or isinstance(path, str) or (isinstance(path, list) and all(isinstance(p, str) for p in path))):
+        raise ConfigError(f"data.path must be a path or a list of paths, got {path!r}")
+    # Hydra parses resume=true as a bool, which the str field then holds as "True".
+    if run.resume is not None and run.resume.lower() in ("true", "false"):
+        run.resume = "true" if run.resume.lower() == "true" else None
+    # `~` arrives literally (Hydra needs it quoted on the command line): expand it in every path field.
+    run.model.path, run.model.tokenizer, run.run.dir, run.resume = map(_home, (run.model.path, run.model.tokenizer, run.run.dir, run.resume))
+    run.data.path = [_home(p) for p in path] if isinstance(path, list) else _home(path)
+    return run
+
+
+def _required(*hint: str) -> Any:
+    raise ValueError(f"a required value is not set ({', '.join(hint)})")

@@ -1,0 +1,161 @@
+"""The `mistral-train` command (also `python -m mistral_train`).
+
+    mistral-train [train] [recipe=NAME] [KEY=VALUE ...]   train (default recipe: tiny_pretrain)
+    mistral-train config [recipe=NAME] [KEY=VALUE ...]    print the resolved run configuration
+    mistral-train generate FOLDER --prompt TEXT [...]     continue a prompt with an HF Mistral folder
+    mistral-train plot RUN_DIR                            redraw RUN_DIR/loss.png from metrics.jsonl
+
+argparse reads the verbs and their flags; everything after `train`/`config` is a Hydra override
+(`trainer.max_steps=20`, `adapter=none`), composed by `mistral_train.config.load_run_config`.
+Heavy modules (torch, the loop) are imported inside the verbs, so `--help` and config errors are quick.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+from mistral_train.config import DEFAULT_RECIPE, ConfigError, RunConfig, load_run_config, run_config_yaml
+
+PROG = "mistral-train"
+OVERRIDES_HELP = """\
+overrides (KEY=VALUE, Hydra syntax):
+  recipe=NAME              a file in recipes/ (default: tiny_pretrain)
+  model.path=DIR           an HF Mistral folder        data.path=FILE|DIR|[A,B]
+  data.format=text         trainer.max_steps=N         trainer.max_seq_len=N
+  adapter=none             run.dir=DIR run.name=NAME   resume=true|latest|CHECKPOINT_DIR
+  any other field: `mistral-train config` lists them all
+"""
+EXAMPLES = """\
+examples:
+  mistral-train                                   tiny Mistral on the bundled text, on CPU
+  mistral-train trainer.max_steps=20 run.name=quick
+  mistral-train recipe=mistral7b_pretrain model.path=/models/Mistral-7B-v0.1 data.path=corpus/
+  mistral-train config trainer.lr=1e-3            show what a run would use
+  mistral-train generate runs/tiny_pretrain/final --prompt "The cat"
+  mistral-train plot runs/tiny_pretrain
+"""
+
+
+def split_recipe(overrides: Sequence[str]) -> tuple[str, list[str]]:
+    """Take `recipe=NAME` out of the overrides: (recipe name, remaining overrides)."""
+    recipes = [o.split("=", 1)[1] for o in overrides if o.startswith("recipe=")]
+    if len(recipes) > 1:
+        raise ConfigError(f"recipe given {len(recipes)} times ({', '.join(recipes)}); give one recipe=NAME")
+    rest = [o for o in overrides if not o.startswith("recipe=")]
+    return (recipes[0] if recipes else DEFAULT_RECIPE), rest
+
+
+def _run_config(overrides: Sequence[str]) -> RunConfig:
+    recipe, rest = split_recipe(overrides)
+    return load_run_config(recipe, rest)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    cfg = _run_config(args.overrides)
+    from mistral_train.train.loop import fit  # imported here: torch and the data stack are slow to load
+
+    run_dir = fit(cfg)
+    print(f"run directory: {run_dir}")
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    print(run_config_yaml(_run_config(args.overrides)), end="")
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from mistral_train.plots import plot_run
+    from mistral_train.tracking import METRICS_FILE
+
+    metrics = Path(args.run_dir) / METRICS_FILE
+    if not metrics.is_file():
+        raise ConfigError(f"{metrics} does not exist; give a run directory (runs/NAME) that holds {METRICS_FILE}")
+    try:
+        print(plot_run(args.run_dir))
+    except ValueError as err:  # plot_run's "no row has a loss": the file, not the code, is at fault
+        raise ConfigError(str(err)) from err
+    return 0
+
+
+def tokenizer_for(folder: Path, fallback: str) -> Path:
+    """The folder's own tokenizer file if it has one, else `fallback` (a path or `bundled:vN`)."""
+    for name in ("tokenizer.model", "tokenizer.json"):
+        if (folder / name).is_file():
+            return folder
+    if fallback.startswith("bundled:"):
+        from mistral_train.tokenizer import bundled_tokenizer_path
+
+        try:
+            return Path(bundled_tokenizer_path(fallback.split(":", 1)[1]))
+        except ValueError as err:  # an unknown version: a usage error, not a bug
+            raise ConfigError(f"--tokenizer {fallback}: {err}") from err
+    return Path(fallback)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    folder = Path(args.folder)
+    if not (folder / "config.json").is_file():
+        raise ConfigError(f"{folder} is not an HF model folder (no config.json); try runs/NAME/final")
+    import torch
+
+    from mistral_train import Mistral
+    from mistral_train.generate import generate
+    from mistral_train.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(tokenizer_for(folder, args.tokenizer))
+    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = Mistral.from_pretrained(folder).to(device).eval()
+    prompt = tokenizer.encode(args.prompt, bos=True)
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    ids = generate(model, prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                   top_p=args.top_p, eos_token_id=tokenizer.eos_id, generator=generator)
+    print(tokenizer.decode(ids[0].tolist()))  # prompt + completion, decoded together so spacing is right
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    fmt = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(prog=PROG, formatter_class=fmt, epilog=EXAMPLES,
+                                     description="Train, sample from and inspect Mistral-architecture models.")
+    verbs = parser.add_subparsers(dest="verb", metavar="COMMAND", title="commands (default: train)")
+    for name, helptext, handler in (("train", "train a recipe (the default command)", cmd_train),
+                                    ("config", "print the resolved configuration of a run, without running it", cmd_config)):
+        sub = verbs.add_parser(name, help=helptext, description=helptext, epilog=OVERRIDES_HELP, formatter_class=fmt)
+        sub.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="recipe=NAME and Hydra overrides")
+        sub.set_defaults(handler=handler)
+
+    gen = verbs.add_parser("generate", help="continue a prompt with a saved model",
+                           description="Continue a prompt with an HF Mistral folder (e.g. runs/NAME/final).")
+    gen.add_argument("folder", help="HF folder: config.json + *.safetensors (+ tokenizer.model)")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
+    gen.add_argument("--top-k", type=int, default=None)
+    gen.add_argument("--top-p", type=float, default=None)
+    gen.add_argument("--seed", type=int, default=0, help="for sampling (temperature > 0)")
+    gen.add_argument("--tokenizer", default="bundled:v1",
+                     help="used when FOLDER has no tokenizer: a file/folder or bundled:v1|v2|v3 (default bundled:v1)")
+    gen.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto)")
+    gen.set_defaults(handler=cmd_generate)
+
+    plot = verbs.add_parser("plot", help="redraw a run's loss.png from its metrics.jsonl")
+    plot.add_argument("run_dir", help="a run directory, e.g. runs/tiny_pretrain")
+    plot.set_defaults(handler=cmd_plot)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point; returns the exit status (2 for a usage or configuration error)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or "=" in args[0] or args[0].startswith("~"):  # bare overrides mean `train`
+        args.insert(0, "train")
+    parsed = build_parser().parse_args(args)  # bad usage: argparse prints it and exits with 2
+    try:
+        return parsed.handler(parsed)
+    except (ConfigError, FileNotFoundError) as err:  # user errors: one line, no traceback
+        print(f"{PROG}: error: {err}", file=sys.stderr)
+        return 2
