@@ -19,7 +19,7 @@ from torch import nn
 
 from mistral_train.checkpoint.atomic import atomic_directory
 from mistral_train.model.config import MistralConfig
-from mistral_train.model.mistral import Mistral
+from mistral_train.model.mistral import Mistral, score_layer
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -96,10 +96,11 @@ def load_pretrained(
         model.lm_head.weight = model.model.embed_tokens.weight
         loaded.add("lm_head.weight")
     if task != "causal_lm" and "score.weight" not in loaded:
-        score = nn.Linear(config.hidden_size, config.num_labels, bias=False, dtype=model.model.norm.weight.dtype)
-        nn.init.normal_(score.weight, std=config.initializer_range)
+        # A classification model started from a causal-LM folder: a fresh head, as transformers does.
+        score = score_layer(config, task).to(model.model.norm.weight.dtype)
+        model.init_weights(score)
         model.score = score
-        loaded.add("score.weight")
+        loaded.update(name for name, _ in score.named_parameters(prefix="score"))
     missing = sorted(set(expected) - loaded)
     if missing:
         raise KeyError(f"{folder}: checkpoint lacks {len(missing)} tensor(s), e.g. {missing[:5]}")

@@ -89,13 +89,15 @@ class MistralConfig:
         kwargs = {k: v for k, v in d.items() if k in known}
         if isinstance(kwargs.get("rope_theta"), int):
             kwargs["rope_theta"] = float(kwargs["rope_theta"])
+        eos_list = None
         if isinstance(kwargs.get("eos_token_id"), list):  # some checkpoints list several EOS ids
-            eos = kwargs["eos_token_id"]
-            kwargs["eos_token_id"] = eos[0] if eos else None
-            d.setdefault("eos_token_ids", eos)
+            eos_list = kwargs["eos_token_id"]
+            kwargs["eos_token_id"] = eos_list[0] if eos_list else None  # generation stops on the first
         if kwargs.get("num_key_value_heads") is None:
             kwargs["num_key_value_heads"] = kwargs["num_attention_heads"]
         extra = {k: v for k, v in d.items() if k not in known and k not in _HF_BOOKKEEPING}
+        if eos_list is not None:
+            extra["eos_token_id"] = eos_list  # written back in place of the int, so the list survives
         if "id2label" in d and "num_labels" not in d:
             kwargs["num_labels"] = len(d["id2label"])
         try:
@@ -119,7 +121,7 @@ class MistralConfig:
     def to_hf_dict(self, architecture: str = "MistralForCausalLM") -> dict[str, Any]:
         """The dict transformers writes for this model, plus the unknown keys we were given."""
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("extra", "num_labels")}
-        d.update(self.extra)
+        d.update(self.extra)  # unknown keys, and a list of EOS ids over the single one
         d["architectures"] = [architecture]
         d["model_type"] = "mistral"
         # v5 reads `rope_parameters`; v4 reads `rope_theta`: write both so either loads it.

@@ -106,6 +106,21 @@ class Backbone(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
 
+def score_layer(config: MistralConfig, task: str) -> nn.Linear:
+    """The classification layer `score`; token classification has a bias unless the config says
+    `token_classification_bias: false` (transformers' rule), sequence classification never has one."""
+    bias = task == "token_classification" and config.extra.get("token_classification_bias", True)
+    return nn.Linear(config.hidden_size, config.num_labels, bias=bias)
+
+
+def _classifier_dropout(config: MistralConfig) -> float:
+    """transformers' token-classification dropout: classifier_dropout, else hidden_dropout, else 0.1."""
+    for key in ("classifier_dropout", "hidden_dropout"):
+        if config.extra.get(key) is not None:
+            return float(config.extra[key])
+    return 0.1
+
+
 class Mistral(nn.Module):
     """A Mistral decoder with one head: causal LM, sequence or token classification.
 
@@ -125,18 +140,17 @@ class Mistral(nn.Module):
             if config.tie_word_embeddings:
                 self.lm_head.weight = self.model.embed_tokens.weight
         else:
-            self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
-            # transformers' token-classification dropout: classifier_dropout, else hidden_dropout, else 0.1
-            extra = config.extra
-            p = extra.get("classifier_dropout", extra.get("hidden_dropout", 0.1)) if task == "token_classification" else 0.0
-            self.head_dropout = nn.Dropout(p if p is not None else 0.1)
+            self.score = score_layer(config, task)
+            self.head_dropout = nn.Dropout(_classifier_dropout(config) if task == "token_classification" else 0.0)
         self.gradient_checkpointing = False
-        self.apply(self._init_weights)
+        self.apply(self.init_weights)
 
-    def _init_weights(self, module: nn.Module) -> None:
+    def init_weights(self, module: nn.Module) -> None:
         std = self.config.initializer_range
         if isinstance(module, nn.Linear):
             nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=std)
             if module.padding_idx is not None:
