@@ -1,0 +1,241 @@
+"""Pre-flight audit of tokenized SFT data: counts per source, label checks, marked samples.
+
+Run before step 1 (and alone by `mistral-train audit recipe=...`). Any failing check raises
+`AuditError` naming the source and row, so a run never trains on labels it cannot trust:
+- at least one trained label per example (and in the dataset as a whole);
+- exactly one BOS, at position 0;
+- labels aligned with input_ids (each label is -100 or the input token at the same position);
+- an EOS that closes a trained span is itself trained, and every complete example trains an EOS;
+- round trip: decoding the trained tokens gives back what the row asked to train on. Each trained
+  assistant span, decoded without special tokens, must equal that answer's content (text rows:
+  the text; train_on=all: every answer, in order, inside the decoded text). Compared after
+  stripping surrounding whitespace, because templates legitimately move spaces at the edges
+  (SentencePiece's dummy prefix, v3 dropping trailing spaces); anything else, such as a mask
+  shifted by one token or a tokenizer that loses characters, fails. This holds for every
+  template, unlike re-encoding the decoded ids, which control tokens ([INST]) never survive;
+- collation keeps every label (optional `collate`): with pad id == EOS id, a collator that masks
+  labels wherever the input is the pad id silently loses every EOS label.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Mapping, Optional, Sequence
+
+import torch
+
+from mistral_train.data.sft import SFTExample, SFTStats, SourceStats, assistant_spans, tokenize_rows
+from mistral_train.losses.ce import IGNORE_INDEX
+
+Collate = Callable[[list[SFTExample]], Mapping[str, torch.Tensor]]
+MARK = ("«", "»")  # wraps trained text in the decoded samples
+_SHOW_CHARS = 1200
+
+
+class AuditError(ValueError):
+    """A check failed; the message names the source and row."""
+
+
+@dataclass
+class AuditReport:
+    stats: SFTStats
+    checks: list[str]  # checks that ran and passed
+    notes: list[str] = field(default_factory=list)  # checks not run, and why
+    samples: list[tuple[str, int, str]] = field(default_factory=list)  # (source, row, marked text)
+
+
+def _where(ex: SFTExample) -> str:
+    return f"{ex.source} row {ex.row}"
+
+
+def dropped_eos_labels(input_ids: torch.Tensor, labels: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """(K, 2) positions (b, t) of (B, T) rows where an EOS closes a trained token but is not
+    itself trained. An EOS right after another EOS is skipped: that is padding when pad == eos."""
+    closes = (input_ids[:, 1:] == eos_id) & (input_ids[:, :-1] != eos_id) & (labels[:, :-1] != IGNORE_INDEX)
+    bad = closes & (labels[:, 1:] != eos_id)
+    return bad.nonzero() + torch.tensor([0, 1])
+
+
+def _check_example(ex: SFTExample, tokenizer) -> None:
+    where, ids, labels = _where(ex), ex.input_ids, ex.labels
+    if len(ids) != len(labels) or not ids:
+        raise AuditError(f"{where}: {len(ids)} input ids but {len(labels)} labels; expected equal, non-zero lengths")
+    bos = [t for t, i in enumerate(ids) if i == tokenizer.bos_id]
+    if bos != [0]:
+        raise AuditError(f"{where}: BOS (id {tokenizer.bos_id}) at positions {bos[:5]}; expected exactly one BOS, "
+                         "at position 0 (a template or data that adds its own BOS doubles it)")
+    stray = next((t for t, (i, y) in enumerate(zip(ids, labels)) if y not in (IGNORE_INDEX, i)), None)
+    if stray is not None:
+        raise AuditError(f"{where}: label {labels[stray]} at position {stray} but input {ids[stray]}; labels must be "
+                         "-100 or equal to input_ids (aligned; the model shifts them)")
+    if all(y == IGNORE_INDEX for y in labels[1:]):
+        raise AuditError(f"{where}: all labels are masked (-100); the example trains nothing")
+    bad = dropped_eos_labels(torch.tensor([ids]), torch.tensor([labels]), tokenizer.eos_id)
+    if len(bad):
+        raise AuditError(f"{where}: the EOS at position {int(bad[0, 1])} closes a trained span but its label is "
+                         "masked; EOS must be a label, or the model never learns to stop")
+    if not ex.truncated and tokenizer.eos_id not in labels:
+        raise AuditError(f"{where}: EOS (id {tokenizer.eos_id}) missing from the labels; every trained answer "
+                         "must end with a trained EOS")
+
+
+def _expected_texts(row: Mapping, train_on: str) -> list[str]:
+    if "text" in row:
+        return [row["text"]]
+    answers = [m["content"] for m in row["messages"] if m["role"] == "assistant"]
+    return answers[-1:] if train_on == "last_assistant" else answers
+
+
+def _check_round_trip(ex: SFTExample, row: Mapping, tokenizer, train_on: str) -> None:
+    runs = assistant_spans([y != IGNORE_INDEX for y in ex.labels])
+    if ex.truncated:  # the cut run is partial by design; check the complete ones
+        runs = [(s, e) for s, e in runs if ex.input_ids[e - 1] == tokenizer.eos_id]
+    decoded = [tokenizer.decode(ex.input_ids[s:e]).strip() for s, e in runs]
+    expected = [text.strip() for text in _expected_texts(row, train_on)]
+    if "messages" in row and train_on == "all":  # one run: the answers must appear in it, in order
+        cursor = 0
+        for k, text in enumerate(expected if decoded else []):
+            found = decoded[0].find(text, cursor)
+            if found < 0:
+                raise AuditError(f"{_where(ex)}: round trip failed: answer {k} {text[:60]!r} is not in the decoded "
+                                 f"trained text {decoded[0][:200]!r}")
+            cursor = found + len(text)
+        return
+    if len(decoded) > len(expected) or (not ex.truncated and len(decoded) != len(expected)):
+        raise AuditError(f"{_where(ex)}: round trip failed: {len(decoded)} trained spans for {len(expected)} "
+                         f"texts to train on (train_on={train_on})")
+    for k, (got, want) in enumerate(zip(decoded, expected)):
+        if got != want:
+            raise AuditError(f"{_where(ex)}: round trip failed: trained span {k} decodes to {got[:120]!r}, "
+                             f"expected {want[:120]!r}; the template's turn boundaries or the tokenizer are wrong")
+
+
+def _check_collated(ex: SFTExample, collate: Collate, eos_id: int, pad_id: Optional[int]) -> None:
+    batch = collate([ex])
+    ids, labels = batch["input_ids"], batch["labels"]  # (B, T) each
+    bad = dropped_eos_labels(ids, labels, eos_id)
+    if len(bad):
+        why = (f"pad id {pad_id} equals EOS id {eos_id} and the collator masks pad tokens, so every EOS label is lost"
+               if pad_id == eos_id else "the collator masked an EOS label")
+        raise AuditError(f"{_where(ex)}: after collation the EOS at position {int(bad[0, 1])} is not a label: {why}")
+    kept, wanted = int((labels[:, 1:] != IGNORE_INDEX).sum()), sum(y != IGNORE_INDEX for y in ex.labels[1:])
+    if kept != wanted:
+        raise AuditError(f"{_where(ex)}: the collator kept {kept} of the example's {wanted} label tokens")
+
+
+def mark_trained(ex: SFTExample, tokenizer) -> str:
+    """The example decoded with special tokens, each trained span wrapped in «». A segment's text
+    is the growth of the decoded prefix, so the spaces between segments come out as in the whole."""
+    flags = [y != IGNORE_INDEX for y in ex.labels]
+    cuts = [0] + [t for t in range(1, len(flags)) if flags[t] != flags[t - 1]] + [len(flags)]
+    parts, before = [], ""
+    for a, b in zip(cuts, cuts[1:]):
+        upto = tokenizer.decode(ex.input_ids[:b], skip_special=False)
+        if upto.startswith(before):
+            part = upto[len(before):]
+        else:  # a byte-fallback character split at the boundary: decode the segment alone
+            part = tokenizer.decode(ex.input_ids[a:b], skip_special=False)
+        parts.append(f"{MARK[0]}{part}{MARK[1]}" if flags[a] else part)
+        before = upto
+    text = "".join(parts)
+    return text if len(text) <= _SHOW_CHARS else text[:_SHOW_CHARS] + " …"
+
+
+def audit(examples: Sequence[SFTExample], stats: SFTStats, tokenizer, pad_id: Optional[int] = None, n_show: int = 2,
+          rows: Optional[Iterable[Mapping]] = None, collate: Optional[Collate] = None) -> AuditReport:
+    """Check `examples` (from `tokenize_rows`, with its `stats`) and report; raise AuditError on failure.
+
+    rows: the canonical rows the examples came from (matched by source and row) for the round-trip
+        check; without them that check is listed as not run.
+    collate: called as `collate([example])`, returning (B, T) "input_ids" and "labels" as training
+        sees them; checks collation keeps every label (EOS included, whatever `pad_id` is).
+    """
+    if not examples:
+        raise AuditError(f"no examples left to train on: {_describe_drops(stats)}")
+    if all(all(y == IGNORE_INDEX for y in ex.labels[1:]) for ex in examples):
+        raise AuditError(f"every label in the dataset is masked ({len(examples)} examples, first "
+                         f"{_where(examples[0])}); check data.train_on={stats.train_on} and the chat template")
+    by_key = {(str(r["source"]), int(r["row"])): r for r in rows} if rows is not None else None
+    for ex in examples:
+        _check_example(ex, tokenizer)
+        if by_key is not None:
+            if (ex.source, ex.row) not in by_key:
+                raise AuditError(f"{_where(ex)}: no such row among the rows given for the round-trip check")
+            _check_round_trip(ex, by_key[(ex.source, ex.row)], tokenizer, stats.train_on)
+        if collate is not None:
+            _check_collated(ex, collate, tokenizer.eos_id, pad_id)
+    checks = ["at least one label token per example", "exactly one BOS, at position 0",
+              "labels aligned with input_ids", "EOS closing a trained span is trained",
+              "EOS among the labels of every complete example"]
+    notes = []
+    if by_key is not None:
+        checks.append("round trip of trained spans")
+    else:
+        notes.append("round trip not checked: no rows given")
+    if collate is not None:
+        checks.append("collation keeps every label" + (" (pad id == EOS id)" if pad_id == tokenizer.eos_id else ""))
+    elif pad_id is not None and pad_id == tokenizer.eos_id:
+        notes.append(f"pad id {pad_id} equals EOS id and no collator was given: "
+                     "EOS labels after collation not verified")
+    return AuditReport(stats, checks, notes, [(ex.source, ex.row, mark_trained(ex, tokenizer))
+                                              for ex in _pick_samples(examples, n_show)])
+
+
+def _pick_samples(examples: Sequence[SFTExample], n: int) -> list[SFTExample]:
+    """One example per source first, then the next ones, up to n."""
+    firsts: dict[str, SFTExample] = {}
+    for ex in examples:
+        firsts.setdefault(ex.source, ex)
+    picked = list(firsts.values())[:n]
+    return picked + [ex for ex in examples if all(ex is not p for p in picked)][: n - len(picked)]
+
+
+def _describe_drops(stats: SFTStats) -> str:
+    return "; ".join(f"{name}: {s.dropped} rows dropped as longer than max_seq_len={stats.max_seq_len} "
+                     f"(rows {s.dropped_rows})" for name, s in stats.sources.items()) or "no rows were read"
+
+
+def format_report(report: AuditReport) -> str:
+    """The report as text: settings, a table of counts per source, checks, marked samples."""
+    s = report.stats
+    lines = [f"SFT data audit: train_on={s.train_on} chat_format={s.chat_format} max_seq_len={s.max_seq_len} "
+             f"overlong={s.overlong}"]
+    width = max([len(n) for n in s.sources] + [6])
+    header = ("examples", "tokens", "label tokens", "truncated", "dropped")
+    lines.append(f"{'source':<{width}}  " + "  ".join(f"{h:>12}" for h in header))
+
+    def row(name: str, c: SourceStats) -> str:
+        values = (c.examples, c.tokens, c.label_tokens, c.truncated, c.dropped)
+        return f"{name:<{width}}  " + "  ".join(f"{v:>12}" for v in values)
+
+    lines += [row(name, c) for name, c in s.sources.items()] + [row("total", s.total())]
+    lines += [f"dropped rows in {n}: {c.dropped_rows}{' ...' if c.dropped > len(c.dropped_rows) else ''}"
+              for n, c in s.sources.items() if c.dropped]
+    lines += [f"passed: {check}" for check in report.checks] + [f"note: {note}" for note in report.notes]
+    for source, index, text in report.samples:
+        lines += [f"--- {source} row {index} (trained text in {MARK[0]}{MARK[1]}):", text]
+    return "\n".join(lines)
+
+
+def run_audit(cfg) -> AuditReport:
+    """The audit of a RunConfig's training split, prepared as the run prepares it: the tokenizer of
+    `cfg.model.tokenizer`, the rows of `load_rows`, the data settings, and the run's collator
+    (packed or padded) with pad id = the tokenizer's, or EOS when it has none (the risky case).
+    Raises AuditError on failure."""
+    from mistral_train.data.collate import collate_packed, collate_padded
+    from mistral_train.data.packing import pack_examples
+    from mistral_train.data.sources import load_rows
+    from mistral_train.tokenizer import load_tokenizer
+    from mistral_train.train.loop import tokenizer_source
+
+    tokenizer = load_tokenizer(tokenizer_source(cfg.model.tokenizer))
+    rows = list(load_rows(cfg.data, "train", cfg.trainer.seed))
+    max_len = cfg.trainer.max_seq_len
+    data = cfg.data
+    examples, stats = tokenize_rows(rows, tokenizer, max_len, data.train_on, data.overlong, data.chat_format)
+    pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id
+    if data.packing:
+        collate = lambda exs: collate_packed(pack_examples(exs, max_len), pad_id, pad_to=max_len)  # noqa: E731
+    else:
+        collate = lambda exs: collate_padded(exs, pad_id, max_len, pad_to_max=True)  # noqa: E731
+    return audit(examples, stats, tokenizer, pad_id=pad_id, rows=rows, collate=collate)
