@@ -1,0 +1,201 @@
+"""Row formats: one row of a data file -> one canonical example, checked strictly.
+
+Canonical examples are `{"text": str}` (format `text`, pretraining) or
+`{"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}` (every chat format):
+an optional leading system turn, then user/assistant turns alternating from user and ending with
+an assistant reply. A row with an `answer` field (held-out rows whose reply can be checked by
+exact match) keeps it as `"answer"`.
+
+Formats and the fields they read (our names; `field_map` renames them, e.g.
+`{"messages": "conversation", "content": "text"}`):
+- `text`:              `text`
+- `alpaca`:            `instruction`, optional `input`, `output`, optional `system`;
+                       the user turn is `instruction + "\n\n" + input` when input is non-empty
+- `messages`:          `messages`: a list of `{role, content}`
+- `sharegpt`:          `conversations`: a list of `{from, value}`, from human|user, gpt|assistant, system
+- `prompt_completion`: `prompt`, `completion`: two strings (one user turn, one assistant turn) or,
+                       as trl accepts, two message lists (the prompt's turns, then the completion's)
+
+A null value counts as a missing field (Parquet and CSV store absent values as nulls). Every
+problem raises ValueError starting with `where` (e.g. "data/train.jsonl line 12"); nothing is
+skipped.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from mistral_train.tokenizer import ROLES
+
+FORMATS = ("text", "alpaca", "messages", "sharegpt", "prompt_completion")
+CHAT_FORMATS = FORMATS[1:]
+# Field names `field_map` may rename: top-level fields, then the keys inside one message.
+TOP_FIELDS = ("text", "instruction", "input", "output", "system", "messages", "conversations",
+              "prompt", "completion", "answer")
+MESSAGE_FIELDS = ("role", "content", "from", "value")
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+_EXPECTS = {
+    "text": "a 'text' string",
+    "alpaca": "'instruction' and 'output' strings (optional 'input', 'system')",
+    "messages": "a 'messages' list of {role, content}",
+    "sharegpt": "a 'conversations' list of {from, value}",
+    "prompt_completion": "'prompt' and 'completion' (strings or message lists)",
+}
+
+
+def check_field_map(field_map: dict[str, str], origin: str = "data.field_map") -> None:
+    """Raise ValueError for a key we do not read (a typo would otherwise be ignored) or a non-string name."""
+    for ours, theirs in field_map.items():
+        if ours not in TOP_FIELDS + MESSAGE_FIELDS:
+            raise ValueError(f"{origin}: unknown field {ours!r}; the fields that can be renamed are "
+                             f"{', '.join(TOP_FIELDS + MESSAGE_FIELDS)}")
+        if not isinstance(theirs, str) or not theirs:
+            raise ValueError(f"{origin}.{ours}: expected the field's name in the data files, got {theirs!r}")
+
+
+def detect_format(row: Any, field_map: Optional[dict[str, str]] = None, where: str = "row") -> str:
+    """The format of `row` from the fields it has (after `field_map`), for `data.format: auto`.
+
+    Precedence when several match: messages, sharegpt, alpaca, prompt_completion, text.
+    """
+    fm = field_map or {}
+    if not isinstance(row, dict):
+        raise ValueError(f"{where}: expected an object (a row of named fields), got {type(row).__name__}")
+    has = lambda key: row.get(fm.get(key, key)) is not None  # noqa: E731
+    for fmt, keys in (("messages", ("messages",)), ("sharegpt", ("conversations",)),
+                      ("alpaca", ("instruction", "output")), ("prompt_completion", ("prompt", "completion")),
+                      ("text", ("text",))):
+        if all(has(k) for k in keys):
+            return fmt
+    expected = "; ".join(f"{fmt}: {what}" for fmt, what in _EXPECTS.items())
+    raise ValueError(f"{where}: cannot tell the row format from its fields {sorted(row)}; expected one of "
+                     f"{expected} (set data.format, and data.field_map for other field names)")
+
+
+def to_canonical(row: Any, fmt: str, field_map: dict[str, str], where: str) -> dict[str, Any]:
+    """One row of format `fmt` -> `{"text": str}` or `{"messages": [...]}` (+ `"answer"` when present).
+
+    Raises:
+        ValueError: starting with `where`, naming the field and what was expected.
+    """
+    if fmt not in FORMATS:
+        raise ValueError(f"{where}: unknown data.format {fmt!r}; expected one of {', '.join(FORMATS)} or auto")
+    if not isinstance(row, dict):
+        raise ValueError(f"{where}: expected an object (a row of named fields), got {type(row).__name__}")
+    fm = field_map or {}
+    if fmt == "text":
+        text = _field(row, "text", fm, where, fmt)
+        if not text.strip():
+            raise ValueError(f"{where}: field {fm.get('text', 'text')!r} is empty (format text)")
+        return {"text": text}
+    if fmt == "alpaca":
+        messages, label = _alpaca(row, fm, where), "turns (from instruction/input/output)"
+    elif fmt == "messages":
+        messages = _message_list(row, "messages", fm, where, fmt, "role", "content", None)
+        label = fm.get("messages", "messages")
+    elif fmt == "sharegpt":
+        messages = _message_list(row, "conversations", fm, where, fmt, "from", "value", SHAREGPT_ROLES)
+        label = fm.get("conversations", "conversations")
+    else:
+        messages, label = _prompt_completion(row, fm, where), "turns (prompt, then completion)"
+    check_conversation(messages, where, label)
+    example: dict[str, Any] = {"messages": messages}
+    answer = _field(row, "answer", fm, where, fmt, optional=True)
+    if answer is not None:
+        example["answer"] = answer
+    return example
+
+
+def check_conversation(messages: list[dict[str, str]], where: str, label: str = "messages") -> None:
+    """Raise ValueError unless `messages` is an optional system turn, then user/assistant turns
+    alternating from user and ending with a non-empty assistant reply. `label` names the list in errors."""
+    if not messages:
+        raise ValueError(f"{where}: empty conversation: {label!r} holds no turns (expected user/assistant turns)")
+    expected = "user"
+    for i, message in enumerate(messages):
+        role = message["role"]
+        if role == "system" and i == 0:
+            continue
+        if role != expected:
+            raise ValueError(f"{where}: {label}[{i}] has role {role!r} where {expected!r} was expected (roles must "
+                             "alternate user/assistant, starting with user, after an optional leading system turn)")
+        if role == "assistant" and not message["content"].strip():
+            raise ValueError(f"{where}: {label}[{i}] is an assistant turn with empty content (nothing to train on)")
+        expected = "assistant" if role == "user" else "user"
+    if messages[-1]["role"] != "assistant":
+        raise ValueError(f"{where}: {label} ends with a {messages[-1]['role']!r} turn; expected the conversation "
+                         "to end with an assistant reply")
+
+
+def _field(row: dict, key: str, fm: dict, where: str, fmt: str, optional: bool = False, kind: type = str) -> Any:
+    name = fm.get(key, key)
+    value = row.get(name)
+    if value is None:
+        if optional:
+            return None
+        raise ValueError(f"{where}: missing field {name!r} (format {fmt} expects {_EXPECTS[fmt]}); "
+                         f"the row has fields {sorted(row)}")
+    if not isinstance(value, kind):
+        raise ValueError(f"{where}: field {name!r} must be a {_type_name(kind)}, got {type(value).__name__} "
+                         f"{_short(value)}")
+    return value
+
+
+def _alpaca(row: dict, fm: dict, where: str) -> list[dict[str, str]]:
+    instruction = _field(row, "instruction", fm, where, "alpaca")
+    extra = _field(row, "input", fm, where, "alpaca", optional=True)
+    output = _field(row, "output", fm, where, "alpaca")
+    system = _field(row, "system", fm, where, "alpaca", optional=True)
+    user = f"{instruction}\n\n{extra}" if extra else instruction
+    turns = [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
+    return ([{"role": "system", "content": system}] if system else []) + turns
+
+
+def _message_list(row: dict, key: str, fm: dict, where: str, fmt: str, role_key: str, content_key: str,
+                  role_names: Optional[dict[str, str]], value: Any = None) -> list[dict[str, str]]:
+    """The turns of a list field, each `{role_key, content_key}`; `role_names` maps the file's role
+    names to ours (None: ours are used as they are)."""
+    label = fm.get(key, key)
+    items = _field(row, key, fm, where, fmt, kind=list) if value is None else value
+    names = role_names or {r: r for r in ROLES}
+    role_field, content_field = fm.get(role_key, role_key), fm.get(content_key, content_key)
+    messages = []
+    for i, item in enumerate(items):
+        if not isinstance(item, dict):
+            raise ValueError(f"{where}: {label}[{i}] must be an object with {role_field!r} and {content_field!r}, "
+                             f"got {type(item).__name__} {_short(item)}")
+        for name in (role_field, content_field):
+            if item.get(name) is None:
+                raise ValueError(f"{where}: {label}[{i}] is missing field {name!r}; it has {sorted(item)}")
+        role, content = item[role_field], item[content_field]
+        if not isinstance(role, str) or role not in names:
+            raise ValueError(f"{where}: {label}[{i}] has unknown role {role!r}; expected one of {', '.join(names)}")
+        if not isinstance(content, str):
+            raise ValueError(f"{where}: {label}[{i}].{content_field} must be a string, got {type(content).__name__} "
+                             f"{_short(content)}")
+        messages.append({"role": names[role], "content": content})
+    return messages
+
+
+def _prompt_completion(row: dict, fm: dict, where: str) -> list[dict[str, str]]:
+    prompt = _field(row, "prompt", fm, where, "prompt_completion", kind=(str, list))
+    completion = _field(row, "completion", fm, where, "prompt_completion", kind=(str, list))
+    if isinstance(prompt, str) and isinstance(completion, str):
+        return [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
+    if isinstance(prompt, list) and isinstance(completion, list):
+        args = (fm, where, "prompt_completion", "role", "content", None)
+        return (_message_list(row, "prompt", *args, value=prompt)
+                + _message_list(row, "completion", *args, value=completion))
+    raise ValueError(f"{where}: fields {fm.get('prompt', 'prompt')!r} and {fm.get('completion', 'completion')!r} "
+                     f"must both be strings or both be message lists, got {type(prompt).__name__} and "
+                     f"{type(completion).__name__}")
+
+
+def _type_name(kind: Any) -> str:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    return " or ".join({"str": "string", "list": "list"}.get(k.__name__, k.__name__) for k in kinds)
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return f"({text[:60]}...)" if len(text) > 63 else f"({text})"
