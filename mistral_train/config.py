@@ -52,9 +52,20 @@ class ModelSpec:
 class DataSpec:
     """Where the training rows come from and how they are read."""
 
-    path: Any = None  # a file, a folder or a list of them; None means the text bundled with the package
-    format: str = "text"  # text (pretraining); later issues add chat formats
-    eval_fraction: float = 0.0  # share of documents held out for evaluation
+    path: Any = None  # a file, a folder or a list of them; None means the data bundled with the package
+    # text (pretraining) | messages | alpaca | sharegpt | prompt_completion | auto (decided per source
+    # from the first row's fields, and reported)
+    format: str = "text"
+    weights: Optional[list[float]] = None  # mixing weights, one per entry of `path`
+    field_map: dict[str, str] = field(default_factory=dict)  # our field name -> the name in the files
+    streaming: bool = False  # read files lazily (larger than memory) through `datasets` streaming
+    eval_path: Any = None  # a separate held-out file/folder; else `eval_fraction` of the rows
+    eval_fraction: float = 0.0  # share of rows held out for evaluation
+    chat_format: Optional[str] = None  # v1 | v2 | v3; None: the tokenizer's own
+    train_on: str = "assistant"  # assistant (every assistant turn) | last_assistant | all
+    overlong: str = "truncate"  # truncate | drop: what happens to examples longer than max_seq_len
+    packing: bool = True  # best-fit packing with per-document attention; false pads each example
+    neftune_alpha: Optional[float] = None  # NEFTune embedding noise during SFT; None: off
 
 
 @dataclass

@@ -1,0 +1,143 @@
+"""Training state on disk: `checkpoints/step_N/` folders for exact resume.
+
+A checkpoint folder is an HF model folder (written by `model.save_pretrained`, loadable as
+is) plus `training_state.pt`, which holds only tensors and plain Python data (optimizer,
+scheduler, RNG states, data position, step) so it loads with `torch.load(weights_only=True)`.
+Folders are written with `atomic_directory`, so any `step_N` folder present is complete.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from mistral_train.checkpoint.atomic import atomic_directory, remove_stale_temps
+
+STATE_FILE = "training_state.pt"
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """Every RNG the loop touches, as tensors and plain data (numpy's array becomes a tensor)."""
+    np_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    """Inverse of `capture_rng_state`."""
+    random.setstate(state["python"])
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_training_state(
+    directory: str | os.PathLike,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    step: int,
+    data_state: dict[str, Any],
+    rng: Optional[dict[str, Any]] = None,
+) -> Path:
+    """Write a complete checkpoint folder at `directory` atomically; return its path.
+
+    `step` is the number of optimizer steps already taken; `data_state` is the data
+    iterator's `state_dict()`; `rng` defaults to `capture_rng_state()` now.
+    """
+    state = {
+        "step": int(step),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "data": data_state,
+        "rng": capture_rng_state() if rng is None else rng,
+    }
+    with atomic_directory(directory) as tmp:
+        model.save_pretrained(tmp)
+        torch.save(state, tmp / STATE_FILE)
+    return Path(directory)
+
+
+def load_training_state(
+    directory: str | os.PathLike,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+) -> dict[str, Any]:
+    """Load weights, optimizer and scheduler in place; return {"step", "data", "rng"}.
+
+    The caller restores the data position and RNG (`restore_rng_state`) once everything
+    else that draws random numbers has been built.
+    """
+    directory = Path(directory)
+    state_file = directory / STATE_FILE
+    if not state_file.is_file():
+        raise FileNotFoundError(f"{directory}: not a training checkpoint (no {STATE_FILE})")
+    _load_weights_into(model, directory)
+    state = torch.load(state_file, map_location="cpu", weights_only=True)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    return {"step": state["step"], "data": state["data"], "rng": state["rng"]}
+
+
+def _load_weights_into(model: torch.nn.Module, directory: Path) -> None:
+    """Copy weights from an HF folder into `model`, keeping its parameters (the optimizer
+    holds references to them) and their device and dtype."""
+    # from_pretrained knows the folder format (shards, tied weights); copy from its result.
+    loaded = type(model).from_pretrained(directory)
+    missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
+    if missing or unexpected:
+        raise ValueError(
+            f"{directory}: checkpoint does not match the model "
+            f"(missing {missing[:5]}, unexpected {unexpected[:5]})"
+        )
+
+
+def list_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """Complete `checkpoints/step_N` folders of a run, oldest first, as (N, path)."""
+    folder = Path(run_dir) / "checkpoints"
+    if not folder.is_dir():
+        return []
+    found = []
+    for entry in folder.iterdir():
+        match = _STEP_DIR.match(entry.name)
+        if match and entry.is_dir() and (entry / STATE_FILE).is_file():
+            found.append((int(match.group(1)), entry))
+    return sorted(found)
+
+
+def latest_checkpoint(run_dir: str | os.PathLike) -> Optional[Path]:
+    """The newest complete checkpoint of a run, or None when it has none."""
+    found = list_checkpoints(run_dir)
+    return found[-1][1] if found else None
+
+
+def checkpoint_path(run_dir: str | os.PathLike, step: int) -> Path:
+    return Path(run_dir) / "checkpoints" / f"step_{step}"
+
+
+def prune_checkpoints(run_dir: str | os.PathLike, keep_last: int) -> list[Path]:
+    """Delete all but the newest `keep_last` checkpoints (and stale temp folders)."""
+    if keep_last < 1:
+        raise ValueError(f"trainer.keep_last must be >= 1, got {keep_last}")
+    remove_stale_temps(Path(run_dir) / "checkpoints")
+    doomed = [path for _, path in list_checkpoints(run_dir)[:-keep_last]]
+    for path in doomed:
+        shutil.rmtree(path)
+    return doomed

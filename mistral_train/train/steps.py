@@ -1,0 +1,58 @@
+"""Objectives: what one micro-batch contributes to the loss. The loop is the same for all.
+
+A step function maps (model, batch) to `(loss_sum, n_units)`: the loss summed over the
+batch's units (label tokens for language modelling) and how many units there are. A count
+function gives `n_units` without running the model, so the loop can total a whole
+accumulation window before any backward pass and normalise every micro-batch by it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import Callable
+
+import torch
+
+from mistral_train.losses.ce import IGNORE_INDEX
+
+Batch = dict[str, torch.Tensor]
+StepFn = Callable[[torch.nn.Module, Batch], tuple[torch.Tensor, torch.Tensor]]
+
+
+def count_label_tokens(batch: Batch) -> int:
+    """Tokens that carry a loss: labels after the shift (the first label predicts nothing)."""
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+def pretrain_step(
+    model: torch.nn.Module, batch: Batch, loss_chunk_size: int = 1024
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next-token prediction on `input_ids` (B, T) with `labels` (B, T), -100 where ignored.
+
+    Returns the summed cross-entropy (scalar, differentiable) and the label-token count.
+    """
+    loss_sum = model(
+        batch["input_ids"],
+        attention_mask=batch.get("attention_mask"),
+        position_ids=batch.get("position_ids"),
+        labels=batch["labels"],
+        reduction="sum",
+        loss_chunk_size=loss_chunk_size,
+    )
+    return loss_sum, (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
+
+
+@dataclass(frozen=True)
+class Objective:
+    """A step function and the unit counter used to normalise it."""
+
+    step: StepFn
+    count: Callable[[Batch], int]
+
+
+def get_objective(name: str, loss_chunk_size: int = 1024) -> Objective:
+    """The objective named by `trainer.objective`."""
+    if name == "pretrain":
+        return Objective(partial(pretrain_step, loss_chunk_size=loss_chunk_size), count_label_tokens)
+    raise ValueError(f"trainer.objective {name!r} is not available; expected one of ['pretrain']")

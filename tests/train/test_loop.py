@@ -1,0 +1,120 @@
+"""fit(): accumulation maths, a short real run whose loss falls, run-folder contents, resume."""
+
+import dataclasses
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mistral_train import Mistral, MistralConfig
+from mistral_train.config import ModelSpec, RunConfig, RunSpec, TrackingSpec, TrainerSpec
+from mistral_train.tokenizer import load_tokenizer
+from mistral_train.train import fit
+from mistral_train.train.loop import autocast_for, backward_window
+from mistral_train.train.steps import get_objective
+
+
+def _labels_with_holes(ids: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Labels equal to ids with a different number of -100 per row (like prompt masking)."""
+    labels = ids.clone()
+    for row in range(ids.shape[0]):
+        labels[row, : int(torch.randint(0, ids.shape[1] - 2, (1,), generator=generator))] = -100
+    return labels
+
+
+def test_accumulation_of_k_micro_batches_equals_one_big_batch():
+    torch.manual_seed(0)
+    config = MistralConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, sliding_window=None)
+    model = Mistral(config)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 512, (6, 24), generator=g)
+    labels = _labels_with_holes(ids, g)
+    counts = (labels[:, 1:] != -100).sum(1)
+    assert len(set(counts.tolist())) > 3  # rows really differ in label count
+
+    reference = model(ids, labels=labels)  # mean over every label token of the 6 rows
+    reference.backward()
+    expected = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+
+    window = [{"input_ids": ids[i : i + 2], "labels": labels[i : i + 2]} for i in range(0, 6, 2)]
+    objective = get_objective("pretrain", loss_chunk_size=7)  # chunks that straddle rows
+    loss, n_tokens = backward_window(model, objective, window, autocast_for("fp32", torch.device("cpu")))
+    assert n_tokens == int(counts.sum())
+    assert loss == pytest.approx(reference.item(), abs=1e-6)
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(param.grad, expected[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+def _tiny_run(tmp_path, name, **trainer) -> RunConfig:
+    """A very small model on the real tokenizer and bundled corpus."""
+    model = ModelSpec(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2)
+    spec = dict(max_steps=6, max_seq_len=32, batch_size=2, warmup_steps=2, log_every=1, sample_max_new_tokens=5)
+    spec.update(trainer)
+    return RunConfig(model=model, trainer=TrainerSpec(**spec), run=RunSpec(name=name, dir=str(tmp_path)),
+                     tracking=TrackingSpec(progress_bar=False, plot=False))
+
+
+def _losses(run_dir):
+    return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_default_model_learns_in_20_steps_and_leaves_a_complete_run_folder(tmp_path, capsys):
+    cfg = RunConfig(run=RunSpec(name="short", dir=str(tmp_path)), tracking=TrackingSpec(progress_bar=False))
+    cfg.trainer = dataclasses.replace(cfg.trainer, max_steps=20, max_seq_len=64, log_every=1, sample_max_new_tokens=8)
+    run_dir = fit(cfg)
+    assert run_dir == tmp_path / "short"
+    losses = _losses(run_dir)
+    assert len(losses) == 20
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert last < first - 2.0, (first, last)
+
+    for name in ("config.yaml", "metrics.jsonl", "loss.png", "sample.txt", "final/config.json",
+                 "final/model.safetensors", "final/tokenizer.model"):
+        assert (run_dir / name).is_file(), name
+    assert (run_dir / "loss.png").read_bytes().startswith(b"\x89PNG")
+    assert not (run_dir / "checkpoints").exists()  # save_every is None by default
+    sample = (run_dir / "sample.txt").read_text().strip()
+    assert sample.startswith(cfg.trainer.sample_prompt) and sample in capsys.readouterr().out
+    # final/ is usable on its own: model and tokenizer load from it
+    model = Mistral.from_pretrained(run_dir / "final")
+    tokenizer = load_tokenizer(run_dir / "final")
+    assert model.config.vocab_size == tokenizer.vocab_size == 32000
+    assert model.config.hidden_size == cfg.model.hidden_size
+
+
+def test_resumed_run_ends_with_the_same_weights(tmp_path):
+    full = fit(_tiny_run(tmp_path, "full", save_every=3, keep_last=5))
+    assert sorted(p.name for p in (full / "checkpoints").iterdir()) == ["step_3", "step_6"]
+
+    # an "interrupted" run: only the step-3 checkpoint exists, then it resumes
+    cut = tmp_path / "cut"
+    (cut / "checkpoints").mkdir(parents=True)
+    shutil.copytree(full / "checkpoints" / "step_3", cut / "checkpoints" / "step_3")
+    with pytest.raises(FileExistsError, match="resume=latest"):
+        fit(_tiny_run(tmp_path, "cut", save_every=3, keep_last=5))
+    fit(dataclasses.replace(_tiny_run(tmp_path, "cut", save_every=3, keep_last=5), resume="latest"))
+
+    a = load_file(full / "final" / "model.safetensors")
+    b = load_file(cut / "final" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert _losses(cut) == _losses(full)[3:]  # the resumed run logs steps 4-6 only, identically
+
+
+def test_bf16_accumulation_and_eval_run(tmp_path):
+    cfg = _tiny_run(tmp_path, "bf16", max_steps=4, precision="bf16", grad_accum_steps=2, eval_every=2,
+                    save_every=2, keep_last=1)
+    cfg.data.eval_fraction = 0.01  # ~35 held-out rows: quick to evaluate
+    cfg.tracking.plot = True
+    run_dir = fit(cfg)
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "eval_loss" in r] == [2, 4]
+    assert all(r["eval_loss"] < 11 and r["loss"] < 11 for r in rows if "eval_loss" in r)
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_4"]  # keep_last=1
+    assert (run_dir / "loss.png").is_file()
