@@ -81,21 +81,6 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
-def tokenizer_for(folder: Path, fallback: str) -> Path:
-    """The folder's own tokenizer file if it has one, else `fallback` (a path or `bundled:vN`)."""
-    for name in ("tokenizer.model", "tokenizer.json"):
-        if (folder / name).is_file():
-            return folder
-    if fallback.startswith("bundled:"):
-        from mistral_train.tokenizer import bundled_tokenizer_path
-
-        try:
-            return Path(bundled_tokenizer_path(fallback.split(":", 1)[1]))
-        except ValueError as err:  # an unknown version: a usage error, not a bug
-            raise ConfigError(f"--tokenizer {fallback}: {err}") from err
-    return Path(fallback)
-
-
 def cmd_generate(args: argparse.Namespace) -> int:
     folder = Path(args.folder)
     if not (folder / "config.json").is_file():
@@ -104,9 +89,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     from mistral_train import Mistral
     from mistral_train.generate import generate
-    from mistral_train.tokenizer import load_tokenizer
+    from mistral_train.tokenizer import load_tokenizer, resolve_tokenizer_path
 
-    tokenizer = load_tokenizer(tokenizer_for(folder, args.tokenizer))
+    try:  # the folder's own tokenizer wins; --tokenizer is the fallback
+        source = resolve_tokenizer_path(None, folder)
+    except FileNotFoundError:
+        try:
+            source = resolve_tokenizer_path(args.tokenizer)
+        except ValueError as err:  # an unknown bundled version: a usage error, not a bug
+            raise ConfigError(f"--tokenizer {args.tokenizer}: {err}") from err
+    tokenizer = load_tokenizer(source)
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     model = Mistral.from_pretrained(folder).to(device).eval()
     prompt = tokenizer.encode(args.prompt, bos=True)

@@ -31,8 +31,9 @@ class ModelSpec:
     """The model to train: an HF folder (`path`) or a fresh model of the given shape."""
 
     path: Optional[str] = None  # HF Mistral folder; when set, the shape fields below are ignored
-    tokenizer: str = "bundled:v1"  # a folder / file, or "bundled:v1|v2|v3" (shipped in mistral-common)
-    vocab_size: int = 32000
+    # a folder / file, "bundled:v1|v2|v3" (shipped in mistral-common), or null: the model folder's
+    # own tokenizer (bundled:v1 for a fresh model). A fresh model's vocabulary is the tokenizer's.
+    tokenizer: Optional[str] = None
     hidden_size: int = 256
     intermediate_size: int = 768
     num_hidden_layers: int = 4

@@ -36,6 +36,28 @@ def bundled_tokenizer_path(version: str = "v1") -> Path:
     return path
 
 
+def resolve_tokenizer_path(spec: Optional[str], model_folder: Optional[Union[str, Path]] = None) -> Path:
+    """Where a run's tokenizer lives.
+
+    Args:
+        spec: `bundled:v1|v2|v3` (shipped in mistral-common), a file or folder, or None for the
+            model folder's own tokenizer (bundled v1 when there is no model folder).
+        model_folder: the HF model folder the run starts from, if any.
+    """
+    if spec is None:
+        if model_folder is None:
+            return bundled_tokenizer_path("v1")
+        folder = Path(model_folder)
+        if not any((folder / name).is_file() for name in ("tokenizer.model", "tokenizer.json")):
+            raise FileNotFoundError(
+                f"{folder}: no tokenizer.model or tokenizer.json; set model.tokenizer to a tokenizer file or bundled:v1|v2|v3"
+            )
+        return folder
+    if spec.startswith("bundled:"):
+        return bundled_tokenizer_path(spec.split(":", 1)[1])
+    return Path(spec)
+
+
 class _SentencePiece:
     """SentencePiece backend: control tokens are never parsed out of text (as mistral-common)."""
 

@@ -62,10 +62,10 @@ def test_tiny_recipe_takes_the_tiny_model_file():
     assert cfg.model.path is None and cfg.data.path is None and cfg.adapter.kind == "none"
 
 
-def test_mistral7b_recipe_values_and_interpolated_tokenizer():
+def test_mistral7b_recipe_values_and_model_folder_tokenizer():
     cfg = load_run_config("mistral7b_pretrain", REQUIRED["mistral7b_pretrain"])
     assert cfg.model.path == "/models/Mistral-7B-v0.1"
-    assert cfg.model.tokenizer == cfg.model.path  # ${.path}: the tokenizer inside the model folder
+    assert cfg.model.tokenizer is None  # null: the tokenizer inside the model folder
     assert (cfg.model.dtype, cfg.trainer.precision, cfg.model.gradient_checkpointing) == ("bfloat16", "bf16", True)
     assert cfg.trainer.device == "cuda"
 
@@ -175,9 +175,9 @@ def test_dump_and_read_back_round_trip(tmp_path):
     cfg = load_run_config("mistral7b_pretrain", REQUIRED["mistral7b_pretrain"] + ["trainer.max_steps=3"])
     path = dump_run_config(cfg, tmp_path / "run" / "config.yaml")
     text = path.read_text()
-    assert "${" not in text  # fully resolved: the tokenizer interpolation is written as its value
+    assert "${" not in text  # fully resolved: the required-value interpolation is written as its value
     assert read_run_config(path) == cfg
-    assert _yaml(path)["model"]["tokenizer"] == "/models/Mistral-7B-v0.1"
+    assert _yaml(path)["model"]["path"] == "/models/Mistral-7B-v0.1"
 
 
 def test_read_run_config_rejects_unknown_key(tmp_path):

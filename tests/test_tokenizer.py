@@ -4,6 +4,7 @@ Mistral SentencePiece files shipped in mistral-common, plus a tiny tokenizers JS
 import json
 import shutil
 
+from pathlib import Path
 import pytest
 import sentencepiece
 import tokenizers
@@ -233,3 +234,17 @@ def test_system_prompt_placement(v1, v3):
         text = tk.decode(tk.apply_chat_template(CHAT[:4]))
         assert (text.index("Be brief.") < text.index("green grass")) == before_first_answer
         assert text.count("Be brief.") == 1
+
+
+def test_resolve_tokenizer_path_prefers_the_model_folder(tmp_path):
+    from mistral_train.tokenizer import bundled_tokenizer_path, resolve_tokenizer_path
+
+    assert resolve_tokenizer_path(None) == bundled_tokenizer_path("v1")  # a fresh model
+    assert resolve_tokenizer_path("bundled:v3") == bundled_tokenizer_path("v3")
+    assert resolve_tokenizer_path("some/file.model") == Path("some/file.model")
+    with pytest.raises(FileNotFoundError, match="no tokenizer.model or tokenizer.json"):
+        resolve_tokenizer_path(None, tmp_path)  # a model folder without a tokenizer
+    (tmp_path / "tokenizer.model").write_bytes(bundled_tokenizer_path("v1").read_bytes())
+    assert resolve_tokenizer_path(None, tmp_path) == tmp_path
+    with pytest.raises(ValueError, match="v9"):
+        resolve_tokenizer_path("bundled:v9")

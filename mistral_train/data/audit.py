@@ -225,10 +225,9 @@ def run_audit(cfg) -> AuditReport:
     from mistral_train.data.collate import collate_packed, collate_padded
     from mistral_train.data.packing import pack_examples
     from mistral_train.data.sources import load_rows
-    from mistral_train.tokenizer import load_tokenizer
-    from mistral_train.train.loop import tokenizer_source
+    from mistral_train.tokenizer import load_tokenizer, resolve_tokenizer_path
 
-    tokenizer = load_tokenizer(tokenizer_source(cfg.model.tokenizer))
+    tokenizer = load_tokenizer(resolve_tokenizer_path(cfg.model.tokenizer, cfg.model.path))
     rows = list(load_rows(cfg.data, "train", cfg.trainer.seed))
     max_len = cfg.trainer.max_seq_len
     data = cfg.data

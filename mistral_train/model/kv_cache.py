@@ -85,6 +85,8 @@ class KVCache(nn.Module):
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store this step's k, v (B, n_kv_heads, Tn, head_dim); return the keys and values to attend over."""
+        # Under autocast the projections come out in the autocast dtype: store in the cache's.
+        k, v = k.to(self.k.dtype), v.to(self.v.dtype)
         if self._concat:
             k_all = torch.cat((self.k[layer], k), dim=2)
             v_all = torch.cat((self.v[layer], v), dim=2)

@@ -29,7 +29,7 @@ from mistral_train.data.text import build_text_batches
 from mistral_train.generate import generate
 from mistral_train.model import Mistral, MistralConfig
 from mistral_train.plots import plot_run
-from mistral_train.tokenizer import bundled_tokenizer_path, load_tokenizer
+from mistral_train.tokenizer import load_tokenizer, resolve_tokenizer_path
 from mistral_train.tracking import MetricsLogger, progress_bar
 from mistral_train.train.optim import build_optimizer, build_scheduler
 from mistral_train.train.steps import Batch, Objective, get_objective
@@ -59,13 +59,6 @@ def autocast_for(precision: str, device: torch.device) -> Autocast:
     if precision == "bf16":
         return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
     raise ValueError(f"trainer.precision must be 'fp32' or 'bf16', got {precision!r}")
-
-
-def tokenizer_source(spec: str) -> Path:
-    """`bundled:v1` -> the tokenizer file shipped in mistral-common; anything else is a path."""
-    if spec.startswith("bundled:"):
-        return Path(bundled_tokenizer_path(spec.split(":", 1)[1]))
-    return Path(spec)
 
 
 def build_model(spec: ModelSpec, tokenizer) -> Mistral:
@@ -190,7 +183,7 @@ def fit(cfg: RunConfig) -> Path:
     seed_everything(spec.seed)
     device = resolve_device(spec.device)
     autocast = autocast_for(spec.precision, device)
-    tokenizer_path = tokenizer_source(cfg.model.tokenizer)
+    tokenizer_path = resolve_tokenizer_path(cfg.model.tokenizer, cfg.model.path)
     tokenizer = load_tokenizer(tokenizer_path)
     model = build_model(cfg.model, tokenizer).to(device)
     batches, eval_rows = build_text_batches(
