@@ -75,6 +75,11 @@ def generate(
     mask = attention_mask.to(device).bool() if attention_mask is not None else torch.ones(B, T, dtype=torch.bool, device=device)
     if bool((mask[:, 1:].int() < mask[:, :-1].int()).any()):
         raise ValueError("generate expects left padding: attention_mask must not go from 1 back to 0 within a row")
+    limit = model.config.max_position_embeddings
+    if T + max_new_tokens > limit:
+        raise ValueError(
+            f"prompt ({T}) + max_new_tokens ({max_new_tokens}) exceeds the model's max_position_embeddings ({limit})"
+        )
     eos = model.config.eos_token_id if eos_token_id is None else eos_token_id
     pad = model.config.pad_token_id if model.config.pad_token_id is not None else eos
 

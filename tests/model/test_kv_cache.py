@@ -162,3 +162,15 @@ def test_top_k_1_and_tiny_top_p_equal_greedy(tiny, our_model, random_ids):
     gen = torch.Generator().manual_seed(0)
     assert torch.equal(generate(model, ids, 10, temperature=1.3, top_k=1, generator=gen), greedy)
     assert torch.equal(generate(model, ids, 10, temperature=1.3, top_p=1e-6, generator=gen), greedy)
+
+
+def test_generate_refuses_to_pass_max_position_embeddings():
+    from mistral_train import Mistral, MistralConfig
+    from mistral_train.generate import generate
+
+    config = MistralConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16)
+    model = Mistral(config)
+    assert generate(model, list(range(1, 9)), max_new_tokens=8, stop_at_eos=False).shape == (1, 16)
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        generate(model, list(range(1, 9)), max_new_tokens=9)
