@@ -2,10 +2,11 @@
 
     mistral-train [train] [recipe=NAME] [KEY=VALUE ...]   train (default recipe: tiny_pretrain)
     mistral-train config [recipe=NAME] [KEY=VALUE ...]    print the resolved run configuration
+    mistral-train audit [recipe=NAME] [KEY=VALUE ...]     check the run's SFT data and labels, without training
     mistral-train generate FOLDER --prompt TEXT [...]     continue a prompt with an HF Mistral folder
     mistral-train plot RUN_DIR                            redraw RUN_DIR/loss.png from metrics.jsonl
 
-argparse reads the verbs and their flags; everything after `train`/`config` is a Hydra override
+argparse reads the verbs and their flags; everything after `train`/`config`/`audit` is a Hydra override
 (`trainer.max_steps=20`, `adapter=none`), composed by `mistral_train.config.load_run_config`.
 Heavy modules (torch, the loop) are imported inside the verbs, so `--help` and config errors are quick.
 """
@@ -32,8 +33,9 @@ EXAMPLES = """\
 examples:
   mistral-train                                   tiny Mistral on the bundled text, on CPU
   mistral-train trainer.max_steps=20 run.name=quick
-  mistral-train recipe=mistral7b_pretrain model.path=/models/Mistral-7B-v0.1 data.path=corpus/
+  mistral-train recipe=mistral7b_continued_pretrain model.path=/models/Mistral-7B-v0.1 data.path=corpus/
   mistral-train config trainer.lr=1e-3            show what a run would use
+  mistral-train audit recipe=tiny_sft data.path=chats.jsonl   check labels, BOS/EOS and the template
   mistral-train generate runs/tiny_pretrain/final --prompt "The cat"
   mistral-train plot runs/tiny_pretrain
 """
@@ -64,6 +66,24 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_config(args: argparse.Namespace) -> int:
     print(run_config_yaml(_run_config(args.overrides)), end="")
+    return 0
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    """The pre-flight audit of the run's training data, printed; a staged recipe audits each stage."""
+    cfg = _run_config(args.overrides)
+    from mistral_train.data.audit import format_report, run_audit  # imported here: the data stack is slow to load
+    from mistral_train.train.stages import stage_configs
+
+    stages = stage_configs(cfg) if cfg.stages else [(None, cfg)]
+    for name, stage in stages:
+        try:
+            report = run_audit(stage)
+        except ValueError as err:  # AuditError, unreadable rows: the data, not the code, is at fault
+            raise ConfigError(f"{'stage ' + name + ': ' if name else ''}{err}") from err
+        if name:
+            print(f"== stage {name}")
+        print(format_report(report))
     return 0
 
 
@@ -115,7 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
                                      description="Train, sample from and inspect Mistral-architecture models.")
     verbs = parser.add_subparsers(dest="verb", metavar="COMMAND", title="commands (default: train)")
     for name, helptext, handler in (("train", "train a recipe (the default command)", cmd_train),
-                                    ("config", "print the resolved configuration of a run, without running it", cmd_config)):
+                                    ("config", "print the resolved configuration of a run, without running it", cmd_config),
+                                    ("audit", "check a run's SFT data (labels, BOS/EOS, template round trip) "
+                                              "without training", cmd_audit)):
         sub = verbs.add_parser(name, help=helptext, description=helptext, epilog=OVERRIDES_HELP, formatter_class=fmt)
         sub.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="recipe=NAME and Hydra overrides")
         sub.set_defaults(handler=handler)

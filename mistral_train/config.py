@@ -60,6 +60,7 @@ class DataSpec:
     weights: Optional[list[float]] = None  # mixing weights, one per entry of `path`
     field_map: dict[str, str] = field(default_factory=dict)  # our field name -> the name in the files
     streaming: bool = False  # read files lazily (larger than memory) through `datasets` streaming
+    stream_buffer: int = 2000  # streaming: rows tokenized, packed and shuffled together (data/stream.py)
     eval_path: Any = None  # a separate held-out file/folder; else `eval_fraction` of the rows
     eval_fraction: float = 0.0  # share of rows held out for evaluation
     chat_format: Optional[str] = None  # v1 | v2 | v3; None: the tokenizer's own
@@ -93,6 +94,8 @@ class TrainerSpec:
     save_every: Optional[int] = None  # steps between checkpoints; None: only the final one
     keep_last: int = 2  # checkpoints kept on disk
     eval_every: Optional[int] = None  # steps between held-out evaluations (data.eval_fraction > 0); None: at the end only
+    eval_before_training: bool = False  # also evaluate at step 0, before the first update (logged as step 0)
+    eval_max_new_tokens: int = 16  # exact match on held-out rows with an "answer": greedy tokens per reply; 0: off
     sample_prompt: str = "The cat"
     sample_max_new_tokens: int = 40
 
@@ -108,9 +111,12 @@ class AdapterSpec:
 class TrackingSpec:
     """Where metrics go. metrics.jsonl is always written."""
 
+    # any tracker Accelerate supports, by name: wandb, tensorboard, mlflow, aim, comet_ml, clearml,
+    # dvclive, swanlab, trackio; `wandb: true` / `tensorboard: true` add those two as well
+    trackers: list[str] = field(default_factory=list)
     wandb: bool = False
-    wandb_mode: str = "offline"
-    wandb_project: str = "mistral-train"
+    wandb_mode: str = "offline"  # WANDB_MODE in the environment wins
+    wandb_project: str = "mistral-train"  # also the MLflow experiment and other trackers' project name
     tensorboard: bool = False
     progress_bar: bool = True
     plot: bool = True
@@ -135,6 +141,10 @@ class RunConfig:
     tracking: TrackingSpec = field(default_factory=TrackingSpec)
     run: RunSpec = field(default_factory=RunSpec)
     resume: Optional[str] = None  # "true"/"latest" or a checkpoint folder
+    # Stages run one after another as separate runs in {run.dir}/{run.name}/{stage}: each maps a stage name
+    # to the settings it changes over the recipe's own (e.g. {sft: {data: {format: messages}}}); every stage
+    # after the first starts from the previous stage's final/ model unless it sets model.path. See train/stages.py.
+    stages: dict[str, Any] = field(default_factory=dict)
 
 
 # ---- composing a RunConfig from recipes/ + configs/ (Hydra compose API: no output dirs, no chdir)

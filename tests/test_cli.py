@@ -70,7 +70,7 @@ def test_help_lists_verbs(capsys):
     (["config", "trainer.max_stepz=5"], "unknown key 'trainer.max_stepz'"),
     (["config", "adapter=bogus"], "no option 'bogus' in config group 'adapter'"),
     (["config", "recipe=nope"], "unknown recipe 'nope'"),
-    (["config", "recipe=tiny_pretrain", "recipe=mistral7b_pretrain"], "recipe given 2 times"),
+    (["config", "recipe=tiny_pretrain", "recipe=mistral7b_continued_pretrain"], "recipe given 2 times"),
     (["plot", "no/such/run"], "metrics.jsonl does not exist"),
     (["generate", "no/such/folder", "--prompt", "x"], "not an HF model folder"),
 ])
@@ -104,7 +104,7 @@ def fake_fit(monkeypatch, tmp_path):
     ([], "tiny_pretrain", []),
     (["train"], "tiny_pretrain", []),
     (["trainer.max_steps=4", "run.name=t"], "tiny_pretrain", ["trainer.max_steps=4", "run.name=t"]),
-    (["recipe=mistral7b_pretrain", "model.path=/m", "data.path=/d"], "mistral7b_pretrain", ["model.path=/m", "data.path=/d"]),
+    (["recipe=mistral7b_continued_pretrain", "model.path=/m", "data.path=/d"], "mistral7b_continued_pretrain", ["model.path=/m", "data.path=/d"]),
 ])
 def test_train_runs_fit_with_composed_config(argv, recipe, overrides, fake_fit, capsys):
     assert main(argv) == 0

@@ -22,7 +22,8 @@ from mistral_train.config import (
 
 REPO = Path(config_module.__file__).resolve().parents[1]
 # Values a recipe marks `${required:...}`: the tests supply them so every recipe composes.
-REQUIRED = {"mistral7b_pretrain": ["model.path=/models/Mistral-7B-v0.1", "data.path=/data/corpus"]}
+REQUIRED = {name: ["model.path=/models/Mistral-7B-v0.1", "data.path=/data/corpus"]
+            for name in ("mistral7b_continued_pretrain", "mistral7b_full_sft")}
 
 
 @pytest.fixture
@@ -40,7 +41,7 @@ def _yaml(path: Path) -> dict:
 
 def test_recipes_found_next_to_package():
     assert config_root() == REPO
-    assert {"tiny_pretrain", "mistral7b_pretrain"} <= set(list_recipes())
+    assert {"tiny_pretrain", "mistral7b_continued_pretrain"} <= set(list_recipes())
 
 
 @pytest.mark.parametrize("recipe", list_recipes(REPO))
@@ -63,7 +64,7 @@ def test_tiny_recipe_takes_the_tiny_model_file():
 
 
 def test_mistral7b_recipe_values_and_model_folder_tokenizer():
-    cfg = load_run_config("mistral7b_pretrain", REQUIRED["mistral7b_pretrain"])
+    cfg = load_run_config("mistral7b_continued_pretrain", REQUIRED["mistral7b_continued_pretrain"])
     assert cfg.model.path == "/models/Mistral-7B-v0.1"
     assert cfg.model.tokenizer is None  # null: the tokenizer inside the model folder
     assert (cfg.model.dtype, cfg.trainer.precision, cfg.model.gradient_checkpointing) == ("bfloat16", "bf16", True)
@@ -72,9 +73,9 @@ def test_mistral7b_recipe_values_and_model_folder_tokenizer():
 
 def test_required_values_are_named_when_missing():
     with pytest.raises(ConfigError, match=r"model\.path .*data\.path.*pass model\.path=\.\.\. data\.path=\.\.\."):
-        load_run_config("mistral7b_pretrain")
+        load_run_config("mistral7b_continued_pretrain")
     with pytest.raises(ConfigError, match=r"needs model\.path \(an HF Mistral folder") as info:
-        load_run_config("mistral7b_pretrain", ["data.path=/x"])
+        load_run_config("mistral7b_continued_pretrain", ["data.path=/x"])
     assert "data.path" not in str(info.value)
 
 
@@ -172,7 +173,7 @@ def test_missing_config_folders_point_to_env_var(tmp_path, monkeypatch):
 
 
 def test_dump_and_read_back_round_trip(tmp_path):
-    cfg = load_run_config("mistral7b_pretrain", REQUIRED["mistral7b_pretrain"] + ["trainer.max_steps=3"])
+    cfg = load_run_config("mistral7b_continued_pretrain", REQUIRED["mistral7b_continued_pretrain"] + ["trainer.max_steps=3"])
     path = dump_run_config(cfg, tmp_path / "run" / "config.yaml")
     text = path.read_text()
     assert "${" not in text  # fully resolved: the required-value interpolation is written as its value

@@ -4,25 +4,63 @@ import json
 
 import pytest
 
-from mistral_train.plots import plot_run
+from mistral_train.plots import draw_run, plot_run, series
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+TRAIN = [{"step": s, "loss": 5.0 / s, "lr": 1e-3 * s} for s in range(1, 11)]
+EVAL = [{"step": 5, "eval_loss": 1.2, "eval_ppl": 3.3, "exact_match": 0.1},
+        {"step": 10, "loss": 0.5, "eval_loss": 0.7, "lr": 1e-2, "exact_match": 0.6}]
 
 
 def _write(run_dir, rows):
+    # json.dumps writes NaN as the bare token NaN, which json.loads reads back as a float nan
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
-def test_plot_is_a_png(tmp_path):
-    _write(tmp_path, [{"step": s, "loss": 5.0 / s, "lr": 1e-3 * s} for s in range(1, 11)]
-           + [{"step": 10, "loss": 0.5, "eval_loss": 0.7, "lr": 1e-2}])
-    path = plot_run(tmp_path)
-    assert path == tmp_path / "loss.png"
-    data = path.read_bytes()
-    assert data.startswith(PNG_MAGIC) and len(data) > 5000
+def _lines(figure) -> dict[str, tuple]:
+    """label -> (xs, ys) of every labelled line in every axes of the figure."""
+    return {line.get_label(): (list(line.get_xdata()), list(line.get_ydata()))
+            for ax in figure.axes for line in ax.get_lines() if not line.get_label().startswith("_")}
 
 
-def test_plot_needs_a_loss(tmp_path):
+def test_plot_is_a_png_and_the_eval_curve_changes_it(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    _write(tmp_path / "a", TRAIN)
+    _write(tmp_path / "b", TRAIN + EVAL)
+    without, with_eval = plot_run(tmp_path / "a"), plot_run(tmp_path / "b")
+    assert without == tmp_path / "a" / "loss.png"
+    for path in (without, with_eval):
+        assert path.read_bytes().startswith(PNG_MAGIC)
+    assert without.read_bytes() != with_eval.read_bytes()
+
+
+def test_figure_has_eval_lr_and_exact_match_only_when_logged():
+    plain = _lines(draw_run(TRAIN))
+    assert set(plain) == {"train loss", "lr"}
+    figure = draw_run(TRAIN + EVAL, title="run")
+    lines = _lines(figure)
+    assert set(lines) == {"train loss", "eval loss", "lr", "eval exact match"}
+    assert lines["eval loss"] == ([5, 10], [1.2, 0.7])
+    assert lines["eval exact match"] == ([5, 10], [0.1, 0.6])
+    assert lines["train loss"][0] == list(range(1, 11))  # step 10's row is the last one for that step
+    assert lines["train loss"][1][-1] == 0.5
+    assert len(figure.axes) == 3  # loss, its lr twin, and the exact-match panel below
+
+
+def test_missing_null_nan_and_text_values_are_skipped(tmp_path):
+    rows = [{"step": 1, "loss": None, "lr": 1e-3}, {"step": 2, "loss": float("nan")}, {"step": 3, "loss": 2.0},
+            {"step": 3, "eval_samples": "prompt: ...\nprediction: ..."}, {"loss": 9.0},
+            {"step": 4, "loss": "oops", "eval_loss": float("inf")}, {"step": 5, "loss": 1.5, "exact_match": None}]
+    assert series(rows, "loss") == ([3, 5], [2.0, 1.5])
+    assert series(rows, "eval_loss") == ([], [])
+    _write(tmp_path, rows)
+    assert plot_run(tmp_path).read_bytes().startswith(PNG_MAGIC)
+    assert set(_lines(draw_run(rows))) == {"train loss", "lr"}
+
+
+def test_eval_only_runs_plot_and_empty_runs_fail(tmp_path):
+    assert set(_lines(draw_run([{"step": 5, "eval_loss": 1.0}]))) == {"eval loss"}
     _write(tmp_path, [{"step": 1, "lr": 1e-3}])
-    with pytest.raises(ValueError, match="metrics.jsonl: no row has a 'loss'"):
+    with pytest.raises(ValueError, match="metrics.jsonl: no row has a 'loss' or 'eval_loss'"):
         plot_run(tmp_path)

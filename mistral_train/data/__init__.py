@@ -1,5 +1,5 @@
-"""Training data: read documents or rows, tokenize, pack into batches."""
+"""Training data: read rows (sources), tokenize (text, sft), audit, pack or pad, batch (batches)."""
 
-from mistral_train.data.text import TextBatches, build_text_batches, read_documents
+from mistral_train.data.batches import EpochBatches, TrainData, build_batches
 
-__all__ = ["TextBatches", "build_text_batches", "read_documents"]
+__all__ = ["EpochBatches", "TrainData", "build_batches"]

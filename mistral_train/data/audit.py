@@ -222,19 +222,13 @@ def run_audit(cfg) -> AuditReport:
     `cfg.model.tokenizer`, the rows of `load_rows`, the data settings, and the run's collator
     (packed or padded) with pad id = the tokenizer's, or EOS when it has none (the risky case).
     Raises AuditError on failure."""
-    from mistral_train.data.collate import collate_packed, collate_padded
-    from mistral_train.data.packing import pack_examples
+    from mistral_train.data.batches import chat_collator, pad_id_of
     from mistral_train.data.sources import load_rows
     from mistral_train.tokenizer import load_tokenizer, resolve_tokenizer_path
 
     tokenizer = load_tokenizer(resolve_tokenizer_path(cfg.model.tokenizer, cfg.model.path))
     rows = list(load_rows(cfg.data, "train", cfg.trainer.seed))
-    max_len = cfg.trainer.max_seq_len
-    data = cfg.data
+    max_len, data, pad_id = cfg.trainer.max_seq_len, cfg.data, pad_id_of(tokenizer)
     examples, stats = tokenize_rows(rows, tokenizer, max_len, data.train_on, data.overlong, data.chat_format)
-    pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id
-    if data.packing:
-        collate = lambda exs: collate_packed(pack_examples(exs, max_len), pad_id, pad_to=max_len)  # noqa: E731
-    else:
-        collate = lambda exs: collate_padded(exs, pad_id, max_len, pad_to_max=True)  # noqa: E731
+    collate = chat_collator(data.packing, max_len, pad_id, pad_to_max=True)
     return audit(examples, stats, tokenizer, pad_id=pad_id, rows=rows, collate=collate)

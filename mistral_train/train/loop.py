@@ -1,17 +1,24 @@
-"""fit(): the one training loop. Objectives differ only in their step function (steps.py).
+"""fit(): the one training loop, run through Accelerate (also for a single process).
 
-One optimizer step = one accumulation window of `grad_accum_steps` micro-batches. The loss
-of the window is the sum of its token losses divided by its label-token count, counted
-before any backward pass, so k micro-batches of b rows give the gradient of one batch of
-k*b rows whatever the number of label tokens in each.
+Objectives differ only in their step function (steps.py), data only in their batches
+(data/batches.py). One optimizer step = one accumulation window of `grad_accum_steps`
+micro-batches on each of the P processes. The window's loss is the sum of its token losses
+divided by its label-token count over all P * grad_accum_steps micro-batches, counted before any
+backward pass, so k micro-batches of b rows give the gradient of one batch of k*b rows whatever
+the number of label tokens in each. Every process reads the same batch sequence and takes every
+P-th batch, so each knows the whole window's count without communicating; each scales its loss
+by P because DDP averages the P gradients. Accelerate's own gradient accumulation is not used.
+
+Stable entry points (tests and tools call them): fit, build_model, backward_window, next_window,
+evaluate, seed_everything.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import random
-import shutil
 import time
 from pathlib import Path
 from typing import Callable, ContextManager, Optional
@@ -19,19 +26,21 @@ from typing import Callable, ContextManager, Optional
 import numpy as np
 import torch
 
-from mistral_train.checkpoint.atomic import atomic_directory
-from mistral_train.checkpoint.state import (
-    STATE_FILE, checkpoint_path, latest_checkpoint, load_training_state, prune_checkpoints, restore_rng_state,
-    save_training_state,
-)
+from mistral_train.checkpoint.state import restore_rng_state
 from mistral_train.config import ModelSpec, RunConfig, dump_run_config
-from mistral_train.data.text import build_text_batches
-from mistral_train.generate import generate
+from mistral_train.data.batches import EpochBatches, TrainData, build_batches
+from mistral_train.data.collate import padding_share
+from mistral_train.dist import build_accelerator, release
 from mistral_train.model import Mistral, MistralConfig
 from mistral_train.plots import plot_run
 from mistral_train.tokenizer import load_tokenizer, resolve_tokenizer_path
 from mistral_train.tracking import MetricsLogger, progress_bar
+from mistral_train.train.checkpointing import load_checkpoint, resolve_resume, save_checkpoint
+from mistral_train.train.evaluate import evaluate_loss, exact_match
+from mistral_train.train.export import copy_tokenizer, export_final, write_sample
+from mistral_train.train.neftune import NEFTune
 from mistral_train.train.optim import build_optimizer, build_scheduler
+from mistral_train.train.stages import run_stages
 from mistral_train.train.steps import Batch, Objective, get_objective
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -42,23 +51,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)  # also seeds every CUDA device
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("trainer.device=cuda but no CUDA device is available (use auto or cpu)")
-    return torch.device(name)
-
-
-def autocast_for(precision: str, device: torch.device) -> Autocast:
-    """A factory of the forward-pass context: nothing for fp32, bf16 autocast for bf16."""
-    if precision == "fp32":
-        return contextlib.nullcontext
-    if precision == "bf16":
-        return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
-    raise ValueError(f"trainer.precision must be 'fp32' or 'bf16', got {precision!r}")
 
 
 def build_model(spec: ModelSpec, tokenizer) -> Mistral:
@@ -85,164 +77,168 @@ def build_model(spec: ModelSpec, tokenizer) -> Mistral:
     return model
 
 
-def backward_window(
-    model: torch.nn.Module, objective: Objective, window: list[Batch], autocast: Autocast
-) -> tuple[float, int]:
-    """Accumulate the gradient of one window's token-normalised loss; return (loss, tokens)."""
-    n_tokens = sum(objective.count(batch) for batch in window)
+def backward_window(model: torch.nn.Module, objective: Objective, window: list[Batch], autocast: Autocast,
+                    accelerator=None, n_tokens: Optional[int] = None, world_size: int = 1) -> tuple[float, int]:
+    """Accumulate the gradient of one window's token-normalised loss; return (loss, tokens).
+
+    Args:
+        window: this process's micro-batches, already on the model's device.
+        accelerator: backward through it, gradient sync skipped (`no_sync`) on all but the last
+            micro-batch; None: plain `loss.backward()`.
+        n_tokens: label tokens of the whole window over all processes (`next_window`); default:
+            counted over `window`.
+        world_size: processes whose gradients DDP averages.
+    Returns:
+        this process's summed token loss / n_tokens (the window's loss when world_size is 1;
+        summed over processes otherwise), and n_tokens.
+    """
+    if n_tokens is None:
+        n_tokens = sum(objective.count(batch) for batch in window)
     if n_tokens == 0:
         raise ValueError("an accumulation window has no label tokens (every label is -100)")
+    denominator = n_tokens / world_size  # DDP divides the summed gradient by world_size again
     total = 0.0
-    for batch in window:
-        with autocast():
-            loss_sum, _ = objective.step(model, batch)
-        (loss_sum / n_tokens).backward()
+    for i, batch in enumerate(window):
+        last = i == len(window) - 1
+        with contextlib.nullcontext() if accelerator is None or last else accelerator.no_sync(model):
+            with autocast():
+                loss_sum, _ = objective.step(model, batch)
+            loss = loss_sum / denominator
+            loss.backward() if accelerator is None else accelerator.backward(loss)
         total += float(loss_sum.detach())
     return total / n_tokens, n_tokens
 
 
-@torch.no_grad()
-def evaluate_rows(model, objective: Objective, rows: torch.Tensor, batch_size: int, autocast: Autocast) -> float:
-    """Mean token loss over held-out rows (M, T)."""
-    device = next(model.parameters()).device
-    was_training, total, count = model.training, 0.0, 0
-    model.eval()
-    for start in range(0, rows.shape[0], batch_size):
-        ids = rows[start : start + batch_size].to(device)
-        with autocast():
-            loss_sum, n = objective.step(model, {"input_ids": ids, "labels": ids})
-        total, count = total + float(loss_sum), count + int(n)
-    model.train(was_training)
-    return total / max(count, 1)
+def next_window(batches: EpochBatches, objective: Objective, grad_accum_steps: int, num_processes: int = 1,
+                process_index: int = 0) -> tuple[list[Batch], int, list[Batch]]:
+    """Draw the next window: (this process's micro-batches, label tokens of the whole window,
+    every batch drawn, for metrics). Every process draws the same batches and keeps every
+    `num_processes`-th, starting at its index."""
+    drawn = [next(batches) for _ in range(grad_accum_steps * num_processes)]
+    return drawn[process_index::num_processes], sum(objective.count(b) for b in drawn), drawn
 
 
-def resolve_resume(resume: Optional[str], run_dir: Path) -> Optional[Path]:
-    """The checkpoint to continue from: `resume` is None, "true"/"latest" or a folder."""
-    flag = str(resume).strip().lower() if resume is not None else "none"
-    if flag in ("none", "", "false", "null"):
-        existing = latest_checkpoint(run_dir)
-        if existing is not None:
-            raise FileExistsError(
-                f"{run_dir} already holds checkpoints (newest: {existing.name}); pass resume=latest to "
-                f"continue that run, or set run.name / run.dir to start a new one"
-            )
-        return None
-    if flag in ("true", "latest"):
-        found = latest_checkpoint(run_dir)
-        if found is None:
-            print(f"resume={resume}: no checkpoint in {run_dir / 'checkpoints'}; starting from step 0")
-        return found
-    path = Path(resume)
-    if not (path / STATE_FILE).is_file():
-        raise FileNotFoundError(f"resume={resume!r}: not a checkpoint folder (no {STATE_FILE} in it)")
-    return path
-
-
-def copy_tokenizer(tokenizer, source: Path, folder: Path) -> None:
-    """Put the tokenizer next to the weights so the folder is usable on its own: its file
-    under the name `load_tokenizer` looks for, plus the special-token files of a source folder."""
-    name = "tokenizer.model" if tokenizer.kind == "sentencepiece" else "tokenizer.json"
-    shutil.copy2(tokenizer.path, folder / name)
-    if source.is_dir():
-        for extra in ("tokenizer_config.json", "special_tokens_map.json"):
-            if (source / extra).is_file():
-                shutil.copy2(source / extra, folder / extra)
-
-
-def export_final(model: Mistral, tokenizer, tokenizer_source_path: Path, folder: Path) -> Path:
-    """The final HF folder: weights, config.json and the tokenizer, appearing all at once."""
-    with atomic_directory(folder) as tmp:
-        model.save_pretrained(tmp)
-        copy_tokenizer(tokenizer, tokenizer_source_path, tmp)
-    return folder
-
-
-def write_sample(model: Mistral, tokenizer, cfg: RunConfig, path: Path) -> str:
-    """Greedy continuation of `trainer.sample_prompt`, printed and written to `path`.
-
-    Runs in the weights' dtype, without autocast: the KV cache is allocated in that dtype."""
-    prompt = tokenizer.encode(cfg.trainer.sample_prompt, bos=True)
-    model.eval()
-    ids = generate(model, prompt, cfg.trainer.sample_max_new_tokens, eos_token_id=tokenizer.eos_id)
-    text = tokenizer.decode(ids[0].tolist())
-    path.write_text(text + "\n", encoding="utf-8")
-    print(f"\nsample> {text}\n")
-    return text
+def evaluate(model, objective: Objective, data: TrainData, tokenizer, cfg: RunConfig, autocast: Autocast,
+             accelerator) -> tuple[dict[str, float], list[dict]]:
+    """Held-out loss and perplexity (every process), and exact match of greedy replies on held-out
+    rows that carry an "answer" (main process). Returns (metrics, generation samples)."""
+    metrics: dict[str, float] = {}
+    if data.eval_batches:
+        metrics.update(evaluate_loss(model, objective.step, data.eval_batches, autocast))
+    answered = any("answer" in row for row in data.eval_rows or [])
+    samples: list[dict] = []
+    if answered and cfg.trainer.eval_max_new_tokens > 0 and accelerator.is_main_process:
+        result = exact_match(accelerator.unwrap_model(model), tokenizer, data.eval_rows, cfg.data.chat_format,
+                             cfg.trainer.eval_max_new_tokens, cfg.trainer.batch_size * cfg.trainer.grad_accum_steps)
+        metrics["exact_match"], samples = result["exact_match"], result["samples"]
+    return metrics, samples
 
 
 def fit(cfg: RunConfig) -> Path:
     """Train as `cfg` says; return the run folder (config.yaml, metrics.jsonl, loss.png,
-    checkpoints/, final/, sample.txt)."""
-    spec = cfg.trainer
+    checkpoints/, final/, sample.txt). A recipe with `stages` runs one fit per stage
+    (train/stages.py) and returns the folder that holds them."""
+    if cfg.stages:
+        return run_stages(cfg, fit)
     if cfg.adapter.kind != "none":
         raise ValueError(f"adapter.kind={cfg.adapter.kind!r} is not available yet; use adapter=none")
-    if cfg.data.format != "text":
-        raise ValueError(f"data.format={cfg.data.format!r} is not available yet; expected 'text'")
+    accelerator = build_accelerator(cfg.trainer)
+    try:
+        return _train(cfg, accelerator)
+    finally:
+        release(accelerator)
+
+
+def _train(cfg: RunConfig, accelerator) -> Path:
+    spec, main = cfg.trainer, accelerator.is_main_process
+    say = print if main else (lambda *_: None)
     run_dir = Path(cfg.run.dir) / cfg.run.name
     resume_from = resolve_resume(cfg.resume, run_dir)
     seed_everything(spec.seed)
-    device = resolve_device(spec.device)
-    autocast = autocast_for(spec.precision, device)
     tokenizer_path = resolve_tokenizer_path(cfg.model.tokenizer, cfg.model.path)
     tokenizer = load_tokenizer(tokenizer_path)
-    model = build_model(cfg.model, tokenizer).to(device)
-    batches, eval_rows = build_text_batches(
-        cfg.data.path, tokenizer, spec.max_seq_len, spec.batch_size, spec.seed, cfg.data.eval_fraction
-    )
+    data = build_batches(cfg, tokenizer)  # reads, tokenizes and audits: bad data stops here, before the model loads
+    say("\n".join(data.summary))
+    model = build_model(cfg.model, tokenizer).to(accelerator.device)
     objective = get_objective(spec.objective, spec.loss_chunk_size)
     optimizer = build_optimizer(model, spec)
     scheduler = build_scheduler(optimizer, spec)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    train_objective = objective
+    if cfg.data.neftune_alpha is not None:  # noise in training forwards only; evaluation stays clean
+        neftune = NEFTune(cfg.data.neftune_alpha)
+        neftune.attach(accelerator.unwrap_model(model))
+        train_objective = neftune.wrap(objective)
     start = 0
     if resume_from is not None:
-        state = load_training_state(resume_from, model, optimizer, scheduler)
-        batches.load_state_dict(state["data"])
-        restore_rng_state(state["rng"])
+        state = load_checkpoint(resume_from, accelerator, model, optimizer, scheduler, data.train)
+        restore_rng_state(state["rng"])  # last: nothing else draws random numbers before the next step
         start = state["step"]
-        print(f"resumed from {resume_from} at step {start}")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    dump_run_config(cfg, run_dir / "config.yaml")
+        say(f"resumed from {resume_from} at step {start}")
+    if main:
+        dump_run_config(cfg, run_dir / "config.yaml")
     logger = MetricsLogger(run_dir, cfg.tracking, config=dataclasses.asdict(cfg),
-                           resume_step=start if resume_from is not None else None)
-    bar = progress_bar(spec.max_steps, start, cfg.tracking.progress_bar)
+                           resume_step=start if resume_from is not None else None, enabled=main)
+
+    def log_eval(step: int, metrics: dict) -> dict:
+        results, samples = evaluate(model, objective, data, tokenizer, cfg, accelerator.autocast, accelerator)
+        if samples:
+            logger.log_samples(step, samples)
+        return {**metrics, **results}
+
+    if spec.eval_before_training and start == 0:
+        logger.log(0, log_eval(0, {}))
+    bar = progress_bar(spec.max_steps, start, cfg.tracking.progress_bar and main)
     model.train()
-    began = time.perf_counter()
-    # tokens/s over training steps only: evaluation and checkpoint writes are not counted
-    tokens_since, seconds_since, first_loss, last_loss = 0, 0.0, float("nan"), float("nan")
+    max_norm = spec.grad_clip if spec.grad_clip > 0 else float("inf")  # inf: the norm is still computed, for the log
+    world, rank = accelerator.num_processes, accelerator.process_index
+    began, first_loss, last_loss = time.perf_counter(), math.nan, math.nan
+    # throughput over training steps only (evaluation and checkpoint writes excluded), and padding,
+    # both averaged over the steps since the last log row
+    tokens_since, seconds_since, shares = 0, 0.0, []
     for step in range(start, spec.max_steps):
         tick = time.perf_counter()
-        window = [{k: v.to(device) for k, v in next(batches).items()} for _ in range(spec.grad_accum_steps)]
-        last_loss, _ = backward_window(model, objective, window, autocast)
+        mine, n_tokens, drawn = next_window(data.train, objective, spec.grad_accum_steps, world, rank)
+        window = [{k: v.to(accelerator.device) for k, v in b.items() if k != "pad_mask"} for b in mine]
+        last_loss, _ = backward_window(model, train_objective, window, accelerator.autocast, accelerator, n_tokens, world)
+        if world > 1:
+            last_loss = float(accelerator.reduce(torch.tensor(last_loss, device=accelerator.device), "sum"))
         first_loss = last_loss if step == start else first_loss
-        # max_norm=inf still returns the norm (for the log) and leaves the gradient unchanged.
-        max_norm = spec.grad_clip if spec.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)
         lr = optimizer.param_groups[0]["lr"]
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
         done, seconds = step + 1, time.perf_counter() - tick
-        n_inputs = sum(batch["input_ids"].numel() for batch in window)
+        n_inputs = sum(batch["input_ids"].numel() for batch in drawn)
         tokens_since, seconds_since = tokens_since + n_inputs, seconds_since + seconds
+        shares += [padding_share(b) for b in drawn if "attention_mask" in b or "pad_mask" in b]
         bar.update(1)
         bar.set_postfix(loss=f"{last_loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{n_inputs / seconds:.0f}")
         metrics = {"loss": last_loss, "lr": lr, "grad_norm": grad_norm}
-        if eval_rows is not None and (done == spec.max_steps or (spec.eval_every and done % spec.eval_every == 0)):
-            eval_batch = spec.batch_size * spec.grad_accum_steps
-            metrics["eval_loss"] = evaluate_rows(model, objective, eval_rows, eval_batch, autocast)
-        if done == 1 or done % spec.log_every == 0 or done == spec.max_steps or "eval_loss" in metrics:
+        evaluating = done == spec.max_steps or bool(spec.eval_every and done % spec.eval_every == 0)
+        if evaluating:
+            metrics = log_eval(done, metrics)
+        if evaluating or done == 1 or done % spec.log_every == 0:
             metrics["tokens_per_s"] = tokens_since / seconds_since
+            metrics["epoch"] = data.train.progress
+            if shares:
+                metrics["padding_share"] = sum(shares) / len(shares)
             logger.log(done, metrics)
-            tokens_since, seconds_since = 0, 0.0
+            tokens_since, seconds_since, shares = 0, 0.0, []
         if spec.save_every and (done % spec.save_every == 0 or done == spec.max_steps):
-            save_training_state(checkpoint_path(run_dir, done), model, optimizer, scheduler, done, batches.state_dict())
-            prune_checkpoints(run_dir, spec.keep_last)
+            save_checkpoint(accelerator, run_dir, done, model, optimizer, scheduler, data.train.state_dict(),
+                            lambda folder: copy_tokenizer(tokenizer, tokenizer_path, folder), spec.keep_last)
     bar.close()
     logger.close()
-    if spec.max_steps > start:
-        print(f"trained steps {start + 1}-{spec.max_steps} in {time.perf_counter() - began:.0f}s; "
-              f"loss {first_loss:.3f} -> {last_loss:.3f}")
-    export_final(model, tokenizer, tokenizer_path, run_dir / "final")
-    if cfg.tracking.plot:
-        plot_run(run_dir)
-    write_sample(model, tokenizer, cfg, run_dir / "sample.txt")
+    if main:
+        if spec.max_steps > start:
+            print(f"trained steps {start + 1}-{spec.max_steps} in {time.perf_counter() - began:.0f}s; "
+                  f"loss {first_loss:.3f} -> {last_loss:.3f}")
+        trained = accelerator.unwrap_model(model)
+        export_final(trained, tokenizer, tokenizer_path, run_dir / "final")
+        if cfg.tracking.plot:
+            plot_run(run_dir)
+        write_sample(trained, tokenizer, cfg, run_dir / "sample.txt", chat=data.stats is not None)
+    accelerator.wait_for_everyone()
     return run_dir

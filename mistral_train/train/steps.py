@@ -4,6 +4,12 @@ A step function maps (model, batch) to `(loss_sum, n_units)`: the loss summed ov
 batch's units (label tokens for language modelling) and how many units there are. A count
 function gives `n_units` without running the model, so the loop can total a whole
 accumulation window before any backward pass and normalise every micro-batch by it.
+
+`pretrain` and `sft` share the step: summed next-token cross-entropy over the batch's labels.
+They differ in their data (text.py rows with every token trained; sft.py examples with the
+assistant spans trained, packed or padded), never in the loss, so the same optimisation that
+pretrains also fine-tunes. Batch keys the model does not read (`pad_mask`, kept for metrics) are
+dropped here.
 """
 
 from __future__ import annotations
@@ -30,8 +36,14 @@ def pretrain_step(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Next-token prediction on `input_ids` (B, T) with `labels` (B, T), -100 where ignored.
 
+    Packed batches (with `position_ids` restarting per document) must not carry an attention_mask:
+    given one, the model would stop reading document boundaries from the positions.
+
     Returns the summed cross-entropy (scalar, differentiable) and the label-token count.
     """
+    if "position_ids" in batch and "attention_mask" in batch:
+        raise ValueError("a packed batch (position_ids) must not carry an attention_mask: it would hide the "
+                         "document boundaries; padding in packed rows is its own document")
     loss_sum = model(
         batch["input_ids"],
         attention_mask=batch.get("attention_mask"),
@@ -43,6 +55,9 @@ def pretrain_step(
     return loss_sum, (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
 
 
+OBJECTIVES = ("pretrain", "sft")
+
+
 @dataclass(frozen=True)
 class Objective:
     """A step function and the unit counter used to normalise it."""
@@ -52,7 +67,7 @@ class Objective:
 
 
 def get_objective(name: str, loss_chunk_size: int = 1024) -> Objective:
-    """The objective named by `trainer.objective`."""
-    if name == "pretrain":
+    """The objective named by `trainer.objective` (pretrain and sft: the same summed CE over labels)."""
+    if name in ("pretrain", "sft"):
         return Objective(partial(pretrain_step, loss_chunk_size=loss_chunk_size), count_label_tokens)
-    raise ValueError(f"trainer.objective {name!r} is not available; expected one of ['pretrain']")
+    raise ValueError(f"trainer.objective {name!r} is not available; expected one of {list(OBJECTIVES)}")

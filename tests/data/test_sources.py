@@ -8,7 +8,7 @@ import pytest
 from mistral_train.config import DataSpec
 from mistral_train.data.formats import to_canonical
 from mistral_train.data.sources import bundled_chat_path, load_rows, load_splits
-from mistral_train.data.text import read_documents
+from mistral_train.data.text import bundled_corpus_path, read_txt
 
 
 @pytest.fixture(autouse=True)
@@ -186,7 +186,7 @@ def test_bundled_chat_and_text_data():
     assert plain(train) == expected
     assert len(evals) == 100 and all(r["answer"] == r["messages"][-1]["content"] for r in evals)
     text = load_rows(DataSpec(path=None, format="text"))
-    assert [r["text"] for r in text] == read_documents(None)
+    assert [r["text"] for r in text] == read_txt(bundled_corpus_path())
     assert load_rows(DataSpec(path=None, format="text"), "eval") is None
 
 

@@ -1,0 +1,257 @@
+"""The batches fit() trains and evaluates on: `build_batches(cfg, tokenizer) -> TrainData`.
+
+Text rows (pretraining): each document becomes BOS + tokens + EOS, the documents are laid end to
+end and cut into rows of `max_seq_len` (data/text.py); labels equal the inputs.
+
+Chat rows (SFT): sources.load_splits -> sft.tokenize_rows (one pass of the chat template per row,
+labels from its turn boundaries) -> audit.audit with the collator training uses (an AuditError
+stops the run before step 1) -> with `data.packing`, best-fit packing once into rows of at most
+`max_seq_len` (position_ids restart per document; no attention_mask) and `collate_packed`;
+without, one example per row and `collate_padded` (right padding, attention_mask).
+
+Either way the training iterator visits its items (rows or examples) in a fresh permutation per
+epoch, `packing.epoch_order(n, seed, epoch)`, `batch_size` items per batch; the last partial
+batch of an epoch is skipped so every batch has exactly `batch_size` rows. Its position is
+(epoch, index): a resumed run rebuilds the same items and order and continues mid-epoch.
+
+Rows are padded to the longest row of their batch, never by comparing ids with the pad id (pad
+may equal EOS), so a batch's `padding_share` (collate.padding_share) is the honest share of
+wasted token slots; the loop logs its average.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from itertools import islice
+from typing import Any, Callable, Generic, Optional, Sequence, TypeVar, Union
+
+import torch
+
+from mistral_train.config import RunConfig
+from mistral_train.data.audit import AuditReport, audit, format_report
+from mistral_train.data.collate import collate_packed, collate_padded
+from mistral_train.data.packing import epoch_order, pack_examples, packing_efficiency
+from mistral_train.data.sft import SFTExample, SFTStats, tokenize_conversation, tokenize_rows
+from mistral_train.data.sources import RowSource, load_splits
+from mistral_train.data.stream import StreamBatches, text_pieces
+from mistral_train.data.text import pack_rows, tokenize_documents
+
+Batch = dict[str, torch.Tensor]
+Item = TypeVar("Item")
+
+
+class EpochBatches(Generic[Item]):
+    """Endless iterator of collated batches of `batch_size` items, reshuffled every epoch.
+
+    Args:
+        items: what one batch row is made of (packed rows, examples, or (T,) token rows).
+        collate: list of `batch_size` items -> batch dict of (batch_size, T) tensors.
+        batch_size: items per batch; at most len(items).
+        seed: the epoch orders are `epoch_order(len(items), seed, epoch)`.
+        tokens: total tokens of the items: saved with the position so that a resume on changed
+            data (another file, max_seq_len, template) fails instead of silently going astray.
+        source: names the data in errors.
+    """
+
+    def __init__(self, items: Sequence[Item], collate: Callable[[list[Item]], Batch], batch_size: int,
+                 seed: int, tokens: int, source: str = "data") -> None:
+        if len(items) < batch_size:
+            raise ValueError(f"{source}: {len(items)} training rows are fewer than trainer.batch_size={batch_size}; "
+                             "lower the batch size or add data")
+        self.items, self.collate, self.batch_size, self.seed = items, collate, batch_size, seed
+        self.tokens, self.source = int(tokens), source
+        self.epoch, self.index = 0, 0
+        self._order: Optional[list[int]] = None
+
+    @property
+    def progress(self) -> float:
+        """Epochs done, with the fraction of the current one."""
+        return self.epoch + self.index / len(self.items)
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return len(self.items) // self.batch_size
+
+    def __iter__(self) -> "EpochBatches[Item]":
+        return self
+
+    def __next__(self) -> Batch:
+        if self.index + self.batch_size > len(self.items):
+            self.epoch, self.index, self._order = self.epoch + 1, 0, None
+        if self._order is None:
+            self._order = epoch_order(len(self.items), self.seed, self.epoch)
+        picked = self._order[self.index : self.index + self.batch_size]
+        self.index += self.batch_size
+        return self.collate([self.items[i] for i in picked])
+
+    def state_dict(self) -> dict[str, Any]:
+        """The position: the next batch is items `index:index + batch_size` of epoch `epoch`'s order."""
+        return {"epoch": self.epoch, "index": self.index, "seed": self.seed, "n_items": len(self.items),
+                "tokens": self.tokens, "batch_size": self.batch_size}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        mine = self.state_dict()
+        changed = [k for k in ("seed", "n_items", "tokens", "batch_size") if state.get(k) != mine[k]]
+        if changed:
+            saved = ", ".join(f"{k}={state.get(k)}" for k in changed)
+            now = ", ".join(f"{k}={mine[k]}" for k in changed)
+            raise ValueError(f"{self.source}: the checkpoint's data position was saved for {saved}, this run has "
+                             f"{now}; resume needs the same data, max_seq_len, batch_size and seed")
+        self.epoch, self.index, self._order = int(state["epoch"]), int(state["index"]), None
+
+
+@dataclass
+class TrainData:
+    """Everything fit() needs from the data.
+
+    train: the endless, resumable training batches.
+    eval_batches: held-out batches (each a dict of (b, T) tensors), or None without a held-out split.
+    stats: tokenization counts of the training split (chat rows), None for text.
+    eval_rows: the held-out canonical chat rows ("answer" where the file gives one), for exact match.
+    report: the pre-flight audit (chat rows).
+    summary: lines worth printing before step 1 (counts, packing fill, the audit report).
+    """
+
+    train: Union[EpochBatches, StreamBatches]
+    eval_batches: Optional[list[Batch]] = None
+    stats: Optional[SFTStats] = None
+    eval_rows: Optional[list[dict[str, Any]]] = None
+    report: Optional[AuditReport] = None
+    summary: list[str] = field(default_factory=list)
+
+
+def build_batches(cfg: RunConfig, tokenizer) -> TrainData:
+    """Read, tokenize, audit and batch the run's data (see the module docstring).
+
+    Raises:
+        AuditError: the chat data fails the pre-flight audit (names the source and row).
+        ValueError: unreadable or empty data, fewer rows than a batch.
+    """
+    train_rows, eval_rows = load_splits(cfg.data, cfg.trainer.seed)
+    if cfg.data.streaming:
+        return _stream_data(cfg, tokenizer, train_rows, eval_rows)
+    if train_rows.kind == "text":
+        return _text_data(cfg, tokenizer, train_rows, eval_rows)
+    return _chat_data(cfg, tokenizer, train_rows, eval_rows)
+
+
+def pad_id_of(tokenizer) -> int:
+    """The id padding is filled with: the tokenizer's pad id, else EOS (padding is located by place)."""
+    return tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id
+
+
+def chat_collator(packing: bool, max_seq_len: int, pad_id: int, pad_to_max: bool = False) -> Callable[[list[SFTExample]], Batch]:
+    """examples -> batch as training builds it. The audit calls it on single examples with
+    `pad_to_max`, so that padding follows the example as it does in a batch of longer rows
+    (which is where a pad id equal to EOS would swallow the EOS label)."""
+    if packing:
+        return lambda examples: collate_packed(pack_examples(examples, max_seq_len), pad_id,
+                                               pad_to=max_seq_len if pad_to_max else None)
+    return lambda examples: collate_padded(examples, pad_id, max_seq_len, pad_to_max=pad_to_max)
+
+
+def _eval_chunk(cfg: RunConfig) -> int:
+    # no gradients kept: a whole accumulation window fits in memory at once
+    return cfg.trainer.batch_size * cfg.trainer.grad_accum_steps
+
+
+def _text_data(cfg: RunConfig, tokenizer, train: RowSource, held: Optional[RowSource]) -> TrainData:
+    seq_len, name = cfg.trainer.max_seq_len, train.name
+    rows = pack_rows(tokenize_documents((r["text"] for r in train), tokenizer), seq_len, name)
+    batches = EpochBatches(rows, _stack_text_rows, cfg.trainer.batch_size, cfg.trainer.seed, rows.numel(), name)
+    summary = [f"{name}: {len(train)} documents -> {rows.shape[0]} rows of {seq_len} tokens "
+               f"({batches.batches_per_epoch} batches per epoch)"]
+    eval_batches = None
+    if held is not None:
+        eval_rows = pack_rows(tokenize_documents((r["text"] for r in held), tokenizer), seq_len, held.name)
+        chunk = _eval_chunk(cfg)
+        eval_batches = [_stack_text_rows(list(eval_rows[i : i + chunk])) for i in range(0, eval_rows.shape[0], chunk)]
+        summary.append(f"{held.name}: {len(held)} documents -> {eval_rows.shape[0]} held-out rows")
+    return TrainData(batches, eval_batches, summary=summary)
+
+
+def _stack_text_rows(rows: list[torch.Tensor]) -> Batch:
+    input_ids = torch.stack(rows)  # (B, T)
+    return {"input_ids": input_ids, "labels": input_ids.clone()}
+
+
+def _chat_data(cfg: RunConfig, tokenizer, train: RowSource, held: Optional[RowSource]) -> TrainData:
+    data, spec = cfg.data, cfg.trainer
+    max_len, pad_id = spec.max_seq_len, pad_id_of(tokenizer)
+    rows = list(train)
+    examples, stats = tokenize_rows(rows, tokenizer, max_len, data.train_on, data.overlong, data.chat_format)
+    report = audit(examples, stats, tokenizer, pad_id=pad_id, rows=rows,
+                   collate=chat_collator(data.packing, max_len, pad_id, pad_to_max=True))
+    summary = [train.describe(), format_report(report)]
+    tokens = sum(len(ex.input_ids) for ex in examples)
+    if data.packing:
+        packed = pack_examples(examples, max_len)
+        batches = EpochBatches(packed, _item_collator(True, max_len, pad_id), spec.batch_size, spec.seed,
+                               tokens, train.name)
+        summary.append(f"packed {len(examples)} examples into {len(packed)} rows of at most {max_len} tokens "
+                       f"({packing_efficiency(packed, max_len):.1%} full; {batches.batches_per_epoch} batches per epoch)")
+    else:
+        batches = EpochBatches(examples, _item_collator(False, max_len, pad_id), spec.batch_size,
+                               spec.seed, tokens, train.name)
+        summary.append(f"{len(examples)} examples, one per row, padded per batch "
+                       f"({batches.batches_per_epoch} batches per epoch)")
+    if held is None:
+        return TrainData(batches, None, stats, None, report, summary)
+    eval_rows = list(held)
+    eval_examples, eval_stats = tokenize_rows(eval_rows, tokenizer, max_len, data.train_on, data.overlong,
+                                              data.chat_format)
+    total = eval_stats.total()
+    summary.append(f"{held.name}: {total.examples} held-out examples, {total.label_tokens} label tokens "
+                   f"({total.truncated} truncated, {total.dropped} dropped)")
+    return TrainData(batches, _eval_batches(cfg, eval_examples, pad_id, held.name), stats, eval_rows, report, summary)
+
+
+def _item_collator(packing: bool, max_seq_len: int, pad_id: int) -> Callable[[list], Batch]:
+    """The collator of a batch's items: packed rows, or examples padded to the longest."""
+    if packing:
+        return lambda rows: collate_packed(rows, pad_id)
+    return lambda examples: collate_padded(examples, pad_id, max_seq_len)
+
+
+def _eval_batches(cfg: RunConfig, examples: list[SFTExample], pad_id: int, name: str) -> list[Batch]:
+    """Held-out examples as batches of up to one accumulation window of rows, packed like training."""
+    if not examples:
+        raise ValueError(f"{name}: no held-out example is left after tokenization (rows longer than "
+                         f"max_seq_len={cfg.trainer.max_seq_len} and data.overlong={cfg.data.overlong}?)")
+    items = pack_examples(examples, cfg.trainer.max_seq_len) if cfg.data.packing else examples
+    collate, chunk = _item_collator(cfg.data.packing, cfg.trainer.max_seq_len, pad_id), _eval_chunk(cfg)
+    return [collate(items[i : i + chunk]) for i in range(0, len(items), chunk)]
+
+
+def _stream_data(cfg: RunConfig, tokenizer, train: RowSource, held: Optional[RowSource]) -> TrainData:
+    """Batches read one buffer at a time (data/stream.py). Chat data is audited on its first buffer
+    before step 1; later rows are checked as they are tokenized, and a bad one stops the run naming it."""
+    data, spec = cfg.data, cfg.trainer
+    max_len, pad_id = spec.max_seq_len, pad_id_of(tokenizer)
+    text = train.kind == "text"
+
+    def tokenize(row: dict) -> list[SFTExample]:
+        if text:
+            return text_pieces(row, tokenizer, max_len)
+        example = tokenize_conversation(row, tokenizer, max_len, data.train_on, data.overlong, data.chat_format)
+        return [] if example is None else [example]
+
+    batches = StreamBatches(train, tokenize, _item_collator(data.packing, max_len, pad_id), spec.batch_size,
+                            spec.seed, max_len, data.packing, data.stream_buffer)
+    summary = [f"{train.name}: streamed in buffers of {data.stream_buffer} rows"
+               + ("; text documents cut into pieces of max_seq_len and packed per document" if text else "")]
+    report = stats = None
+    if not text:
+        first = list(islice(train, data.stream_buffer))
+        examples, stats = tokenize_rows(first, tokenizer, max_len, data.train_on, data.overlong, data.chat_format)
+        report = audit(examples, stats, tokenizer, pad_id=pad_id, rows=first,
+                       collate=chat_collator(data.packing, max_len, pad_id, pad_to_max=True))
+        report.notes.append(f"streaming: audited the first {len(first)} rows; later rows are checked as they are read")
+        summary.append(format_report(report))
+    if held is None:
+        return TrainData(batches, None, stats, None, report, summary)
+    eval_rows = list(held)
+    eval_examples = [ex for row in eval_rows for ex in tokenize(row)]
+    summary.append(f"{held.name}: {len(eval_examples)} held-out examples")
+    return TrainData(batches, _eval_batches(cfg, eval_examples, pad_id, held.name), stats,
+                     None if text else eval_rows, report, summary)

@@ -1,0 +1,170 @@
+"""Held-out evaluation: token-weighted loss and perplexity, and greedy exact match on chat rows
+whose reply can be checked (rows with an "answer" field, as the bundled tiny_chat_eval.jsonl).
+
+Exact match compares normalised strings (see `normalize_answer`): the prediction is the greedy
+continuation of the prompt up to EOS (or `max_new_tokens`), decoded without special tokens.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import re
+from typing import Any, Callable, ContextManager, Iterable, Optional, Sequence
+
+import torch
+
+from mistral_train.generate import generate
+
+Batch = dict[str, torch.Tensor]
+StepFn = Callable[[torch.nn.Module, Batch], tuple[torch.Tensor, Any]]
+# Sentence punctuation a model may add after a short answer ("Sunday." for "Sunday").
+_TRAILING = ".,!?;:"
+_SPACES = re.compile(r"\s+")
+
+
+def evaluate_loss(
+    model: torch.nn.Module,
+    step_fn: StepFn,
+    batches: Iterable[Batch],
+    autocast: Callable[[], ContextManager] = contextlib.nullcontext,
+    reduce_sum: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+) -> dict[str, float]:
+    """Token-weighted loss over every held-out batch: sum of token losses / number of label tokens
+    (not a mean of per-batch means, which would over-weight batches with few label tokens).
+
+    Args:
+        model: evaluated in eval mode under no_grad; its training mode is restored afterwards.
+        step_fn: (model, batch) -> (summed token loss, label-token count), e.g. `pretrain_step`.
+        batches: dicts of tensors such as input_ids/labels (B, T); moved to the model's device.
+        autocast: factory of the forward-pass context (bf16 autocast or nothing).
+        reduce_sum: sums a (2,) float64 tensor [loss, tokens] over processes (e.g.
+            `accelerator.reduce(t, "sum")`) when each process evaluates its own share.
+    Returns:
+        {"eval_loss": nats per label token, "eval_ppl": exp(eval_loss) (inf on overflow)}.
+    """
+    device = next(model.parameters()).device
+    was_training = model.training
+    totals = torch.zeros(2, dtype=torch.float64, device=device)  # [loss sum, label tokens]
+    model.eval()
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+                with autocast():
+                    loss_sum, n_tokens = step_fn(model, batch)
+                totals[0] += loss_sum.detach().double()
+                totals[1] += float(n_tokens)
+    finally:
+        model.train(was_training)
+    if reduce_sum is not None:
+        totals = reduce_sum(totals)
+    loss_sum, n_tokens = totals.tolist()
+    if n_tokens == 0:
+        raise ValueError("evaluation found no label tokens: the held-out batches are empty or every label is -100")
+    loss = loss_sum / n_tokens
+    return {"eval_loss": loss, "eval_ppl": math.exp(loss) if loss < 700 else float("inf")}
+
+
+def normalize_answer(text: str) -> str:
+    """The form exact match compares: case-folded, runs of whitespace made one space, leading and
+    trailing whitespace removed, then trailing sentence punctuation (. , ! ? ; :) removed.
+    "  Sunday. " and "sunday" match; "3.5" keeps its inner dot; a leading article is not removed."""
+    text = _SPACES.sub(" ", text.casefold()).strip()
+    return text.rstrip(_TRAILING).rstrip()
+
+
+def prompt_messages(messages: Sequence[dict]) -> list[dict]:
+    """The conversation up to its final assistant turn (that turn removed: the reply to predict)."""
+    messages = list(messages)
+    return messages[:-1] if messages and messages[-1].get("role") == "assistant" else messages
+
+
+def _where(row: dict, index: int) -> str:
+    return f"{row['source']} row {row['row']}" if "source" in row and "row" in row else f"eval row {index}"
+
+
+def _checked(rows: Iterable[dict]) -> list[dict]:
+    """The rows with an answer; every row needs one unless none has (then: nothing to score)."""
+    rows = list(rows)
+    with_answer = [row for row in rows if "answer" in row]
+    if not with_answer:
+        return []
+    for index, row in enumerate(rows):
+        where = _where(row, index)
+        if "answer" not in row:
+            raise ValueError(f"{where}: no 'answer' field, but other held-out rows have one; exact match "
+                             "needs an answer on every held-out row (or on none)")
+        if not isinstance(row["answer"], str):
+            raise ValueError(f"{where}: 'answer' must be a string, got {type(row['answer']).__name__}")
+        if "messages" not in row:
+            raise ValueError(f"{where}: has an 'answer' but no chat messages; exact match needs chat rows")
+    return rows
+
+
+def _left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, attention_mask), both (B, T_max), padded on the left so every prompt ends at T_max - 1."""
+    length = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), length), dtype=torch.long)
+    for i, prompt in enumerate(prompts):
+        ids[i, length - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
+        mask[i, length - len(prompt):] = 1
+    return ids, mask
+
+
+def exact_match(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    rows: Iterable[dict],
+    chat_format: Optional[str] = None,
+    max_new_tokens: int = 16,
+    batch_size: int = 16,
+    n_samples: int = 3,
+) -> dict[str, Any]:
+    """Greedy-decode a reply to each held-out chat row and compare it with the row's "answer".
+
+    Args:
+        model: a causal-LM `Mistral` (the unwrapped model under Accelerate); run as `generate` does
+            (eval mode, weights' dtype), its training mode restored afterwards.
+        tokenizer: a `mistral_train.tokenizer.Tokenizer`.
+        rows: canonical rows ({"messages": [...], "answer": str, "source", "row"}). Every row needs
+            an answer, unless none has one: then nothing is scored and n is 0.
+        chat_format: v1 | v2 | v3 | None (the tokenizer's own), as in training.
+        batch_size: prompts generated together, left-padded (same result as one by one).
+        n_samples: how many (prompt, answer, prediction) samples to keep for the log.
+    Returns:
+        {"exact_match": share of rows matched (nan when n is 0), "n": rows scored,
+         "samples": the first n_samples as dicts of prompt/answer/prediction text and "correct"}.
+    """
+    if batch_size < 1 or max_new_tokens < 1:
+        raise ValueError(f"batch_size and max_new_tokens must be >= 1, got {batch_size} and {max_new_tokens}")
+    rows = _checked(rows)
+    if not rows:
+        return {"exact_match": float("nan"), "n": 0, "samples": []}
+    prompts = []
+    for index, row in enumerate(rows):
+        try:
+            prompts.append(tokenizer.apply_chat_template(prompt_messages(row["messages"]), chat_format,
+                                                         add_generation_prompt=True))
+        except ValueError as err:
+            raise ValueError(f"{_where(row, index)}: cannot build the prompt ({err})") from None
+    pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id  # masked out anyway
+    device = next(model.parameters()).device
+    correct, samples = 0, []
+    for start in range(0, len(rows), batch_size):
+        chunk = prompts[start:start + batch_size]
+        ids, mask = _left_pad(chunk, pad_id)
+        out = generate(model, ids.to(device), max_new_tokens, attention_mask=mask.to(device),
+                       eos_token_id=tokenizer.eos_id)
+        for offset, new in enumerate(out[:, ids.shape[1]:].tolist()):
+            if tokenizer.eos_id in new:
+                new = new[:new.index(tokenizer.eos_id)]
+            row = rows[start + offset]
+            prediction = tokenizer.decode(new).strip()
+            hit = normalize_answer(prediction) == normalize_answer(row["answer"])
+            correct += hit
+            if len(samples) < n_samples:
+                samples.append({"prompt": tokenizer.decode(chunk[offset], skip_special=False),
+                                "answer": row["answer"], "prediction": prediction, "correct": hit})
+    return {"exact_match": correct / len(rows), "n": len(rows), "samples": samples}

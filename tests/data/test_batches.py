@@ -1,0 +1,218 @@
+"""build_batches: fixed-size batches from text and chat data (packed and padded), an exact
+mid-epoch position, the audit before anything trains, and per-batch padding share."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from itertools import islice
+
+import pytest
+import torch
+
+from mistral_train.config import DataSpec, RunConfig, TrainerSpec
+from mistral_train.data.audit import AuditError
+from mistral_train.data.batches import EpochBatches, build_batches
+from mistral_train.data.collate import padding_share
+from mistral_train.data.sft import tokenize_rows
+from mistral_train.data.sources import bundled_chat_path, load_rows
+from mistral_train.tokenizer import bundled_tokenizer_path, load_tokenizer
+
+IGNORE = -100
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer(bundled_tokenizer_path("v1"))
+
+
+def small_chat(folder, n=40):
+    """The first `n` bundled conversations: several epochs in a few batches."""
+    path = folder / "chat.jsonl"
+    path.write_text("\n".join(bundled_chat_path().read_text().splitlines()[:n]) + "\n")
+    return path
+
+
+def chat_config(path, packing, batch_size=4, max_seq_len=64, **data) -> RunConfig:
+    return RunConfig(data=DataSpec(path=str(path), format="messages", packing=packing, **data),
+                     trainer=TrainerSpec(max_seq_len=max_seq_len, batch_size=batch_size, seed=3))
+
+
+def same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("packing", [True, False])
+def test_chat_batches_have_fixed_rows_and_the_run_collators_shape(tmp_path, tokenizer, packing):
+    data = build_batches(chat_config(small_chat(tmp_path), packing), tokenizer)
+    assert data.stats.total().examples == 40 and data.report is not None
+    assert data.eval_batches is None and data.eval_rows is None  # a user file without eval_path/fraction
+    seen = []
+    for batch in islice(data.train, 12):  # several epochs of the small set
+        assert batch["input_ids"].shape[0] == 4 and batch["labels"].shape == batch["input_ids"].shape
+        assert ("position_ids" in batch) == packing and ("attention_mask" in batch) == (not packing)
+        assert "pad_mask" in batch if packing else True
+        assert (batch["labels"][:, 1:] != IGNORE).any()
+        seen.append(batch)
+    assert data.train.epoch >= 1  # crossed an epoch boundary
+    shares = [padding_share(b) for b in seen]
+    assert all(0.0 <= s < 1.0 for s in shares)
+    if not packing:  # one example per row, padded to the batch's longest: lengths differ, so padding exists
+        assert max(shares) > 0.0
+        # every example of an epoch appears once: the first epoch's batches hold distinct rows
+        first_epoch = [tuple(row.tolist()) for b in seen[: data.train.batches_per_epoch] for row in b["input_ids"]]
+        assert len(set(first_epoch)) == len(first_epoch)
+
+
+@pytest.mark.parametrize("packing", [True, False])
+def test_bundled_chat_holds_out_the_eval_file_with_answers(tokenizer, packing):
+    cfg = RunConfig(data=DataSpec(format="messages", packing=packing), trainer=TrainerSpec(max_seq_len=128, batch_size=8))
+    data = build_batches(cfg, tokenizer)
+    assert len(data.eval_rows) == 100 and all("answer" in row for row in data.eval_rows)
+    # each held-out answer and its EOS are the labels (the template encodes the answer on its own)
+    label_tokens = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in data.eval_batches)
+    assert label_tokens == sum(len(tokenizer.encode(row["answer"])) + 1 for row in data.eval_rows)
+    assert any("packed" in line for line in data.summary) == packing
+    assert any("SFT data audit" in line for line in data.summary)
+
+
+@pytest.mark.parametrize("kind", ["text", "packed", "padded"])
+def test_restored_position_gives_the_same_next_batches_mid_epoch(tmp_path, tokenizer, kind):
+    if kind == "text":
+        corpus = tmp_path / "corpus.txt"
+        corpus.write_text("\n\n".join(f"Document {i} says the number {i} is here." * 3 for i in range(40)))
+        cfg = RunConfig(data=DataSpec(path=str(corpus)), trainer=TrainerSpec(max_seq_len=32, batch_size=3, seed=5))
+    else:
+        cfg = chat_config(small_chat(tmp_path), kind == "packed", batch_size=3)
+    first = build_batches(cfg, tokenizer).train
+    per_epoch = first.batches_per_epoch
+    assert per_epoch >= 2
+    for _ in range(per_epoch + 1):  # into the second epoch, one batch past its start
+        next(first)
+    state = first.state_dict()
+    assert state["epoch"] == 1 and 0 < state["index"] < len(first.items)
+    expected = list(islice(first, per_epoch + 2))  # the rest of this epoch and into the next
+    second = build_batches(cfg, tokenizer).train  # a fresh process rebuilding the same data
+    second.load_state_dict(state)
+    got = list(islice(second, per_epoch + 2))
+    assert all(same(a, b) for a, b in zip(expected, got))
+    # and the position really matters: from the start, the batches differ
+    fresh = build_batches(cfg, tokenizer).train
+    assert not all(same(a, b) for a, b in zip(expected, islice(fresh, per_epoch + 2)))
+
+
+def test_position_saved_for_other_data_is_refused(tmp_path, tokenizer):
+    cfg = chat_config(small_chat(tmp_path), True)
+    state = build_batches(cfg, tokenizer).train.state_dict()
+    other = build_batches(chat_config(small_chat(tmp_path, n=60), True), tokenizer).train
+    with pytest.raises(ValueError, match="n_items=.*resume needs the same data"):
+        other.load_state_dict(state)
+
+
+def test_fewer_rows_than_a_batch_is_an_error_naming_the_data():
+    with pytest.raises(ValueError, match="mine: 3 training rows are fewer than trainer.batch_size=4"):
+        EpochBatches([1, 2, 3], list, 4, seed=0, tokens=3, source="mine")
+
+
+def test_prompts_longer_than_max_seq_len_leave_nothing_to_train_and_stop_before_training(tmp_path, tokenizer):
+    long_prompt = "Please answer this question. " * 30  # about 180 tokens, cut at 64: the answer is gone
+    path = tmp_path / "long.jsonl"
+    path.write_text("".join(json.dumps({"messages": [{"role": "user", "content": long_prompt + str(i)},
+                                                     {"role": "assistant", "content": "yes"}]}) + "\n"
+                            for i in range(6)))
+    with pytest.raises(AuditError, match=r"no examples left to train on: .*long.jsonl: 6 rows dropped"):
+        build_batches(chat_config(path, True, train_on="last_assistant"), tokenizer)
+
+
+def test_a_template_that_marks_no_answer_is_stopped_naming_the_row(tmp_path, tokenizer, monkeypatch):
+    """A broken chat template whose mask covers no assistant token would leave every label -100."""
+    path = small_chat(tmp_path, n=8)
+    real = type(tokenizer).encode_chat
+
+    def no_answers(self, messages, chat_format=None):
+        ids, mask = real(self, messages, chat_format)
+        return ids, [False] * len(mask)
+
+    monkeypatch.setattr(type(tokenizer), "encode_chat", no_answers)
+    with pytest.raises(ValueError, match=r"chat.jsonl row 1: the chat template marked 0 assistant spans"):
+        build_batches(chat_config(path, False), tokenizer)
+
+
+def _rows_of(batches, n):
+    """(batch, identity of each trained document in it) for n batches: documents are told apart by
+    their token ids (position 0 restarts in packed rows; padded rows hold one example each)."""
+    out = []
+    for batch in islice(batches, n):
+        docs = []
+        for b in range(batch["input_ids"].shape[0]):
+            ids, labels = batch["input_ids"][b], batch["labels"][b]
+            if "position_ids" in batch:
+                starts = (batch["position_ids"][b] == 0).nonzero().flatten().tolist()
+                ends = starts[1:] + [ids.shape[0]]
+            else:
+                starts, ends = [0], [int(batch["attention_mask"][b].sum())]
+            for start, end in zip(starts, ends):
+                if (labels[start:end] != IGNORE).any():
+                    docs.append(tuple(ids[start:end].tolist()))
+        out.append((batch, docs))
+    return out
+
+
+@pytest.mark.parametrize("packing", [True, False])
+def test_streaming_visits_every_example_once_per_epoch_and_carries_the_rest(tmp_path, tokenizer, packing):
+    path = small_chat(tmp_path, n=37)
+    cfg = chat_config(path, packing, batch_size=3, streaming=True, stream_buffer=10)
+    data = build_batches(cfg, tokenizer)
+    assert data.report is not None and any("audited the first 10 rows" in n for n in data.report.notes)
+    rows = list(load_rows(DataSpec(path=str(path), format="messages")))
+    expected = Counter(tuple(ex.input_ids) for ex in tokenize_rows(rows, tokenizer, 64)[0])
+    # 37 conversations in buffers of 10, 3 rows per batch: what a buffer cannot fill is carried into the
+    # next one, at the end of the file into the next epoch. So the batches served before the first batch
+    # of epoch 1, plus what was carried into epoch 1, are every conversation exactly once.
+    served = Counter()
+    for _ in range(100):
+        (_, docs), = _rows_of(data.train, 1)
+        if data.train.epoch == 1:
+            break
+        served.update(docs)
+    carried = Counter(tuple(ex.input_ids) for ex in data.train.carry)
+    assert sum(carried.values()) > 0  # the case under test: something was carried over the epoch's end
+    assert served + carried == expected
+    assert data.train.epoch >= 1 and data.train.rows_per_epoch == 37
+
+
+@pytest.mark.parametrize("kind", ["text", "packed", "padded"])
+def test_streaming_position_restores_mid_buffer_and_across_epochs(tmp_path, tokenizer, kind):
+    if kind == "text":
+        corpus = tmp_path / "corpus.jsonl"
+        corpus.write_text("".join(json.dumps({"text": f"Document {i} says {i} " * (1 + i % 9)}) + "\n" for i in range(30)))
+        cfg = RunConfig(data=DataSpec(path=str(corpus), streaming=True, stream_buffer=7),
+                        trainer=TrainerSpec(max_seq_len=32, batch_size=3, seed=5))
+    else:
+        cfg = chat_config(small_chat(tmp_path, n=23), kind == "packed", batch_size=3, streaming=True, stream_buffer=7)
+    first = build_batches(cfg, tokenizer).train
+    for stop in (2, 9, 25):  # inside the first buffer, later in the epoch, in a later epoch
+        for _ in range(stop):
+            next(first)
+        state = first.state_dict()
+        expected = list(islice(first, 6))
+        second = build_batches(cfg, tokenizer).train
+        second.load_state_dict(state)
+        assert all(same(a, b) for a, b in zip(expected, islice(second, 6)))
+    assert first.epoch >= 1
+    with pytest.raises(ValueError, match="buffer_rows=7, this run has buffer_rows=8"):
+        cfg.data.stream_buffer = 8
+        build_batches(cfg, tokenizer).train.load_state_dict(state)
+
+
+def test_streamed_text_is_cut_into_trained_pieces_of_max_seq_len(tmp_path, tokenizer):
+    from mistral_train.data.stream import text_pieces
+
+    row = {"text": "one two three four five six seven eight nine ten " * 5, "source": "f", "row": 4}
+    ids = tokenizer.encode(row["text"], bos=True, eos=True)
+    pieces = text_pieces(row, tokenizer, 16)
+    assert [t for p in pieces for t in p.input_ids] == ids[: sum(len(p.input_ids) for p in pieces)]
+    assert len(ids) - sum(len(p.input_ids) for p in pieces) <= 1  # only a lone last token has nothing to train
+    assert all(len(p.input_ids) <= 16 and p.labels[0] == IGNORE and p.labels[1:] == p.input_ids[1:] for p in pieces)
+    with pytest.raises(ValueError, match="f row 4: 'text' must be a non-empty string"):
+        text_pieces({**row, "text": " "}, tokenizer, 16)
