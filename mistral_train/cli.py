@@ -1,6 +1,6 @@
 """The `mistral-train` command (also `python -m mistral_train`).
 
-    mistral-train [train] [recipe=NAME] [KEY=VALUE ...]   train (default recipe: tiny_pretrain)
+    mistral-train [train] [recipe=NAME] [KEY=VALUE ...]   train (default recipe: tiny_pretrain_sft)
     mistral-train config [recipe=NAME] [KEY=VALUE ...]    print the resolved run configuration
     mistral-train audit [recipe=NAME] [KEY=VALUE ...]     check the run's SFT data and labels, without training
     mistral-train generate FOLDER --prompt TEXT [...]     continue a prompt with an HF Mistral folder
@@ -23,7 +23,7 @@ from mistral_train.config import DEFAULT_RECIPE, ConfigError, RunConfig, load_ru
 PROG = "mistral-train"
 OVERRIDES_HELP = """\
 overrides (KEY=VALUE, Hydra syntax):
-  recipe=NAME              a file in recipes/ (default: tiny_pretrain)
+  recipe=NAME              a file in recipes/ (default: tiny_pretrain_sft)
   model.path=DIR           an HF Mistral folder        data.path=FILE|DIR|[A,B]
   data.format=text         trainer.max_steps=N         trainer.max_seq_len=N
   adapter=none             run.dir=DIR run.name=NAME   resume=true|latest|CHECKPOINT_DIR
@@ -36,8 +36,8 @@ examples:
   mistral-train recipe=mistral7b_continued_pretrain model.path=/models/Mistral-7B-v0.1 data.path=corpus/
   mistral-train config trainer.lr=1e-3            show what a run would use
   mistral-train audit recipe=tiny_sft data.path=chats.jsonl   check labels, BOS/EOS and the template
-  mistral-train generate runs/tiny_pretrain/final --prompt "The cat"
-  mistral-train plot runs/tiny_pretrain
+  mistral-train generate runs/tiny_pretrain_sft/sft/final --chat --prompt "What is three plus four?"
+  mistral-train plot runs/tiny_pretrain_sft/sft
 """
 
 
@@ -121,7 +121,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     tokenizer = load_tokenizer(source)
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     model = Mistral.from_pretrained(folder).to(device).eval()
-    prompt = tokenizer.encode(args.prompt, bos=True)
+    if args.chat:  # one user turn in the tokenizer's [INST] template, ready for the answer
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True)
+    else:
+        prompt = tokenizer.encode(args.prompt, bos=True)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     ids = generate(model, prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                    top_p=args.top_p, eos_token_id=tokenizer.eos_id, generator=generator)
@@ -146,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
                            description="Continue a prompt with an HF Mistral folder (e.g. runs/NAME/final).")
     gen.add_argument("folder", help="HF folder: config.json + *.safetensors (+ tokenizer.model)")
     gen.add_argument("--prompt", required=True)
+    gen.add_argument("--chat", action="store_true", help="send the prompt as a user turn of the chat template")
     gen.add_argument("--max-new-tokens", type=int, default=64)
     gen.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
     gen.add_argument("--top-k", type=int, default=None)
@@ -157,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(handler=cmd_generate)
 
     plot = verbs.add_parser("plot", help="redraw a run's loss.png from its metrics.jsonl")
-    plot.add_argument("run_dir", help="a run directory, e.g. runs/tiny_pretrain")
+    plot.add_argument("run_dir", help="a run directory, e.g. runs/tiny_pretrain_sft/sft")
     plot.set_defaults(handler=cmd_plot)
     return parser
 

@@ -150,7 +150,7 @@ class RunConfig:
 # ---- composing a RunConfig from recipes/ + configs/ (Hydra compose API: no output dirs, no chdir)
 
 CONFIG_ROOT_ENV = "MISTRAL_TRAIN_CONFIG_ROOT"
-DEFAULT_RECIPE = "tiny_pretrain"
+DEFAULT_RECIPE = "tiny_pretrain_sft"
 GROUP_SCHEMAS = {"model": ModelSpec, "data": DataSpec, "trainer": TrainerSpec, "adapter": AdapterSpec, "tracking": TrackingSpec}
 
 

@@ -82,7 +82,7 @@ def test_user_errors_print_one_line_and_return_2(argv, needle, capsys):
 
 def test_split_recipe():
     assert split_recipe(["a.b=1", "recipe=x", "c=2"]) == ("x", ["a.b=1", "c=2"])
-    assert split_recipe([])[0] == "tiny_pretrain"
+    assert split_recipe([])[0] == "tiny_pretrain_sft"
     with pytest.raises(ConfigError):
         split_recipe(["recipe=a", "recipe=b"])
 
@@ -101,9 +101,9 @@ def fake_fit(monkeypatch, tmp_path):
 
 
 @pytest.mark.parametrize("argv, recipe, overrides", [
-    ([], "tiny_pretrain", []),
-    (["train"], "tiny_pretrain", []),
-    (["trainer.max_steps=4", "run.name=t"], "tiny_pretrain", ["trainer.max_steps=4", "run.name=t"]),
+    ([], "tiny_pretrain_sft", []),
+    (["train"], "tiny_pretrain_sft", []),
+    (["trainer.max_steps=4", "run.name=t"], "tiny_pretrain_sft", ["trainer.max_steps=4", "run.name=t"]),
     (["recipe=mistral7b_continued_pretrain", "model.path=/m", "data.path=/d"], "mistral7b_continued_pretrain", ["model.path=/m", "data.path=/d"]),
 ])
 def test_train_runs_fit_with_composed_config(argv, recipe, overrides, fake_fit, capsys):
@@ -159,6 +159,17 @@ def test_generate_prints_what_generate_returns(tiny_folder, flags, capsys):
                    generator=generator, **sampling)
     assert printed == tokenizer.decode(ids[0].tolist()) + "\n"
     assert printed.startswith("The cat")
+
+
+def test_generate_chat_wraps_the_prompt_in_the_template(tiny_folder, capsys):
+    from mistral_train.generate import generate
+
+    folder, tokenizer = tiny_folder
+    assert main(["generate", str(folder), "--chat", "--prompt", "Hi there", "--max-new-tokens", "3", "--device", "cpu"]) == 0
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Hi there"}], add_generation_prompt=True)
+    ids = generate(Mistral.from_pretrained(folder).eval(), prompt, 3, eos_token_id=tokenizer.eos_id)
+    printed = capsys.readouterr().out
+    assert printed == tokenizer.decode(ids[0].tolist()) + "\n" and "[INST] Hi there [/INST]" in printed
 
 
 def test_generate_prefers_the_folders_tokenizer(tiny_folder, tmp_path, capsys):
