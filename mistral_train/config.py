@@ -91,7 +91,7 @@ class TrainerSpec:
     device: str = "auto"  # auto | cpu | cuda
     seed: int = 0
     log_every: int = 5
-    save_every: Optional[int] = None  # steps between checkpoints; None: only the final one
+    save_every: Optional[int] = None  # steps between checkpoints; the last step always writes one
     keep_last: int = 2  # checkpoints kept on disk
     eval_every: Optional[int] = None  # steps between held-out evaluations (data.eval_fraction > 0); None: at the end only
     eval_before_training: bool = False  # also evaluate at step 0, before the first update (logged as step 0)

@@ -226,7 +226,7 @@ def _train(cfg: RunConfig, accelerator) -> Path:
                 metrics["padding_share"] = sum(shares) / len(shares)
             logger.log(done, metrics)
             tokens_since, seconds_since, shares = 0, 0.0, []
-        if spec.save_every and (done % spec.save_every == 0 or done == spec.max_steps):
+        if done == spec.max_steps or (spec.save_every and done % spec.save_every == 0):
             save_checkpoint(accelerator, run_dir, done, model, optimizer, scheduler, data.train.state_dict(),
                             lambda folder: copy_tokenizer(tokenizer, tokenizer_path, folder), spec.keep_last)
     bar.close()

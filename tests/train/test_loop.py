@@ -79,7 +79,8 @@ def test_default_model_learns_in_20_steps_and_leaves_a_complete_run_folder(tmp_p
                  "final/model.safetensors", "final/tokenizer.model"):
         assert (run_dir / name).is_file(), name
     assert (run_dir / "loss.png").read_bytes().startswith(b"\x89PNG")
-    assert not (run_dir / "checkpoints").exists()  # save_every is None by default
+    # save_every is None by default: the last step still writes a checkpoint to resume or extend the run from
+    assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["step_20"]
     sample = (run_dir / "sample.txt").read_text().strip()
     assert sample.startswith(cfg.trainer.sample_prompt) and sample in capsys.readouterr().out
     # final/ is usable on its own: model and tokenizer load from it
