@@ -17,7 +17,7 @@ import torch
 from mistral_train.generate import generate
 
 Batch = dict[str, torch.Tensor]
-StepFn = Callable[[torch.nn.Module, Batch], tuple[torch.Tensor, Any]]
+StepFn = Callable[[torch.nn.Module, Batch], Any]  # -> train/steps.StepOutput
 # Sentence punctuation a model may add after a short answer ("Sunday." for "Sunday").
 _TRAILING = ".,!?;:"
 _SPACES = re.compile(r"\s+")
@@ -29,41 +29,51 @@ def evaluate_loss(
     batches: Iterable[Batch],
     autocast: Callable[[], ContextManager] = contextlib.nullcontext,
     reduce_sum: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+    perplexity: bool = True,
 ) -> dict[str, float]:
-    """Token-weighted loss over every held-out batch: sum of token losses / number of label tokens
-    (not a mean of per-batch means, which would over-weight batches with few label tokens).
+    """Unit-weighted loss over every held-out batch: sum of unit losses / number of units (label
+    tokens, or pairs), not a mean of per-batch means, which would over-weight small batches.
 
     Args:
         model: evaluated in eval mode under no_grad; its training mode is restored afterwards.
-        step_fn: (model, batch) -> (summed token loss, label-token count), e.g. `pretrain_step`.
+        step_fn: (model, batch) -> StepOutput (summed loss, units, summed stats), e.g. `pretrain_step`.
         batches: dicts of tensors such as input_ids/labels (B, T); moved to the model's device.
         autocast: factory of the forward-pass context (bf16 autocast or nothing).
-        reduce_sum: sums a (2,) float64 tensor [loss, tokens] over processes (e.g.
+        reduce_sum: sums a float64 tensor [loss, units, stats...] over processes (e.g.
             `accelerator.reduce(t, "sum")`) when each process evaluates its own share.
+        perplexity: add eval_ppl = exp(eval_loss) (language-modelling objectives).
     Returns:
-        {"eval_loss": nats per label token, "eval_ppl": exp(eval_loss) (inf on overflow)}.
+        {"eval_loss": loss per unit, "eval_ppl": exp(eval_loss) (inf on overflow), "eval_" + each stat}.
     """
     device = next(model.parameters()).device
     was_training = model.training
-    totals = torch.zeros(2, dtype=torch.float64, device=device)  # [loss sum, label tokens]
+    sums: dict[str, torch.Tensor] = {}
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    n_units = torch.zeros((), dtype=torch.float64, device=device)
     model.eval()
     try:
         with torch.no_grad():
             for batch in batches:
                 batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
                 with autocast():
-                    loss_sum, n_tokens = step_fn(model, batch)
-                totals[0] += loss_sum.detach().double()
-                totals[1] += float(n_tokens)
+                    out = step_fn(model, batch)
+                loss_sum += out.loss_sum.detach().double()
+                n_units += float(out.n_units)
+                for key, value in (out.stats or {}).items():
+                    sums[key] = sums.get(key, 0.0) + torch.as_tensor(value, device=device).double()
     finally:
         model.train(was_training)
+    totals = torch.stack([loss_sum, n_units, *sums.values()])
     if reduce_sum is not None:
         totals = reduce_sum(totals)
-    loss_sum, n_tokens = totals.tolist()
-    if n_tokens == 0:
+    loss_total, units, *stat_totals = totals.tolist()
+    if units == 0:
         raise ValueError("evaluation found no label tokens: the held-out batches are empty or every label is -100")
-    loss = loss_sum / n_tokens
-    return {"eval_loss": loss, "eval_ppl": math.exp(loss) if loss < 700 else float("inf")}
+    loss = loss_total / units
+    metrics = {"eval_loss": loss}
+    if perplexity:
+        metrics["eval_ppl"] = math.exp(loss) if loss < 700 else float("inf")
+    return {**metrics, **{f"eval_{key}": value / units for key, value in zip(sums, stat_totals)}}
 
 
 def normalize_answer(text: str) -> str:

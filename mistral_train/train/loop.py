@@ -78,35 +78,38 @@ def build_model(spec: ModelSpec, tokenizer) -> Mistral:
 
 
 def backward_window(model: torch.nn.Module, objective: Objective, window: list[Batch], autocast: Autocast,
-                    accelerator=None, n_tokens: Optional[int] = None, world_size: int = 1) -> tuple[float, int]:
-    """Accumulate the gradient of one window's token-normalised loss; return (loss, tokens).
+                    accelerator=None, n_tokens: Optional[int] = None,
+                    world_size: int = 1) -> tuple[float, int, dict[str, float]]:
+    """Accumulate the gradient of one window's unit-normalised loss; return (loss, units, stats).
 
     Args:
         window: this process's micro-batches, already on the model's device.
         accelerator: backward through it, gradient sync skipped (`no_sync`) on all but the last
             micro-batch; None: plain `loss.backward()`.
-        n_tokens: label tokens of the whole window over all processes (`next_window`); default:
-            counted over `window`.
+        n_tokens: units (label tokens, pairs) of the whole window over all processes (`next_window`);
+            default: counted over `window`.
         world_size: processes whose gradients DDP averages.
     Returns:
-        this process's summed token loss / n_tokens (the window's loss when world_size is 1;
-        summed over processes otherwise), and n_tokens.
+        this process's summed unit loss / n_tokens (the window's loss when world_size is 1; summed
+        over processes otherwise), n_tokens, and the step's statistics divided the same way.
     """
     if n_tokens is None:
         n_tokens = sum(objective.count(batch) for batch in window)
     if n_tokens == 0:
         raise ValueError("an accumulation window has no label tokens (every label is -100)")
     denominator = n_tokens / world_size  # DDP divides the summed gradient by world_size again
-    total = 0.0
+    total, stats = 0.0, {}
     for i, batch in enumerate(window):
         last = i == len(window) - 1
         with contextlib.nullcontext() if accelerator is None or last else accelerator.no_sync(model):
             with autocast():
-                loss_sum, _ = objective.step(model, batch)
-            loss = loss_sum / denominator
+                out = objective.step(model, batch)
+            loss = out.loss_sum / denominator
             loss.backward() if accelerator is None else accelerator.backward(loss)
-        total += float(loss_sum.detach())
-    return total / n_tokens, n_tokens
+        total += float(out.loss_sum.detach())
+        for key, value in (out.stats or {}).items():
+            stats[key] = stats.get(key, 0.0) + float(value)
+    return total / n_tokens, n_tokens, {key: value / n_tokens for key, value in stats.items()}
 
 
 def next_window(batches: EpochBatches, objective: Objective, grad_accum_steps: int, num_processes: int = 1,
@@ -200,9 +203,11 @@ def _train(cfg: RunConfig, accelerator) -> Path:
         tick = time.perf_counter()
         mine, n_tokens, drawn = next_window(data.train, objective, spec.grad_accum_steps, world, rank)
         window = [{k: v.to(accelerator.device) for k, v in b.items() if k != "pad_mask"} for b in mine]
-        last_loss, _ = backward_window(model, train_objective, window, accelerator.autocast, accelerator, n_tokens, world)
-        if world > 1:
-            last_loss = float(accelerator.reduce(torch.tensor(last_loss, device=accelerator.device), "sum"))
+        last_loss, _, stats = backward_window(model, train_objective, window, accelerator.autocast, accelerator,
+                                              n_tokens, world)
+        if world > 1:  # each process's share of the window's mean: their sum is the mean
+            shares = accelerator.reduce(torch.tensor([last_loss, *stats.values()], device=accelerator.device), "sum")
+            last_loss, stats = float(shares[0]), dict(zip(stats, shares[1:].tolist()))
         first_loss = last_loss if step == start else first_loss
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)
         lr = optimizer.param_groups[0]["lr"]
@@ -215,7 +220,7 @@ def _train(cfg: RunConfig, accelerator) -> Path:
         shares += [padding_share(b) for b in drawn if "attention_mask" in b or "pad_mask" in b]
         bar.update(1)
         bar.set_postfix(loss=f"{last_loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{n_inputs / seconds:.0f}")
-        metrics = {"loss": last_loss, "lr": lr, "grad_norm": grad_norm}
+        metrics = {"loss": last_loss, **stats, "lr": lr, "grad_norm": grad_norm}
         evaluating = done == spec.max_steps or bool(spec.eval_every and done % spec.eval_every == 0)
         if evaluating:
             metrics = log_eval(done, metrics)

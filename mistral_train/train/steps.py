@@ -1,9 +1,10 @@
 """Objectives: what one micro-batch contributes to the loss. The loop is the same for all.
 
-A step function maps (model, batch) to `(loss_sum, n_units)`: the loss summed over the
-batch's units (label tokens for language modelling) and how many units there are. A count
-function gives `n_units` without running the model, so the loop can total a whole
-accumulation window before any backward pass and normalise every micro-batch by it.
+A step function maps (model, batch) to a `StepOutput`: the loss summed over the batch's units
+(label tokens for language modelling, pairs for preference objectives), how many units there
+are, and statistics summed over the same units (DPO's rewards, a reward model's accuracy) that
+the loop logs as means. A count function gives `n_units` without running the model, so the loop
+can total a whole accumulation window before any backward pass and normalise every micro-batch by it.
 
 `pretrain` and `sft` share the step: summed next-token cross-entropy over the batch's labels.
 They differ in their data (text.py rows with every token trained; sft.py examples with the
@@ -16,14 +17,22 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
-from typing import Callable
+from typing import Callable, NamedTuple, Optional, Union
 
 import torch
 
 from mistral_train.losses.ce import IGNORE_INDEX
 
 Batch = dict[str, torch.Tensor]
-StepFn = Callable[[torch.nn.Module, Batch], tuple[torch.Tensor, torch.Tensor]]
+
+
+class StepOutput(NamedTuple):
+    loss_sum: torch.Tensor  # scalar, differentiable: the loss summed over the batch's units
+    n_units: Union[torch.Tensor, int]
+    stats: Optional[dict[str, torch.Tensor]] = None  # detached sums over the same units, logged as means
+
+
+StepFn = Callable[[torch.nn.Module, Batch], StepOutput]
 
 
 def count_label_tokens(batch: Batch) -> int:
@@ -31,9 +40,7 @@ def count_label_tokens(batch: Batch) -> int:
     return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
 
-def pretrain_step(
-    model: torch.nn.Module, batch: Batch, loss_chunk_size: int = 1024
-) -> tuple[torch.Tensor, torch.Tensor]:
+def pretrain_step(model: torch.nn.Module, batch: Batch, loss_chunk_size: int = 1024) -> StepOutput:
     """Next-token prediction on `input_ids` (B, T) with `labels` (B, T), -100 where ignored.
 
     Packed batches (with `position_ids` restarting per document) must not carry an attention_mask:
@@ -52,7 +59,7 @@ def pretrain_step(
         reduction="sum",
         loss_chunk_size=loss_chunk_size,
     )
-    return loss_sum, (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
+    return StepOutput(loss_sum, (batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
 
 OBJECTIVES = ("pretrain", "sft")

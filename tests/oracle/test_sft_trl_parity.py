@@ -84,7 +84,7 @@ def our_run(folder, examples, pad_id: int) -> tuple[list[dict], dict[str, torch.
     log = []
     for step in range(STEPS):
         window = batches[step * ACCUM : (step + 1) * ACCUM]
-        loss, n_tokens = backward_window(model, objective, window, contextlib.nullcontext)
+        loss, n_tokens, _ = backward_window(model, objective, window, contextlib.nullcontext)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), SPEC.grad_clip)
         lr = optimizer.param_groups[0]["lr"]
         optimizer.step()

@@ -44,7 +44,7 @@ def test_accumulation_of_k_micro_batches_equals_one_big_batch():
 
     window = [{"input_ids": ids[i : i + 2], "labels": labels[i : i + 2]} for i in range(0, 6, 2)]
     objective = get_objective("pretrain", loss_chunk_size=7)  # chunks that straddle rows
-    loss, n_tokens = backward_window(model, objective, window, contextlib.nullcontext)
+    loss, n_tokens, _ = backward_window(model, objective, window, contextlib.nullcontext)
     assert n_tokens == int(counts.sum())
     assert loss == pytest.approx(reference.item(), abs=1e-6)
     for name, param in model.named_parameters():
