@@ -1,0 +1,209 @@
+"""PEFT's on-disk adapter format: `adapter_config.json` + `adapter_model.safetensors`, both ways.
+
+Keys on disk are `base_model.model.<module>.lora_A.weight`, `.lora_B.weight`,
+`.lora_magnitude_vector` (DoRA) and, for a modules_to_save entry, `base_model.model.<module>.<param>`.
+Our keys differ by a rename only: `<module>.lora_A` and `<module>.modules_to_save.<param>`.
+Safetensors only; pickled adapters (`adapter_model.bin`) are refused.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from mistral_train.adapters.inject import TrainableCopy, apply_lora, find_targets
+from mistral_train.adapters.lora import ALL_LINEAR, PEFT_INIT, LoraConfig, LoRALinear
+from mistral_train.checkpoint.atomic import atomic_directory
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+_TASK_TYPES = {"causal_lm": "CAUSAL_LM", "sequence_classification": "SEQ_CLS", "token_classification": "TOKEN_CLS"}
+# Written at their defaults (long-standing keys, so older peft versions read our file too).
+_WRITTEN_DEFAULTS = {"layers_to_transform": None, "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {}}
+# peft features that change which weights exist or what forward computes: refused by name when set.
+_UNSUPPORTED = (
+    *_WRITTEN_DEFAULTS, "exclude_modules", "lora_bias", "use_qalora", "trainable_token_indices", "target_parameters",
+    "layer_replication", "megatron_config", "alora_invocation_tokens", "use_bdlora", "arrow_config", "monteclora_config",
+    "velora_config", "kasa_config",
+)
+
+
+def peft_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter tensors under PEFT's key names (detached, contiguous, unshared)."""
+    tensors: dict[str, torch.Tensor] = {}
+    for name, m in model.named_modules():
+        if isinstance(m, LoRALinear):
+            tensors[f"{PREFIX}{name}.lora_A.weight"] = m.lora_A
+            tensors[f"{PREFIX}{name}.lora_B.weight"] = m.lora_B
+            if m.use_dora:
+                tensors[f"{PREFIX}{name}.lora_magnitude_vector"] = m.lora_magnitude_vector
+        elif isinstance(m, TrainableCopy):
+            for key, value in m.modules_to_save.state_dict().items():
+                tensors[f"{PREFIX}{name}.{key}"] = value
+    # clone: safetensors refuses tensors that share storage (e.g. a tied head copied whole)
+    return {k: v.detach().clone().contiguous() for k, v in tensors.items()}
+
+
+def peft_config_dict(model: nn.Module, base_model_name_or_path: Optional[str] = None) -> dict[str, Any]:
+    """adapter_config.json for the LoRA applied to `model`, as peft writes it."""
+    cfg: Optional[LoraConfig] = getattr(model, "lora_config", None)
+    if cfg is None:
+        raise ValueError("the model has no LoRA (no `lora_config`): apply_lora or load_adapter first")
+    targets: Any = cfg.target_modules
+    if targets == ALL_LINEAR:  # peft also stores the expanded module names
+        targets = sorted(name for name, m in model.named_modules() if isinstance(m, LoRALinear))
+    alpha = int(cfg.alpha) if float(cfg.alpha).is_integer() else cfg.alpha
+    return {
+        "peft_type": "LORA",
+        "task_type": _TASK_TYPES.get(getattr(model, "task", "causal_lm"), "CAUSAL_LM"),
+        "base_model_name_or_path": base_model_name_or_path,
+        "revision": None,
+        "inference_mode": True,
+        "r": cfg.r,
+        "lora_alpha": alpha,
+        "lora_dropout": cfg.dropout,
+        "target_modules": targets,
+        "modules_to_save": list(cfg.modules_to_save) or None,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_rslora": cfg.use_rslora,
+        "use_dora": cfg.use_dora,
+        "init_lora_weights": PEFT_INIT[cfg.init],
+        **_WRITTEN_DEFAULTS,
+    }
+
+
+def save_adapter(model: nn.Module, folder: Union[str, Path], base_model_name_or_path: Optional[str] = None) -> Path:
+    """Write `folder/adapter_config.json` + `folder/adapter_model.safetensors` atomically (the folder
+    appears only when complete). `PeftModel.from_pretrained(base, folder)` loads it. Pass the
+    unwrapped model (not a DDP/Accelerate wrapper)."""
+    config = peft_config_dict(model, base_model_name_or_path)
+    tensors = peft_state_dict(model)
+    with atomic_directory(folder) as tmp:
+        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+    return Path(folder)
+
+
+def config_from_peft(raw: dict[str, Any], source: str = CONFIG_FILE) -> LoraConfig:
+    """A LoraConfig from peft's adapter_config.json fields; features we do not implement are refused by name."""
+    if raw.get("peft_type") != "LORA":
+        raise ValueError(f"{source}: peft_type={raw.get('peft_type')!r}; only LORA adapters are supported")
+    if raw.get("bias", "none") != "none":
+        raise ValueError(f"{source}: bias={raw['bias']!r} is not supported (only 'none')")
+    for key in _UNSUPPORTED:
+        value = raw.get(key)
+        if not (value is None or value is False or (isinstance(value, (dict, list)) and not value)):
+            raise ValueError(f"{source}: {key}={raw[key]!r} is not supported")
+    if not raw.get("target_modules"):
+        raise ValueError(f"{source}: no target_modules; only adapters on named modules are supported")
+    init_value = raw.get("init_lora_weights", True)
+    inits = {json.dumps(v): k for k, v in PEFT_INIT.items()}
+    if json.dumps(init_value) not in inits:
+        raise ValueError(f"{source}: init_lora_weights={init_value!r} is not supported; expected one of {list(PEFT_INIT.values())}")
+    return LoraConfig(
+        r=int(raw["r"]),
+        alpha=float(raw.get("lora_alpha", 8)),
+        dropout=float(raw.get("lora_dropout", 0.0)),
+        target_modules=raw["target_modules"],
+        modules_to_save=raw.get("modules_to_save") or [],
+        use_rslora=bool(raw.get("use_rslora", False)),
+        use_dora=bool(raw.get("use_dora", False)),
+        init=inits[json.dumps(init_value)],
+    )
+
+
+def read_adapter_config(folder: Union[str, Path]) -> LoraConfig:
+    path = Path(folder) / CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{Path(folder)}: no {CONFIG_FILE} (not a PEFT adapter folder)")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from e
+    return config_from_peft(raw, str(path))
+
+
+def _expected_shapes(model: nn.Module, cfg: LoraConfig) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """Disk key -> (our parameter name, shape) for the adapter `cfg` would put on `model`."""
+    lora_names, saved_names = find_targets(model, cfg)
+    expected: dict[str, tuple[str, tuple[int, ...]]] = {}
+    for name in lora_names:
+        m = model.get_submodule(name)
+        expected[f"{PREFIX}{name}.lora_A.weight"] = (f"{name}.lora_A", (cfg.r, m.in_features))
+        expected[f"{PREFIX}{name}.lora_B.weight"] = (f"{name}.lora_B", (m.out_features, cfg.r))
+        if cfg.use_dora:
+            expected[f"{PREFIX}{name}.lora_magnitude_vector"] = (f"{name}.lora_magnitude_vector", (m.out_features,))
+    for name in saved_names:
+        for key, value in model.get_submodule(name).state_dict().items():
+            expected[f"{PREFIX}{name}.{key}"] = (f"{name}.modules_to_save.{key}", tuple(value.shape))
+    return expected
+
+
+def load_adapter(model: nn.Module, folder: Union[str, Path]) -> nn.Module:
+    """Apply the adapter in `folder` (written by peft or by us) to a plain model, in place.
+
+    Every tensor is checked before the model changes: a key for a module the model lacks, a
+    missing tensor, or a shape that does not fit (e.g. another rank) raises, naming the key,
+    both shapes and the module's weight shape. Adapter parameters are trainable afterwards.
+    """
+    folder = Path(folder)
+    cfg = read_adapter_config(folder)
+    weights = folder / WEIGHTS_FILE
+    if not weights.is_file():
+        hint = ""
+        if (folder / "adapter_model.bin").exists():
+            hint = " (only a pickled adapter_model.bin: convert it to safetensors; pickles are never loaded)"
+        raise FileNotFoundError(f"{folder}: no {WEIGHTS_FILE}{hint}")
+    try:
+        tensors = load_file(str(weights))
+    except SafetensorError as e:
+        raise ValueError(f"{weights}: not a readable safetensors file ({e})") from e
+    # Some peft versions stored DoRA's magnitude as `lora_magnitude_vector.weight`.
+    tensors = {k.removesuffix(".weight") if k.endswith("lora_magnitude_vector.weight") else k: v for k, v in tensors.items()}
+    expected = _expected_shapes(model, cfg)
+    module_names = {name for name, _ in model.named_modules()}
+    for key, tensor in tensors.items():
+        if key not in expected:
+            module = _module_of(key)
+            why = "a module the model does not have" if module not in module_names else "no parameter of this adapter config"
+            raise ValueError(f"{weights}: tensor `{key}` {tuple(tensor.shape)} targets {why} (module `{module}`)")
+        ours, shape = expected[key]
+        if tuple(tensor.shape) != shape:
+            module = ours.rsplit(".", 1)[0].removesuffix(".modules_to_save")
+            raise ValueError(
+                f"{weights}: `{key}` has shape {tuple(tensor.shape)} but `{ours}` needs {shape} "
+                f"(r={cfg.r} in {CONFIG_FILE}; `{module}` is {_describe(model, module)})"
+            )
+    missing = sorted(set(expected) - set(tensors))
+    if missing:
+        raise ValueError(f"{weights}: lacks {len(missing)} tensor(s) the config targets, e.g. {missing[:3]}")
+    apply_lora(model, cfg)
+    state = model.state_dict(keep_vars=True)
+    with torch.no_grad():
+        for key, tensor in tensors.items():
+            state[expected[key][0]].copy_(tensor)
+    return model
+
+
+def _module_of(disk_key: str) -> str:
+    """The module a disk key belongs to: `base_model.model.a.b.lora_A.weight` -> `a.b`."""
+    key = disk_key.removeprefix(PREFIX)
+    for suffix in (".lora_A.weight", ".lora_B.weight", ".lora_magnitude_vector"):
+        if key.endswith(suffix):
+            return key.removesuffix(suffix)
+    return key.rpartition(".")[0]
+
+
+def _describe(model: nn.Module, name: str) -> str:
+    m = model.get_submodule(name)
+    if hasattr(m, "out_features"):
+        return f"a linear with weight shape (out, in) = ({m.out_features}, {m.in_features})"
+    return type(m).__name__
