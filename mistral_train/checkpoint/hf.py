@@ -61,16 +61,18 @@ def load_pretrained(
         dtype: cast floating weights to this dtype; None keeps the stored dtypes.
         task: the head to build. A classification head loaded from a causal-LM folder
             drops `lm_head.weight` and starts its `score` layer fresh (as transformers does).
-        quantize: reserved for NF4 base weights (QLoRA).
+        quantize: "nf4" stores the decoder linears as NF4 (QLoRA base weights), quantized one
+            tensor at a time while reading, computing in `dtype` (default: each weight's stored
+            dtype). A folder transformers saved with a bitsandbytes 4-bit `quantization_config`
+            loads as NF4 whether or not this is set (see mistral_train/quant/loading.py).
     """
-    if quantize is not None:
-        raise ValueError(f"quantize={quantize!r}: quantized loading is not available in this version")
     folder = Path(path)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: not a folder (expected an HF checkpoint folder with config.json)")
     config = MistralConfig.from_json_file(folder / "config.json")
     with torch.device("meta"):
         model = Mistral(config, task=task)
+    nf4 = _nf4_loading(model, quantize, dtype, folder)
     expected = {name: p.shape for name, p in model.named_parameters(remove_duplicate=False)}
     loaded: set[str] = set()
     for file in weight_files(folder):
@@ -78,6 +80,8 @@ def load_pretrained(
             with safe_open(str(file), framework="pt") as f:
                 for key in f.keys():
                     if _IGNORED_KEY.match(key) or (task != "causal_lm" and key == "lm_head.weight"):
+                        continue
+                    if nf4 is not None and nf4.offer(key, f, str(file)):
                         continue
                     if key not in expected:
                         raise KeyError(f"{file}: unexpected tensor `{key}` (not a parameter of a Mistral {task} model)")
@@ -92,6 +96,8 @@ def load_pretrained(
                     loaded.add(key)
         except SafetensorError as e:
             raise ValueError(f"{file}: not a readable safetensors file ({e}); is it truncated?") from e
+    if nf4 is not None:
+        loaded |= nf4.finish(str(folder))
     if config.tie_word_embeddings and task == "causal_lm":
         model.lm_head.weight = model.model.embed_tokens.weight
         loaded.add("lm_head.weight")
@@ -105,6 +111,18 @@ def load_pretrained(
     if missing:
         raise KeyError(f"{folder}: checkpoint lacks {len(missing)} tensor(s), e.g. {missing[:5]}")
     return model
+
+
+def _nf4_loading(model: Mistral, quantize: Optional[str], dtype: Optional[torch.dtype], folder: Path):
+    """The NF4 router for this load (quantize="nf4" or a bnb 4-bit folder), else None."""
+    from mistral_train.quant.loading import QUANTIZE_MODES, NF4Loading, prequantized_config
+
+    if quantize is not None and quantize not in QUANTIZE_MODES:
+        raise ValueError(f"quantize={quantize!r}: expected one of {QUANTIZE_MODES} or None")
+    prequantized = prequantized_config(model.config.extra, str(folder / "config.json"))
+    if quantize is None and prequantized is None:
+        return None
+    return NF4Loading(model, prequantized, dtype)
 
 
 def _assign(model: nn.Module, key: str, tensor: torch.Tensor) -> None:
