@@ -1,9 +1,11 @@
 """Row formats: one row of a data file -> one canonical example, checked strictly.
 
-Canonical examples are `{"text": str}` (format `text`, pretraining) or
+Canonical examples are `{"text": str}` (format `text`, pretraining),
 `{"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}` (every chat format):
 an optional leading system turn, then user/assistant turns alternating from user and ending with
-an assistant reply. A row with an `answer` field (held-out rows whose reply can be checked by
+an assistant reply, or `{"prompt": [turns], "chosen": [one assistant turn], "rejected": [one
+assistant turn]}` (format `preference`, trl's conversational form): prompt + either answer is such
+a conversation. A chat row with an `answer` field (held-out rows whose reply can be checked by
 exact match) keeps it as `"answer"`.
 
 Formats and the fields they read (our names; `field_map` renames them, e.g.
@@ -15,6 +17,10 @@ Formats and the fields they read (our names; `field_map` renames them, e.g.
 - `sharegpt`:          `conversations`: a list of `{from, value}`, from human|user, gpt|assistant, system
 - `prompt_completion`: `prompt`, `completion`: two strings (one user turn, one assistant turn) or,
                        as trl accepts, two message lists (the prompt's turns, then the completion's)
+- `preference`:        `prompt`, `chosen`, `rejected`: three strings (a user turn, and two answers to
+                       it) or three message lists (trl's conversational form: the prompt's turns, then
+                       one assistant message each); or, without `prompt`, two whole conversations
+                       (trl's implicit prompt) that must share every turn before their last, the answer
 
 A null value counts as a missing field (Parquet and CSV store absent values as nulls). Every
 problem raises ValueError starting with `where` (e.g. "data/train.jsonl line 12"); nothing is
@@ -23,15 +29,15 @@ skipped.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from mistral_train.tokenizer import ROLES
 
-FORMATS = ("text", "alpaca", "messages", "sharegpt", "prompt_completion")
-CHAT_FORMATS = FORMATS[1:]
+FORMATS = ("text", "alpaca", "messages", "sharegpt", "prompt_completion", "preference")
+CHAT_FORMATS = ("alpaca", "messages", "sharegpt", "prompt_completion")
 # Field names `field_map` may rename: top-level fields, then the keys inside one message.
 TOP_FIELDS = ("text", "instruction", "input", "output", "system", "messages", "conversations",
-              "prompt", "completion", "answer")
+              "prompt", "completion", "answer", "chosen", "rejected")
 MESSAGE_FIELDS = ("role", "content", "from", "value")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 _EXPECTS = {
@@ -40,7 +46,14 @@ _EXPECTS = {
     "messages": "a 'messages' list of {role, content}",
     "sharegpt": "a 'conversations' list of {from, value}",
     "prompt_completion": "'prompt' and 'completion' (strings or message lists)",
+    "preference": "'prompt', 'chosen' and 'rejected' (strings or message lists), or 'chosen' and 'rejected' "
+                  "conversations that share their prompt turns",
 }
+
+
+def format_kind(fmt: str) -> str:
+    """What rows of format `fmt` are for: "text" (pretraining), "preference" (pairs) or "chat" (SFT)."""
+    return fmt if fmt in ("text", "preference") else "chat"
 
 
 def check_field_map(field_map: dict[str, str], origin: str = "data.field_map") -> None:
@@ -56,15 +69,19 @@ def check_field_map(field_map: dict[str, str], origin: str = "data.field_map") -
 def detect_format(row: Any, field_map: Optional[dict[str, str]] = None, where: str = "row") -> str:
     """The format of `row` from the fields it has (after `field_map`), for `data.format: auto`.
 
-    Precedence when several match: messages, sharegpt, alpaca, prompt_completion, text.
+    Precedence when several match: preference, messages, sharegpt, alpaca, prompt_completion, text.
     """
     fm = field_map or {}
     if not isinstance(row, dict):
         raise ValueError(f"{where}: expected an object (a row of named fields), got {type(row).__name__}")
     has = lambda key: row.get(fm.get(key, key)) is not None  # noqa: E731
-    for fmt, keys in (("messages", ("messages",)), ("sharegpt", ("conversations",)),
-                      ("alpaca", ("instruction", "output")), ("prompt_completion", ("prompt", "completion")),
-                      ("text", ("text",))):
+    if has("chosen") != has("rejected"):  # half a pair: say so rather than "cannot tell the format"
+        got, missing = ("chosen", "rejected") if has("chosen") else ("rejected", "chosen")
+        raise ValueError(f"{where}: field {fm.get(got, got)!r} without {fm.get(missing, missing)!r}: format "
+                         f"preference needs both answers; the row has fields {sorted(row)}")
+    for fmt, keys in (("preference", ("chosen", "rejected")), ("messages", ("messages",)),
+                      ("sharegpt", ("conversations",)), ("alpaca", ("instruction", "output")),
+                      ("prompt_completion", ("prompt", "completion")), ("text", ("text",))):
         if all(has(k) for k in keys):
             return fmt
     expected = "; ".join(f"{fmt}: {what}" for fmt, what in _EXPECTS.items())
@@ -73,7 +90,8 @@ def detect_format(row: Any, field_map: Optional[dict[str, str]] = None, where: s
 
 
 def to_canonical(row: Any, fmt: str, field_map: dict[str, str], where: str) -> dict[str, Any]:
-    """One row of format `fmt` -> `{"text": str}` or `{"messages": [...]}` (+ `"answer"` when present).
+    """One row of format `fmt` -> `{"text": str}`, `{"messages": [...]}` (+ `"answer"` when present) or,
+    for `preference`, `{"prompt": [...], "chosen": [...], "rejected": [...]}`.
 
     Raises:
         ValueError: starting with `where`, naming the field and what was expected.
@@ -88,6 +106,8 @@ def to_canonical(row: Any, fmt: str, field_map: dict[str, str], where: str) -> d
         if not text.strip():
             raise ValueError(f"{where}: field {fm.get('text', 'text')!r} is empty (format text)")
         return {"text": text}
+    if fmt == "preference":
+        return _preference(row, fm, where)
     if fmt == "alpaca":
         messages, label = _alpaca(row, fm, where), "turns (from instruction/input/output)"
     elif fmt == "messages":
@@ -189,6 +209,66 @@ def _prompt_completion(row: dict, fm: dict, where: str) -> list[dict[str, str]]:
     raise ValueError(f"{where}: fields {fm.get('prompt', 'prompt')!r} and {fm.get('completion', 'completion')!r} "
                      f"must both be strings or both be message lists, got {type(prompt).__name__} and "
                      f"{type(completion).__name__}")
+
+
+def _preference(row: dict, fm: dict, where: str) -> dict[str, list[dict[str, str]]]:
+    """A preference row -> `{"prompt": turns, "chosen": [answer], "rejected": [answer]}` (trl's
+    conversational form), checked so that prompt + either answer is a valid conversation."""
+    name = lambda key: fm.get(key, key)  # noqa: E731
+    kinds = (str, list)
+    chosen = _field(row, "chosen", fm, where, "preference", kind=kinds)
+    rejected = _field(row, "rejected", fm, where, "preference", kind=kinds)
+    prompt = _field(row, "prompt", fm, where, "preference", optional=True, kind=kinds)
+    given = [v for v in (prompt, chosen, rejected) if v is not None]
+    if not (all(isinstance(v, str) for v in given) or all(isinstance(v, list) for v in given)):
+        types = ", ".join(f"{name(k)!r}: {type(v).__name__}" for k, v in
+                          (("prompt", prompt), ("chosen", chosen), ("rejected", rejected)) if v is not None)
+        raise ValueError(f"{where}: fields {name('prompt')!r}, {name('chosen')!r} and {name('rejected')!r} must all "
+                         f"be strings or all be message lists, got {types}")
+    if isinstance(chosen, str):
+        if prompt is None:  # a character prefix of two strings is no reliable prompt: ask for it
+            raise ValueError(f"{where}: missing field {name('prompt')!r}: string answers need the prompt they "
+                             f"answer (only message lists carry it inside them); the row has fields {sorted(row)}")
+        for key, text in (("prompt", prompt), ("chosen", chosen), ("rejected", rejected)):
+            if not text.strip():
+                raise ValueError(f"{where}: field {name(key)!r} is empty")
+        turns = {"prompt": [{"role": "user", "content": prompt}],
+                 "chosen": [{"role": "assistant", "content": chosen}],
+                 "rejected": [{"role": "assistant", "content": rejected}]}
+    else:
+        args = (fm, where, "preference", "role", "content", None)
+        given_lists = (("prompt", prompt), ("chosen", chosen), ("rejected", rejected))
+        turns = {key: _message_list(row, key, *args, value=value) for key, value in given_lists if value is not None}
+        if prompt is None:
+            turns = _implicit_prompt(turns["chosen"], turns["rejected"], name, where)
+    if not turns["prompt"]:
+        raise ValueError(f"{where}: {name('prompt')!r} holds no turns; expected the turns the answers reply to")
+    for key in ("chosen", "rejected"):
+        answer = turns[key]
+        if [m["role"] for m in answer] != ["assistant"]:
+            raise ValueError(f"{where}: {name(key)!r} must hold exactly one assistant message (the answer), got roles "
+                             f"{[m['role'] for m in answer]}; earlier turns belong in {name('prompt')!r}")
+        if not answer[0]["content"].strip():
+            raise ValueError(f"{where}: {name(key)!r} is an empty answer (an assistant turn with no text)")
+        check_conversation(turns["prompt"] + answer, where, f"{name('prompt')} + {name(key)}")
+    return turns
+
+
+def _implicit_prompt(chosen: list[dict[str, str]], rejected: list[dict[str, str]], name: Callable[[str], str],
+                     where: str) -> dict[str, list[dict[str, str]]]:
+    """trl's implicit prompt: two whole conversations whose shared turns are the prompt. Here they must
+    share every turn but their last (the answers), so that the pair compares two answers to one prompt."""
+    for key, turns in (("chosen", chosen), ("rejected", rejected)):
+        if len(turns) < 2 or turns[-1]["role"] != "assistant":
+            raise ValueError(f"{where}: without a {name('prompt')!r} field, {name(key)!r} must be a whole conversation "
+                             f"ending with the assistant answer, got roles {[m['role'] for m in turns]}")
+    if chosen[:-1] != rejected[:-1]:
+        k = next((i for i, (a, b) in enumerate(zip(chosen, rejected)) if a != b), min(len(chosen), len(rejected)) - 1)
+        show = lambda turns: _short(turns[k]) if k < len(turns) - 1 else "(its answer)"  # noqa: E731
+        raise ValueError(f"{where}: the prompt differs between {name('chosen')!r} and {name('rejected')!r}: turn {k} "
+                         f"is {show(chosen)} in one and {show(rejected)} in the other; without a {name('prompt')!r} "
+                         "field the two conversations must share every turn before their last assistant answer")
+    return {"prompt": chosen[:-1], "chosen": chosen[-1:], "rejected": rejected[-1:]}
 
 
 def _type_name(kind: Any) -> str:

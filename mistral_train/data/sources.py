@@ -40,7 +40,7 @@ from itertools import chain
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
-from mistral_train.data.formats import FORMATS, check_field_map, detect_format, to_canonical
+from mistral_train.data.formats import FORMATS, check_field_map, detect_format, format_kind, to_canonical
 from mistral_train.data.text import bundled_corpus_path, read_txt
 
 SUFFIXES = {".jsonl": "jsonl", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "txt"}
@@ -82,8 +82,8 @@ class RowSource:
 
     @property
     def kind(self) -> str:
-        """"text" or "chat"."""
-        return "text" if "text" in self.formats.values() else "chat"
+        """"text", "chat" or "preference" (a split holds one kind; `load_splits` refuses a mix)."""
+        return format_kind(next(iter(self.formats.values()), "chat"))
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         return iter(self.rows) if self.rows is not None else self.stream()
@@ -120,9 +120,10 @@ def load_splits(spec: Any, seed: int = 0) -> tuple[RowSource, Optional[RowSource
     weights = _check_weights(spec.weights, len(entries), spec.path)
     eval_entries = [_units(p, _EVAL_SPLITS) for p in _as_list(spec.eval_path)]
     formats = {u.name: _format(u, spec) for entry in entries + eval_entries for u in entry}
-    kinds = {("text" if f == "text" else "chat"): s for s, f in formats.items()}
-    if len(kinds) > 1:
-        raise ValueError(f"cannot mix text and chat rows: {kinds['text']} is text, {kinds['chat']} is chat")
+    kinds = {format_kind(f): s for s, f in formats.items()}
+    if len(kinds) > 1:  # each kind trains a different objective: a mix is a wrong path, not a dataset
+        a, b = [k for k in ("text", "chat", "preference") if k in kinds][:2]
+        raise ValueError(f"cannot mix {a} and {b} rows: {kinds[a]} is {a}, {kinds[b]} is {b}")
     fm = dict(spec.field_map or {})
     cache = None if spec.streaming else {
         u.name: list(_canonical(u, formats[u.name], fm, False)) for entry in entries + eval_entries for u in entry}
@@ -149,6 +150,8 @@ def _resolve(spec: Any) -> tuple[Any, str]:
         raise ValueError("give data.eval_path or data.eval_fraction, not both")
     if spec.path is not None:
         return spec, f"data.path {_show(spec.path)}"
+    if spec.format == "preference":
+        raise ValueError("data.format=preference needs data.path: no preference pairs are bundled")
     if spec.weights is not None or spec.format == "auto":
         raise ValueError("data.weights and data.format=auto need data.path (the bundled data is one file of one format)")
     chat = spec.format != "text"
