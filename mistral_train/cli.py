@@ -4,6 +4,7 @@
     mistral-train config [recipe=NAME] [KEY=VALUE ...]    print the resolved run configuration
     mistral-train audit [recipe=NAME] [KEY=VALUE ...]     check the run's SFT data and labels, without training
     mistral-train generate FOLDER --prompt TEXT [...]     continue a prompt with an HF Mistral folder
+    mistral-train merge ADAPTER [--base DIR] --out DIR   merge a LoRA/QLoRA adapter into a full HF folder
     mistral-train plot RUN_DIR                            redraw RUN_DIR/loss.png from metrics.jsonl
 
 argparse reads the verbs and their flags; everything after `train`/`config`/`audit` is a Hydra override
@@ -37,6 +38,7 @@ examples:
   mistral-train config trainer.lr=1e-3            show what a run would use
   mistral-train audit recipe=tiny_sft data.path=chats.jsonl   check labels, BOS/EOS and the template
   mistral-train generate runs/tiny_pretrain_sft/sft/final --chat --prompt "What is three plus four?"
+  mistral-train merge runs/tiny_lora_sft/sft/final --out merged/      adapter + base -> one HF folder
   mistral-train plot runs/tiny_pretrain_sft/sft
 """
 
@@ -84,6 +86,16 @@ def cmd_audit(args: argparse.Namespace) -> int:
         if name:
             print(f"== stage {name}")
         print(format_report(report))
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from mistral_train.train.export import merge_adapter_folder
+
+    adapter = Path(args.adapter)
+    if not (adapter / "adapter_config.json").is_file():
+        raise ConfigError(f"{adapter} is not a PEFT adapter folder (no adapter_config.json); try runs/NAME/final")
+    merge_adapter_folder(adapter, Path(args.out), base=args.base, dtype=args.dtype)
     return 0
 
 
@@ -159,6 +171,18 @@ def build_parser() -> argparse.ArgumentParser:
                      help="used when FOLDER has no tokenizer: a file/folder or bundled:v1|v2|v3 (default bundled:v1)")
     gen.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto)")
     gen.set_defaults(handler=cmd_generate)
+
+    merge = verbs.add_parser("merge", help="merge a LoRA/QLoRA adapter into its base and write a full HF folder",
+                             description="Merge a PEFT adapter (a LoRA/QLoRA run's final/ or a checkpoint) into a "
+                                         "full-precision copy of its base (a QLoRA base is dequantized, never "
+                                         "re-quantized) and write an HF folder; prints the largest logit difference "
+                                         "between the adapter model and the merged one.")
+    merge.add_argument("adapter", help="adapter folder: adapter_config.json + adapter_model.safetensors")
+    merge.add_argument("--out", required=True, help="the HF folder to write")
+    merge.add_argument("--base", default=None, help="base HF folder (default: the one the adapter names)")
+    merge.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                       help="dtype of the merged weights (default: the run's model.dtype)")
+    merge.set_defaults(handler=cmd_merge)
 
     plot = verbs.add_parser("plot", help="redraw a run's loss.png from its metrics.jsonl")
     plot.add_argument("run_dir", help="a run directory, e.g. runs/tiny_pretrain_sft/sft")

@@ -102,9 +102,20 @@ class TrainerSpec:
 
 @dataclass
 class AdapterSpec:
-    """Parameter-efficient fine-tuning; `none` trains every weight."""
+    """Parameter-efficient fine-tuning. `none` trains every weight; `lora` trains LoRA adapters on a
+    frozen base; `qlora` does the same over a base whose linears are NF4 (bitsandbytes' format)."""
 
-    kind: str = "none"
+    kind: str = "none"  # none | lora | qlora
+    path: Optional[str] = None  # a PEFT adapter folder to start from (continue an SFT adapter); else a fresh one
+    r: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.0
+    target_modules: Any = "all-linear"  # a list of names (q_proj, ...), a regex, or all-linear
+    modules_to_save: list[str] = field(default_factory=list)  # trained in full, e.g. [lm_head]
+    use_rslora: bool = False
+    use_dora: bool = False
+    init: str = "default"  # default | gaussian | pissa | none (peft's init_lora_weights: true | gaussian | pissa | false)
+    merge_at_end: bool = False  # also write {run}/merged/: the adapter merged into a full-precision copy of the base
 
 
 @dataclass

@@ -18,7 +18,14 @@ from mistral_train.adapters.inject import (
     unmerge_lora,
 )
 from mistral_train.adapters.lora import LoraConfig, LoRALinear
-from mistral_train.adapters.peft_format import load_adapter, peft_state_dict, read_adapter_config, save_adapter
+from mistral_train.adapters.peft_format import (
+    load_adapter,
+    load_adapter_weights,
+    peft_state_dict,
+    read_adapter_config,
+    save_adapter,
+    write_adapter_files,
+)
 
 __all__ = [
     "LoraConfig",
@@ -32,7 +39,9 @@ __all__ = [
     "merge_and_unload",
     "disable_adapters",
     "save_adapter",
+    "write_adapter_files",
     "load_adapter",
+    "load_adapter_weights",
     "read_adapter_config",
     "peft_state_dict",
 ]

@@ -35,8 +35,8 @@ _UNSUPPORTED = (
 )
 
 
-def peft_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter tensors under PEFT's key names (detached, contiguous, unshared)."""
+def _live_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """PEFT key -> the model's own adapter tensor (not a copy)."""
     tensors: dict[str, torch.Tensor] = {}
     for name, m in model.named_modules():
         if isinstance(m, LoRALinear):
@@ -45,10 +45,39 @@ def peft_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
             if m.use_dora:
                 tensors[f"{PREFIX}{name}.lora_magnitude_vector"] = m.lora_magnitude_vector
         elif isinstance(m, TrainableCopy):
-            for key, value in m.modules_to_save.state_dict().items():
+            for key, value in m.modules_to_save.state_dict(keep_vars=True).items():
                 tensors[f"{PREFIX}{name}.{key}"] = value
+    return tensors
+
+
+def peft_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter tensors under PEFT's key names (detached, contiguous, unshared)."""
     # clone: safetensors refuses tensors that share storage (e.g. a tied head copied whole)
-    return {k: v.detach().clone().contiguous() for k, v in tensors.items()}
+    return {k: v.detach().clone().contiguous() for k, v in _live_tensors(model).items()}
+
+
+def load_adapter_weights(model: nn.Module, folder: Union[str, Path]) -> nn.Module:
+    """Copy the adapter tensors of `folder` into a model that already carries the same adapter
+    (resuming a run), in place: parameters keep their identity, so an optimizer holding them
+    stays valid. Keys and shapes must match exactly; a mismatch names the key and both shapes."""
+    weights = Path(folder) / WEIGHTS_FILE
+    try:
+        tensors = load_file(str(weights))
+    except (SafetensorError, FileNotFoundError) as e:
+        raise ValueError(f"{weights}: not a readable adapter file ({e})") from e
+    live = _live_tensors(model)
+    if not live:
+        raise ValueError(f"{folder}: the model carries no adapter to load these weights into")
+    if set(tensors) != set(live):
+        extra, missing = sorted(set(tensors) - set(live)), sorted(set(live) - set(tensors))
+        raise ValueError(f"{weights}: adapter keys differ from the model's (not in the model: {extra[:3]}, "
+                         f"missing from the file: {missing[:3]})")
+    with torch.no_grad():
+        for key, tensor in tensors.items():
+            if tuple(tensor.shape) != tuple(live[key].shape):
+                raise ValueError(f"{weights}: `{key}` has shape {tuple(tensor.shape)}, the model's is {tuple(live[key].shape)}")
+            live[key].copy_(tensor)
+    return model
 
 
 def peft_config_dict(model: nn.Module, base_model_name_or_path: Optional[str] = None) -> dict[str, Any]:
@@ -80,15 +109,20 @@ def peft_config_dict(model: nn.Module, base_model_name_or_path: Optional[str] = 
     }
 
 
+def write_adapter_files(model: nn.Module, folder: Union[str, Path], base_model_name_or_path: Optional[str] = None) -> None:
+    """Write adapter_config.json + adapter_model.safetensors into an existing folder (not atomic:
+    for a caller that publishes the folder itself, such as a checkpoint)."""
+    config = peft_config_dict(model, base_model_name_or_path)
+    (Path(folder) / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    save_file(peft_state_dict(model), str(Path(folder) / WEIGHTS_FILE), metadata={"format": "pt"})
+
+
 def save_adapter(model: nn.Module, folder: Union[str, Path], base_model_name_or_path: Optional[str] = None) -> Path:
     """Write `folder/adapter_config.json` + `folder/adapter_model.safetensors` atomically (the folder
     appears only when complete). `PeftModel.from_pretrained(base, folder)` loads it. Pass the
     unwrapped model (not a DDP/Accelerate wrapper)."""
-    config = peft_config_dict(model, base_model_name_or_path)
-    tensors = peft_state_dict(model)
     with atomic_directory(folder) as tmp:
-        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        write_adapter_files(model, tmp, base_model_name_or_path)
     return Path(folder)
 
 

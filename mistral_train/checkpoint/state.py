@@ -13,7 +13,7 @@ import random
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -49,7 +49,7 @@ def restore_rng_state(state: dict[str, Any]) -> None:
 
 def save_training_state(
     directory: str | os.PathLike,
-    model: torch.nn.Module,
+    write_model: Callable[[Path], None],
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     step: int,
@@ -58,8 +58,9 @@ def save_training_state(
 ) -> Path:
     """Write a complete checkpoint folder at `directory` atomically; return its path.
 
-    `step` is the number of optimizer steps already taken; `data_state` is the data
-    iterator's `state_dict()`; `rng` defaults to `capture_rng_state()` now.
+    `write_model(folder)` writes the weights (an HF folder, or an adapter) into the temp folder;
+    `step` is the number of optimizer steps already taken; `data_state` is the data iterator's
+    `state_dict()`; `rng` defaults to `capture_rng_state()` now.
     """
     state = {
         "step": int(step),
@@ -69,18 +70,18 @@ def save_training_state(
         "rng": capture_rng_state() if rng is None else rng,
     }
     with atomic_directory(directory) as tmp:
-        model.save_pretrained(tmp)
+        write_model(tmp)
         torch.save(state, tmp / STATE_FILE)
     return Path(directory)
 
 
 def load_training_state(
     directory: str | os.PathLike,
-    model: torch.nn.Module,
+    load_model: Callable[[Path], None],
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
 ) -> dict[str, Any]:
-    """Load weights, optimizer and scheduler in place; return {"step", "data", "rng"}.
+    """Load weights (`load_model(folder)`, in place), optimizer and scheduler; return {"step", "data", "rng"}.
 
     The caller restores the data position and RNG (`restore_rng_state`) once everything
     else that draws random numbers has been built.
@@ -89,18 +90,18 @@ def load_training_state(
     state_file = directory / STATE_FILE
     if not state_file.is_file():
         raise FileNotFoundError(f"{directory}: not a training checkpoint (no {STATE_FILE})")
-    _load_weights_into(model, directory)
+    load_model(directory)
     state = torch.load(state_file, map_location="cpu", weights_only=True)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     return {"step": state["step"], "data": state["data"], "rng": state["rng"]}
 
 
-def _load_weights_into(model: torch.nn.Module, directory: Path) -> None:
+def load_weights_in_place(model: torch.nn.Module, directory: str | os.PathLike) -> None:
     """Copy weights from an HF folder into `model`, keeping its parameters (the optimizer
     holds references to them) and their device and dtype."""
     # from_pretrained knows the folder format (shards, tied weights); copy from its result.
-    loaded = type(model).from_pretrained(directory)
+    loaded = type(model).from_pretrained(directory, task=getattr(model, "task", "causal_lm"))
     missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
     if missing or unexpected:
         raise ValueError(

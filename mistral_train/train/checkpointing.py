@@ -2,8 +2,8 @@
 
 Formats and atomic writes live in checkpoint/state.py and checkpoint/atomic.py; this module
 adds what the loop decides: which checkpoint `resume=` names, that only the main process
-writes (the others wait), that the tokenizer goes into the folder with the weights (so a
-checkpoint loads as is), and pruning to `trainer.keep_last`.
+writes (the others wait), and pruning to `trainer.keep_last`. The loop says what goes into the
+folder: the weights (full HF folder or PEFT adapter) and the tokenizer, so a checkpoint loads as is.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-import torch
 from accelerate import Accelerator
 
 from mistral_train.checkpoint.state import (
@@ -46,40 +45,25 @@ def resolve_resume(resume: Optional[str], run_dir: Path) -> Optional[Path]:
     return path
 
 
-class _WithTokenizer:
-    """The model as `save_training_state` sees it: its save_pretrained also writes the tokenizer,
-    inside the same temp folder, so the published folder has both or neither."""
-
-    def __init__(self, model: torch.nn.Module, write_tokenizer: Callable[[Path], None]) -> None:
-        self.model, self.write_tokenizer = model, write_tokenizer
-
-    def save_pretrained(self, folder: Path) -> None:
-        self.model.save_pretrained(folder)
-        self.write_tokenizer(Path(folder))
-
-
-def save_checkpoint(accelerator: Accelerator, run_dir: Path, step: int, model: torch.nn.Module,
-                    optimizer, scheduler, data_state: dict[str, Any], write_tokenizer: Callable[[Path], None],
-                    keep_last: int) -> Optional[Path]:
-    """Write `checkpoints/step_{step}` (weights + tokenizer + training state) on the main process,
-    then keep the newest `keep_last`; every process waits until it is on disk. Returns its path
-    on the main process, None elsewhere."""
+def save_checkpoint(accelerator: Accelerator, run_dir: Path, step: int, optimizer, scheduler,
+                    data_state: dict[str, Any], write_folder: Callable[[Path], None], keep_last: int) -> Optional[Path]:
+    """Write `checkpoints/step_{step}` on the main process: `write_folder(tmp)` puts the weights
+    (HF folder or adapter) and the tokenizer into the temp folder, then the training state joins
+    them and the folder is published whole; then keep the newest `keep_last`. Every process waits
+    until it is on disk. Returns its path on the main process, None elsewhere."""
     accelerator.wait_for_everyone()
     path = None
     if accelerator.is_main_process:
-        unwrapped = accelerator.unwrap_model(model)
-        path = save_training_state(checkpoint_path(run_dir, step), _WithTokenizer(unwrapped, write_tokenizer),
-                                   optimizer, scheduler, step, data_state)
+        path = save_training_state(checkpoint_path(run_dir, step), write_folder, optimizer, scheduler, step, data_state)
         prune_checkpoints(run_dir, keep_last)
     accelerator.wait_for_everyone()
     return path
 
 
-def load_checkpoint(path: Path, accelerator: Accelerator, model: torch.nn.Module, optimizer, scheduler,
-                    batches) -> dict[str, Any]:
-    """Load weights, optimizer and scheduler in place and move `batches` to the saved data
-    position; return {"step", "rng"}. The caller restores the RNG states last, once nothing
+def load_checkpoint(path: Path, load_weights: Callable[[Path], None], optimizer, scheduler, batches) -> dict[str, Any]:
+    """Load weights (`load_weights(folder)`, in place), optimizer and scheduler and move `batches` to the
+    saved data position; return {"step", "rng"}. The caller restores the RNG states last, once nothing
     else will draw random numbers before step `step + 1`."""
-    state = load_training_state(path, accelerator.unwrap_model(model), optimizer, scheduler)
+    state = load_training_state(path, load_weights, optimizer, scheduler)
     batches.load_state_dict(state["data"])
     return {"step": int(state["step"]), "rng": state["rng"]}

@@ -1,14 +1,24 @@
-"""What a run leaves besides checkpoints: the final HF folder (weights + tokenizer) and a sample."""
+"""What a run leaves besides checkpoints: the final folder (HF model or PEFT adapter, with the tokenizer), an
+adapter merged into its base, and a sample."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
+from typing import Callable, Optional
+
+import torch
 
 from mistral_train.checkpoint.atomic import atomic_directory
 from mistral_train.config import RunConfig
 from mistral_train.generate import generate
+from mistral_train.adapters import load_adapter, merge_and_unload
 from mistral_train.model import Mistral
+from mistral_train.train.model_setup import BASE_NOTE, torch_dtype
+
+
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
 def copy_tokenizer(tokenizer, source: Path, folder: Path) -> None:
@@ -17,17 +27,57 @@ def copy_tokenizer(tokenizer, source: Path, folder: Path) -> None:
     name = "tokenizer.model" if tokenizer.kind == "sentencepiece" else "tokenizer.json"
     shutil.copy2(tokenizer.path, folder / name)
     if source.is_dir():
-        for extra in ("tokenizer_config.json", "special_tokens_map.json"):
+        for extra in TOKENIZER_FILES[2:]:
             if (source / extra).is_file():
                 shutil.copy2(source / extra, folder / extra)
 
 
-def export_final(model: Mistral, tokenizer, tokenizer_source_path: Path, folder: Path) -> Path:
-    """The final HF folder: weights, config.json and the tokenizer, appearing all at once."""
+def export_final(write_folder: Callable[[Path], None], folder: Path) -> Path:
+    """The final folder (weights or adapter, and the tokenizer), appearing all at once."""
     with atomic_directory(folder) as tmp:
-        model.save_pretrained(tmp)
-        copy_tokenizer(tokenizer, tokenizer_source_path, tmp)
+        write_folder(tmp)
     return folder
+
+
+def merge_adapter_folder(adapter_folder: Path, out: Path, base: Optional[str] = None,
+                         dtype: Optional[str] = None, sample_tokens: int = 64) -> float:
+    """Merge a PEFT adapter into a full-precision copy of its base and write an HF folder at `out`.
+
+    The base is read in fp32 as the adapter was trained on it: for a QLoRA adapter (BASE_NOTE says
+    nf4) the NF4 weights are dequantized, so the merged model is the model the adapter was trained
+    with, never re-quantized. Logits of the adapter model and of the merged model on a sample batch
+    are compared and the largest difference is printed and returned.
+
+    Args:
+        adapter_folder: a folder written by a LoRA/QLoRA run (final/ or a checkpoint) or by peft.
+        base: the base HF folder; default: the one the adapter names (BASE_NOTE, else adapter_config.json).
+        dtype: the merged weights' dtype (float32 | bfloat16 | float16); default: the run's model.dtype.
+    """
+    adapter_folder = Path(adapter_folder)
+    note_path = adapter_folder / BASE_NOTE
+    note = json.loads(note_path.read_text()) if note_path.is_file() else {}
+    base = base or note.get("base") or json.loads((adapter_folder / "adapter_config.json").read_text()).get(
+        "base_model_name_or_path")
+    if not base or not (Path(base) / "config.json").is_file():
+        raise FileNotFoundError(f"{adapter_folder}: the base model folder {base!r} is not an HF folder; pass the base")
+    model = Mistral.from_pretrained(base, dtype=torch.float32, quantize=note.get("quantize"))
+    load_adapter(model, adapter_folder)
+    model.eval()
+    ids = torch.randint(0, model.config.vocab_size, (2, sample_tokens), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        adapted = model(ids)
+        merge_and_unload(model)
+        difference = float((model(ids) - adapted).abs().max())
+    model.config.extra.pop("quantization_config", None)  # a plain full-precision model now
+    model.to(torch_dtype(dtype or note.get("dtype") or "float32"))
+    with atomic_directory(out) as tmp:
+        model.save_pretrained(tmp)
+        for name in TOKENIZER_FILES:  # the run's tokenizer, when the adapter folder carries it
+            if (adapter_folder / name).is_file():
+                shutil.copy2(adapter_folder / name, tmp / name)
+    print(f"merged {adapter_folder} into {base} -> {out}; max |logit difference| merged vs adapter "
+          f"(fp32, {ids.numel()} tokens): {difference:.2e}")
+    return difference
 
 
 def write_sample(model: Mistral, tokenizer, cfg: RunConfig, path: Path, chat: bool = False) -> str:

@@ -27,23 +27,23 @@ import numpy as np
 import torch
 
 from mistral_train.checkpoint.state import restore_rng_state
-from mistral_train.config import ModelSpec, RunConfig, dump_run_config
+from mistral_train.config import RunConfig, dump_run_config
 from mistral_train.data.batches import EpochBatches, TrainData, build_batches
 from mistral_train.data.collate import padding_share
 from mistral_train.dist import build_accelerator, release
-from mistral_train.model import Mistral, MistralConfig
+from mistral_train.model import Mistral
 from mistral_train.plots import plot_run
 from mistral_train.tokenizer import load_tokenizer, resolve_tokenizer_path
 from mistral_train.tracking import MetricsLogger, progress_bar
 from mistral_train.train.checkpointing import load_checkpoint, resolve_resume, save_checkpoint
 from mistral_train.train.evaluate import evaluate_loss, exact_match
-from mistral_train.train.export import copy_tokenizer, export_final, write_sample
+from mistral_train.train.export import copy_tokenizer, export_final, merge_adapter_folder, write_sample
+from mistral_train.train.model_setup import build_model, load_model_weights, save_model_folder
 from mistral_train.train.neftune import NEFTune
 from mistral_train.train.optim import build_optimizer, build_scheduler
 from mistral_train.train.stages import run_stages
 from mistral_train.train.steps import Batch, Objective, get_objective
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 Autocast = Callable[[], ContextManager]
 
 
@@ -51,30 +51,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)  # also seeds every CUDA device
-
-
-def build_model(spec: ModelSpec, tokenizer) -> Mistral:
-    """A fresh model of the spec's shape (vocabulary and BOS/EOS from the tokenizer), or the
-    HF folder at `spec.path`."""
-    if spec.dtype not in _DTYPES:
-        raise ValueError(f"model.dtype must be one of {sorted(_DTYPES)}, got {spec.dtype!r}")
-    dtype = _DTYPES[spec.dtype]
-    if spec.path:
-        model = Mistral.from_pretrained(spec.path, dtype=dtype)
-        if model.config.vocab_size < tokenizer.vocab_size:
-            raise ValueError(
-                f"model.path {spec.path}: vocab_size {model.config.vocab_size} is smaller than the "
-                f"tokenizer's ({tokenizer.vocab_size}); is model.tokenizer the model's tokenizer?"
-            )
-    else:
-        fields = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-                  "head_dim", "sliding_window", "rope_theta", "max_position_embeddings", "tie_word_embeddings",
-                  "initializer_range")
-        config = MistralConfig(vocab_size=tokenizer.vocab_size, bos_token_id=tokenizer.bos_id,
-                               eos_token_id=tokenizer.eos_id, **{f: getattr(spec, f) for f in fields})
-        model = Mistral(config).to(dtype)
-    model.set_gradient_checkpointing(spec.gradient_checkpointing)
-    return model
 
 
 def backward_window(model: torch.nn.Module, objective: Objective, window: list[Batch], autocast: Autocast,
@@ -143,8 +119,6 @@ def fit(cfg: RunConfig) -> Path:
     (train/stages.py) and returns the folder that holds them."""
     if cfg.stages:
         return run_stages(cfg, fit)
-    if cfg.adapter.kind != "none":
-        raise ValueError(f"adapter.kind={cfg.adapter.kind!r} is not available yet; use adapter=none")
     accelerator = build_accelerator(cfg.trainer)
     try:
         return _train(cfg, accelerator)
@@ -162,7 +136,7 @@ def _train(cfg: RunConfig, accelerator) -> Path:
     tokenizer = load_tokenizer(tokenizer_path)
     data = build_batches(cfg, tokenizer)  # reads, tokenizes and audits: bad data stops here, before the model loads
     say("\n".join(data.summary))
-    model = build_model(cfg.model, tokenizer).to(accelerator.device)
+    model = build_model(cfg.model, tokenizer, cfg.adapter).to(accelerator.device)
     objective = get_objective(spec.objective, spec.loss_chunk_size)
     optimizer = build_optimizer(model, spec)
     scheduler = build_scheduler(optimizer, spec)
@@ -172,9 +146,15 @@ def _train(cfg: RunConfig, accelerator) -> Path:
         neftune = NEFTune(cfg.data.neftune_alpha)
         neftune.attach(accelerator.unwrap_model(model))
         train_objective = neftune.wrap(objective)
+    def write_folder(trained: Mistral, folder: Path) -> None:  # a checkpoint's or final/'s weights + tokenizer
+        save_model_folder(trained, folder, cfg.model, cfg.adapter)
+        copy_tokenizer(tokenizer, tokenizer_path, folder)
+
     start = 0
     if resume_from is not None:
-        state = load_checkpoint(resume_from, accelerator, model, optimizer, scheduler, data.train)
+        unwrapped = accelerator.unwrap_model(model)
+        state = load_checkpoint(resume_from, lambda folder: load_model_weights(unwrapped, folder), optimizer,
+                                scheduler, data.train)
         restore_rng_state(state["rng"])  # last: nothing else draws random numbers before the next step
         start = state["step"]
         say(f"resumed from {resume_from} at step {start}")
@@ -232,8 +212,8 @@ def _train(cfg: RunConfig, accelerator) -> Path:
             logger.log(done, metrics)
             tokens_since, seconds_since, shares = 0, 0.0, []
         if done == spec.max_steps or (spec.save_every and done % spec.save_every == 0):
-            save_checkpoint(accelerator, run_dir, done, model, optimizer, scheduler, data.train.state_dict(),
-                            lambda folder: copy_tokenizer(tokenizer, tokenizer_path, folder), spec.keep_last)
+            save_checkpoint(accelerator, run_dir, done, optimizer, scheduler, data.train.state_dict(),
+                            lambda folder: write_folder(accelerator.unwrap_model(model), folder), spec.keep_last)
     bar.close()
     logger.close()
     if main:
@@ -241,7 +221,9 @@ def _train(cfg: RunConfig, accelerator) -> Path:
             print(f"trained steps {start + 1}-{spec.max_steps} in {time.perf_counter() - began:.0f}s; "
                   f"loss {first_loss:.3f} -> {last_loss:.3f}")
         trained = accelerator.unwrap_model(model)
-        export_final(trained, tokenizer, tokenizer_path, run_dir / "final")
+        export_final(lambda folder: write_folder(trained, folder), run_dir / "final")
+        if cfg.adapter.kind != "none" and cfg.adapter.merge_at_end:
+            merge_adapter_folder(run_dir / "final", run_dir / "merged")
         if cfg.tracking.plot:
             plot_run(run_dir)
         write_sample(trained, tokenizer, cfg, run_dir / "sample.txt", chat=data.stats is not None)

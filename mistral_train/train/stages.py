@@ -5,7 +5,8 @@ A recipe with `stages` (RunConfig.stages, a mapping in run order) runs one fit()
   them, checked against the schema (a misspelt key in a section fails before any training);
 - it runs in `{run.dir}/{run.name}/NAME` (its own config.yaml, metrics.jsonl, final/, ...);
 - every stage after the first starts from the previous stage's `final/` folder (weights and
-  tokenizer) unless its section sets `model.path`.
+  tokenizer) unless its section sets `model.path`; after an adapter stage, a stage with an adapter
+  keeps the base and continues the adapter (`adapter.path`), see `_continue_from`.
 Overrides on the command line change the recipe's own settings, so they reach every stage that
 does not set the same key in its section; `stages.NAME.KEY=VALUE` changes one stage.
 `resume=latest` (or true) skips the stages that finished (their final/ exists) and resumes the
@@ -55,11 +56,34 @@ def stage_configs(cfg: RunConfig) -> list[tuple[str, RunConfig]]:
         except OmegaConfBaseException as err:
             raise ConfigError(f"stages.{name}: {describe_error(err, RunConfig)}") from err
         stage.run = dataclasses.replace(stage.run, dir=str(home), name=str(name))
-        if previous is not None and "path" not in section.get("model", {}):
-            stage.model = dataclasses.replace(stage.model, path=str(home / previous / "final"))
+        if previous is not None:
+            _continue_from(stage, section, out[-1][1], home / previous, name)
         out.append((str(name), stage))
         previous = str(name)
     return out
+
+
+def _continue_from(stage: RunConfig, section: dict, before: RunConfig, before_dir: Path, name: str) -> None:
+    """Point `stage` at what the stage before it wrote, for the keys its section leaves unset.
+
+    A full model before: its final/ is the next base. An adapter before: the base stays the one it
+    was trained on, and a stage with an adapter continues that adapter (adapter.path); a full
+    fine-tuning stage after it starts from its merged/ folder (adapter.merge_at_end)."""
+    sets_model = "path" in section.get("model", {})
+    if before.adapter.kind == "none":
+        if not sets_model:
+            stage.model = dataclasses.replace(stage.model, path=str(before_dir / "final"))
+        return
+    if stage.adapter.kind != "none":
+        if not sets_model:
+            stage.model = dataclasses.replace(stage.model, path=before.model.path)
+        if "path" not in section.get("adapter", {}):
+            stage.adapter = dataclasses.replace(stage.adapter, path=str(before_dir / "final"))
+    elif not sets_model:
+        if not before.adapter.merge_at_end:
+            raise ConfigError(f"stages.{name}: trains every weight after an adapter stage; set adapter.merge_at_end=true "
+                              "in the stage before (its merged/ folder is then this stage's model), or set model.path")
+        stage.model = dataclasses.replace(stage.model, path=str(before_dir / "merged"))
 
 
 def run_stages(cfg: RunConfig, fit: Callable[[RunConfig], Path]) -> Path:

@@ -78,7 +78,7 @@ def test_our_bnb_quant_state_drives_bitsandbytes_dequantize():
 @pytest.mark.parametrize("shape", [(32, 96), (33, 65), (5, 3)])
 def test_odd_shapes_match_bitsandbytes_on_the_flattened_tensor(shape):
     """bitsandbytes quantizes an odd shape exactly as we do (blocks over the flattened tensor);
-    its 1-D dequantize then equals ours. Its 2-D CPU dequantize is the trap-2 bug: see the xfail below."""
+    its 1-D dequantize then equals ours. Its 2-D CPU dequantize is the trap-2 bug: see the test below."""
     w = _weight(shape, 6, torch.float32)
     q = quantize_nf4(w)
     for source in (w, w.reshape(-1)):
@@ -89,12 +89,16 @@ def test_odd_shapes_match_bitsandbytes_on_the_flattened_tensor(shape):
     assert torch.equal(dequantize_nf4(q).reshape(-1), bnb_f.dequantize_4bit(packed, state).reshape(-1))
 
 
-@pytest.mark.xfail(reason="bitsandbytes CPU dequantize_4bit is wrong for 2-D shapes whose last dim is not a multiple of 64 (STACK-NOTES trap 2)", strict=False)
-def test_bitsandbytes_2d_dequantize_of_an_odd_last_dim():
-    """Kept visible: XPASS here means bitsandbytes fixed trap 2. Ours never calls this kernel."""
+def test_bitsandbytes_2d_dequantize_of_an_odd_last_dim_is_wrong_and_ours_is_right():
+    """STACK-NOTES trap 2, kept visible: bitsandbytes' CPU dequantize of a 2-D tensor whose last dim is
+    not a multiple of 64 differs from its own 1-D result, which ours equals. If this fails because the
+    two agree, bitsandbytes fixed the bug: update STACK-NOTES and this test. Ours never calls the kernel."""
     w = _weight((32, 96), 7, torch.float32)
     packed, state = _bnb_quantize(w)
-    assert torch.equal(bnb_f.dequantize_4bit(packed, state), dequantize_nf4(quantize_nf4(w)))
+    ours = dequantize_nf4(quantize_nf4(w))
+    flat_packed, flat_state = _bnb_quantize(w.reshape(-1))
+    assert torch.equal(bnb_f.dequantize_4bit(flat_packed, flat_state).reshape(w.shape), ours)
+    assert not torch.equal(bnb_f.dequantize_4bit(packed, state), ours), "bitsandbytes trap 2 is fixed: update the notes"
 
 
 # ---- whole models against transformers + bitsandbytes

@@ -80,7 +80,7 @@ def _small_chat(folder: Path) -> Path:
 
 def _overrides(mode: str, data_dir: Path) -> list[str]:
     if mode == "text":
-        return [*TINY, f"data.path={_small_corpus(data_dir)}"]
+        return ["recipe=tiny_pretrain", *TINY, f"data.path={_small_corpus(data_dir)}"]
     sft = ["recipe=tiny_sft", *TINY, f"data.path={_small_chat(data_dir)}", "data.eval_path=null", "data.eval_fraction=0.0"]
     if mode == "sft_packed":
         return [*sft, "data.packing=true"]

@@ -1,0 +1,96 @@
+"""The model a run trains, and its folder in a checkpoint.
+
+`build_model`: a fresh model of the spec's shape, or the HF folder at `model.path`; for
+`adapter=qlora` its decoder linears are read as NF4; for `lora`/`qlora` adapters are injected
+(fresh, or read from `adapter.path` to continue one). `save_model_folder` writes what a
+checkpoint needs to be usable on its own (a PEFT adapter for adapter runs, else a full HF folder,
+plus a note of how the base was loaded); `load_model_weights` reads it back in place for resume.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from mistral_train.adapters import LoraConfig, apply_lora, load_adapter, load_adapter_weights, write_adapter_files
+from mistral_train.checkpoint.state import load_weights_in_place
+from mistral_train.config import AdapterSpec, ModelSpec
+from mistral_train.model import Mistral, MistralConfig
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+ADAPTER_KINDS = ("none", "lora", "qlora")
+BASE_NOTE = "mistral_train_base.json"  # how the base was loaded, next to an adapter we write
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}, got {name!r}")
+    return DTYPES[name]
+
+
+def lora_config(spec: AdapterSpec) -> LoraConfig:
+    return LoraConfig(r=spec.r, alpha=spec.alpha, dropout=spec.dropout, target_modules=spec.target_modules,
+                      modules_to_save=list(spec.modules_to_save), use_rslora=spec.use_rslora,
+                      use_dora=spec.use_dora, init=spec.init)
+
+
+def build_model(spec: ModelSpec, tokenizer, adapter: Optional[AdapterSpec] = None, task: str = "causal_lm") -> Mistral:
+    """The model to train (see the module docstring).
+
+    Raises:
+        ValueError: an unknown dtype or adapter kind, an adapter without a pretrained base
+            (`model.path`), or a model whose vocabulary is smaller than the tokenizer's.
+    """
+    adapter = adapter or AdapterSpec()
+    if adapter.kind not in ADAPTER_KINDS:
+        raise ValueError(f"adapter.kind must be one of {ADAPTER_KINDS}, got {adapter.kind!r}")
+    dtype = torch_dtype(spec.dtype)
+    if adapter.kind != "none" and not spec.path:
+        raise ValueError(f"adapter={adapter.kind} trains adapters on a pretrained base: set model.path to an HF "
+                         "folder (a fresh random base would make the adapter meaningless)")
+    if spec.path:
+        model = Mistral.from_pretrained(spec.path, dtype=dtype, task=task,
+                                        quantize="nf4" if adapter.kind == "qlora" else None)
+        if model.config.vocab_size < tokenizer.vocab_size:
+            raise ValueError(f"model.path {spec.path}: vocab_size {model.config.vocab_size} is smaller than the "
+                             f"tokenizer's ({tokenizer.vocab_size}); is model.tokenizer the model's tokenizer?")
+    else:
+        fields = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                  "head_dim", "sliding_window", "rope_theta", "max_position_embeddings", "tie_word_embeddings",
+                  "initializer_range")
+        config = MistralConfig(vocab_size=tokenizer.vocab_size, bos_token_id=tokenizer.bos_id,
+                               eos_token_id=tokenizer.eos_id, **{f: getattr(spec, f) for f in fields})
+        model = Mistral(config, task=task).to(dtype)
+    if adapter.kind != "none":
+        if adapter.path:
+            load_adapter(model, adapter.path)
+        else:
+            apply_lora(model, lora_config(adapter))
+    model.set_gradient_checkpointing(spec.gradient_checkpointing)
+    return model
+
+
+def is_adapted(model: torch.nn.Module) -> bool:
+    return getattr(model, "lora_config", None) is not None
+
+
+def save_model_folder(model: Mistral, folder: Path, model_spec: ModelSpec, adapter: AdapterSpec) -> None:
+    """Write the trained weights into `folder`: a PEFT adapter (plus BASE_NOTE) for adapter runs, else
+    a full HF folder."""
+    if not is_adapted(model):
+        model.save_pretrained(folder)
+        return
+    write_adapter_files(model, folder, base_model_name_or_path=model_spec.path)  # the caller publishes `folder`
+    note = {"base": model_spec.path, "quantize": "nf4" if adapter.kind == "qlora" else None, "dtype": model_spec.dtype}
+    (Path(folder) / BASE_NOTE).write_text(json.dumps(note, indent=2) + "\n")
+
+
+def load_model_weights(model: Mistral, folder: Path) -> None:
+    """Inverse of `save_model_folder`, in place (the optimizer keeps its parameters)."""
+    if is_adapted(model):
+        load_adapter_weights(model, folder)
+    else:
+        load_weights_in_place(model, folder)
