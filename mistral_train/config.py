@@ -83,6 +83,7 @@ class TrainerSpec:
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
     warmup_steps: int = 10
     weight_decay: float = 0.1
+    optimizer: str = "adamw"  # adamw | adamw_8bit | paged_adamw | paged_adamw_8bit (train/optim.py)
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping

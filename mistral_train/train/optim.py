@@ -1,4 +1,14 @@
-"""AdamW with decoupled weight decay on matrices only, and a warmup + cosine schedule."""
+"""The optimizer (AdamW, or bitsandbytes' 8-bit / paged AdamW) with decoupled weight decay on
+matrices only, and a warmup + cosine schedule.
+
+`trainer.optimizer`:
+  adamw        torch.optim.AdamW, fused where the parameters allow it (states: 8 bytes/param in fp32)
+  adamw_8bit   bitsandbytes' AdamW8bit: block-wise 8-bit moments, 2 bytes/param; runs on CPU too
+  paged_adamw  bitsandbytes' PagedAdamW (fp32 moments in CUDA unified memory, paged to the CPU
+               under memory pressure): CUDA only
+  paged_adamw_8bit   both
+bitsandbytes is imported only when one of its optimizers is asked for.
+"""
 
 from __future__ import annotations
 
@@ -31,20 +41,36 @@ def _fused_supported(params: list[torch.Tensor]) -> bool:
     return len(devices) == 1 and devices <= {"cpu", "cuda"} and all(p.is_floating_point() for p in params)
 
 
-def build_optimizer(model: torch.nn.Module, spec: TrainerSpec) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters, fused when the parameters allow it, else foreach."""
+OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit")
+
+
+def build_optimizer(model: torch.nn.Module, spec: TrainerSpec) -> torch.optim.Optimizer:
+    """The optimizer `spec.optimizer` names over the trainable parameters (see the module docstring).
+
+    Raises:
+        ValueError: an unknown optimizer name, or no trainable parameter.
+        RuntimeError: a paged optimizer without CUDA, or a bitsandbytes optimizer without bitsandbytes.
+    """
+    if spec.optimizer not in OPTIMIZERS:
+        raise ValueError(f"trainer.optimizer must be one of {OPTIMIZERS}, got {spec.optimizer!r}")
     groups = param_groups(model, spec.weight_decay)
     params = [p for group in groups for p in group["params"]]
     if not params:
         raise ValueError("build_optimizer: the model has no parameter with requires_grad=True")
-    fused = _fused_supported(params)
-    return torch.optim.AdamW(
-        groups,
-        lr=spec.lr,
-        betas=(spec.beta1, spec.beta2),
-        fused=fused or None,
-        foreach=None if fused else True,
-    )
+    betas = (spec.beta1, spec.beta2)
+    if spec.optimizer == "adamw":
+        fused = _fused_supported(params)
+        return torch.optim.AdamW(groups, lr=spec.lr, betas=betas, fused=fused or None, foreach=None if fused else True)
+    if spec.optimizer.startswith("paged") and not all(p.device.type == "cuda" for p in params):
+        raise RuntimeError(f"trainer.optimizer={spec.optimizer} pages optimizer states through CUDA unified memory "
+                           "and needs the model on a CUDA device; use adamw or adamw_8bit on this machine")
+    try:
+        import bitsandbytes as bnb
+    except ImportError as err:
+        raise RuntimeError(f"trainer.optimizer={spec.optimizer} needs bitsandbytes (pip install bitsandbytes)") from err
+    cls = {"adamw_8bit": bnb.optim.AdamW8bit, "paged_adamw": bnb.optim.PagedAdamW,
+           "paged_adamw_8bit": bnb.optim.PagedAdamW8bit}[spec.optimizer]
+    return cls(groups, lr=spec.lr, betas=betas)
 
 
 def lr_factor(step: int, spec: TrainerSpec) -> float:

@@ -7,6 +7,9 @@ A recipe with `stages` (RunConfig.stages, a mapping in run order) runs one fit()
 - every stage after the first starts from the previous stage's `final/` folder (weights and
   tokenizer) unless its section sets `model.path`; after an adapter stage, a stage with an adapter
   keeps the base and continues the adapter (`adapter.path`), see `_continue_from`.
+A stage marked `if_no_model: true` runs only when the command line (or recipe) gives no `model.path`:
+given one, the stage is left out and the next stage starts from that model (so `recipe=tiny_dpo
+model.path=runs/.../sft/final` skips the pretraining and SFT that would otherwise produce it).
 Overrides on the command line change the recipe's own settings, so they reach every stage that
 does not set the same key in its section; `stages.NAME.KEY=VALUE` changes one stage.
 `resume=latest` (or true) skips the stages that finished (their final/ exists) and resumes the
@@ -27,6 +30,7 @@ from mistral_train.config import ConfigError, RunConfig, dump_run_config
 from mistral_train.config_checks import describe_error
 
 _NOT_IN_STAGES = ("run", "stages", "resume")  # decided by the staged recipe as a whole
+IF_NO_MODEL = "if_no_model"  # a stage marked `if_no_model: true` runs only when model.path is not given
 
 
 def stage_configs(cfg: RunConfig) -> list[tuple[str, RunConfig]]:
@@ -47,6 +51,9 @@ def stage_configs(cfg: RunConfig) -> list[tuple[str, RunConfig]]:
         if not isinstance(section, dict):
             raise ConfigError(f"stages.{name}: expected a mapping of settings (e.g. {{trainer: {{max_steps: 10}}}}), "
                               f"got {section!r}")
+        section = dict(section)
+        if section.pop(IF_NO_MODEL, False) and cfg.model.path:
+            continue  # the model the user gave stands in for what this stage would have trained
         bad = [key for key in section if key in _NOT_IN_STAGES]
         if bad:
             raise ConfigError(f"stages.{name}.{bad[0]}: set by the staged recipe as a whole, not per stage")

@@ -85,3 +85,41 @@ def test_weight_decay_shrinks_matrices_but_not_norms():
     q = "model.layers.0.self_attn.q_proj.weight"
     torch.testing.assert_close(dict(model.named_parameters())[q], before[q] * (1 - 0.1 * 0.5))
     torch.testing.assert_close(dict(model.named_parameters())["model.norm.weight"], before["model.norm.weight"])
+
+
+def _train(optimizer_name: str, steps: int = 8) -> tuple[list[float], torch.optim.Optimizer, torch.nn.Module]:
+    torch.manual_seed(0)
+    model = Mistral(MistralConfig(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2))
+    optimizer = build_optimizer(model, TrainerSpec(optimizer=optimizer_name, lr=3e-3, weight_decay=0.0))
+    ids = torch.randint(0, 512, (4, 32), generator=torch.Generator().manual_seed(1))
+    losses = []
+    for _ in range(steps):
+        loss = model(ids, labels=ids)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(float(loss))
+    return losses, optimizer, model
+
+
+def test_adamw_8bit_trains_on_cpu_with_one_byte_moments_and_a_loadable_state(tmp_path):
+    reference, _, _ = _train("adamw")
+    losses, optimizer, model = _train("adamw_8bit")
+    assert type(optimizer).__name__ == "AdamW8bit"
+    assert losses[-1] < losses[0] - 0.5  # it optimises
+    assert abs(losses[-1] - reference[-1]) < 0.1 * reference[-1]  # and close to full-precision AdamW
+    q = model.model.layers[0].self_attn.q_proj.weight  # 16384 values: large enough for 8-bit states
+    state = optimizer.state[q]
+    assert state["state1"].dtype == torch.uint8 and state["state2"].dtype == torch.uint8
+    torch.save(optimizer.state_dict(), tmp_path / "opt.pt")  # checkpoints load with weights_only=True
+    restored = _train("adamw_8bit", steps=0)[1]
+    restored.load_state_dict(torch.load(tmp_path / "opt.pt", weights_only=True))
+
+
+def test_paged_optimizers_need_cuda_and_unknown_names_are_refused():
+    model = _tiny_model()
+    with pytest.raises(RuntimeError, match="paged_adamw pages optimizer states through CUDA"):
+        build_optimizer(model, TrainerSpec(optimizer="paged_adamw"))
+    with pytest.raises(ValueError, match="trainer.optimizer must be one of"):
+        build_optimizer(model, TrainerSpec(optimizer="sgd"))
