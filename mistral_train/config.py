@@ -68,13 +68,40 @@ class DataSpec:
     overlong: str = "truncate"  # truncate | drop: what happens to examples longer than max_seq_len
     packing: bool = True  # best-fit packing with per-document attention; false pads each example
     neftune_alpha: Optional[float] = None  # NEFTune embedding noise during SFT; None: off
+    max_prompt_len: Optional[int] = None  # preference pairs: cap on prompt tokens (its end is kept); None: max_seq_len // 2 floor
+    identical_pairs: str = "warn"  # preference pairs whose chosen == rejected: warn (counted, kept) | error
+
+
+@dataclass
+class DPOSpec:
+    """Preference optimisation (trainer.objective=dpo): the loss and the reference policy (train/preference.py)."""
+
+    loss_type: Any = "sigmoid"  # a trl loss_type name, or a list of them mixed by loss_weights (MPO)
+    loss_weights: Optional[list[float]] = None
+    beta: float = 0.1
+    label_smoothing: float = 0.0
+    # auto: adapter runs use the adapter-disabled model, or a frozen copy of the adapter they started
+    # from (adapter.path: the SFT model, not the bare base); full runs a frozen copy of the model;
+    # reference-free losses (simpo, orpo) none. Or: copy | adapter_off | initial_adapter | none.
+    reference: str = "auto"
+    precompute_reference: bool = False  # compute reference log-probs once, cache them on disk, reuse them
+    reference_cache: Optional[str] = None  # cache folder; None: {run.dir}/reference_cache
+    simpo_gamma: float = 0.5
+    discopop_tau: float = 0.05
+
+
+@dataclass
+class RewardSpec:
+    """Reward model training (trainer.objective=reward): Bradley-Terry on the sequence-classification head."""
+
+    center_rewards_coefficient: Optional[float] = None  # + coef * mean((r_chosen + r_rejected)^2)
 
 
 @dataclass
 class TrainerSpec:
     """The optimisation loop."""
 
-    objective: str = "pretrain"
+    objective: str = "pretrain"  # pretrain | sft | dpo | reward
     max_steps: int = 150
     max_seq_len: int = 256
     batch_size: int = 8  # sequences per micro-batch
@@ -99,6 +126,8 @@ class TrainerSpec:
     eval_max_new_tokens: int = 16  # exact match on held-out rows with an "answer": greedy tokens per reply; 0: off
     sample_prompt: str = "The cat"
     sample_max_new_tokens: int = 40
+    dpo: DPOSpec = field(default_factory=DPOSpec)
+    reward: RewardSpec = field(default_factory=RewardSpec)
 
 
 @dataclass

@@ -5,8 +5,11 @@
 Every sentence comes from a template over a tiny invented world (objects with one colour each,
 animals with one food and one sound, numbers zero to twenty, days of the week). One fixed seed
 drives every choice, so two runs write byte-identical files; no text comes from outside.
-Writes tiny_corpus.txt (documents separated by a blank line), tiny_chat.jsonl (train) and
-tiny_chat_eval.jsonl (held-out facts, each row with an exact "answer").
+Writes tiny_corpus.txt (documents separated by a blank line), tiny_chat.jsonl (train),
+tiny_chat_eval.jsonl (held-out facts, each row with an exact "answer"), and preference pairs made
+from the same questions: tiny_pairs.jsonl and tiny_pairs_eval.jsonl (held-out facts), whose
+"chosen" answer is the true one and "rejected" a wrong answer of the same kind (another number,
+colour, food, sound or day), so a preference is checkably right.
 """
 from __future__ import annotations
 
@@ -267,6 +270,30 @@ def make_chat(rng: random.Random, facts: dict[str, list[Fact]]) -> tuple[list, l
     return train, held_out
 
 
+TRAIN_PAIRS = 600  # preference pairs from the first training questions: enough for a CPU DPO demo
+
+
+def wrong_answer(rng: random.Random, answer: str) -> str:
+    """Another answer of the same kind as `answer` (a number for a number, a day for a day, ...)."""
+    foods = sorted({food for food, _ in ANIMALS.values()})
+    sounds = sorted({sound for _, sound in ANIMALS.values()})
+    for pool in (NUMBERS, COLOURS, DAYS, foods, sounds):
+        if answer in pool:
+            return rng.choice([x for x in pool if x != answer])
+    raise ValueError(f"no kind of answer holds {answer!r}")
+
+
+def pair_row(row: dict, rng: random.Random) -> dict:
+    """A chat row as a preference pair: the true answer chosen, a wrong one of its kind rejected."""
+    question, answer = row["messages"][0]["content"], row["messages"][1]["content"]
+    pair = {"prompt": question, "chosen": answer, "rejected": wrong_answer(rng, answer)}
+    return {**pair, "answer": row["answer"]} if "answer" in row else pair
+
+
+def make_pairs(rng: random.Random, train: list, held_out: list) -> tuple[list, list]:
+    return [pair_row(row, rng) for row in train[:TRAIN_PAIRS]], [pair_row(row, rng) for row in held_out]
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder")
@@ -278,9 +305,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     colour = {o: COLOURS[i % len(COLOURS)] for i, o in enumerate(objects)}
     facts = all_facts(colour)
     train, held_out = make_chat(rng, facts)
-    texts = {"tiny_corpus.txt": make_corpus(rng, colour, facts),
+    corpus = make_corpus(rng, colour, facts)
+    # pairs draw from their own generator, so adding them left the earlier files' bytes unchanged
+    train_pairs, held_out_pairs = make_pairs(random.Random(SEED + 1), train, held_out)
+    texts = {"tiny_corpus.txt": corpus,
              "tiny_chat.jsonl": "".join(json.dumps(row) + "\n" for row in train),
-             "tiny_chat_eval.jsonl": "".join(json.dumps(row) + "\n" for row in held_out)}
+             "tiny_chat_eval.jsonl": "".join(json.dumps(row) + "\n" for row in held_out),
+             "tiny_pairs.jsonl": "".join(json.dumps(row) + "\n" for row in train_pairs),
+             "tiny_pairs_eval.jsonl": "".join(json.dumps(row) + "\n" for row in held_out_pairs)}
     for name, text in texts.items():
         (out / name).write_text(text, encoding="utf-8", newline="\n")  # same bytes on Windows
         print(f"{out / name}: {len(text.encode())} bytes")

@@ -11,7 +11,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "mistral_train" / "resources" / "data"
-FILES = ["tiny_corpus.txt", "tiny_chat.jsonl", "tiny_chat_eval.jsonl"]
+FILES = ["tiny_corpus.txt", "tiny_chat.jsonl", "tiny_chat_eval.jsonl", "tiny_pairs.jsonl", "tiny_pairs_eval.jsonl"]
 NUMBERS = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen"
            " fifteen sixteen seventeen eighteen nineteen twenty").split()
 # Each chat question names one fact; these patterns pull out (kind, subject) so that train and
@@ -141,3 +141,17 @@ def test_chat_answers_are_right_and_stated_in_corpus(name, sentences):
             what = what.capitalize() if kind == "day" else what
             stated = f"{when.capitalize()} {what} comes {answer}."
         assert stated in sentences, f"{name} row {i}: corpus never says {stated!r}"
+
+
+@pytest.mark.parametrize("pairs, chats", [("tiny_pairs.jsonl", "tiny_chat.jsonl"), ("tiny_pairs_eval.jsonl", "tiny_chat_eval.jsonl")])
+def test_pairs_prefer_the_true_answer_over_a_wrong_one_of_its_kind(pairs, chats):
+    truth = {row["messages"][0]["content"]: row["messages"][1]["content"] for row in read_jsonl(chats)}
+    rows = read_jsonl(pairs)
+    assert len(rows) == (600 if pairs == "tiny_pairs.jsonl" else 100)
+    kinds = [set(NUMBERS), set("red blue green yellow white black pink brown orange purple".split()),
+             set("Monday Tuesday Wednesday Thursday Friday Saturday Sunday".split())]
+    for row in rows:
+        assert row["chosen"] == truth[row["prompt"]] != row["rejected"]
+        same_kind = [k for k in kinds if row["chosen"] in k]
+        assert not same_kind or row["rejected"] in same_kind[0]  # a number for a number, a day for a day
+        assert ("answer" in row) == (pairs == "tiny_pairs_eval.jsonl")

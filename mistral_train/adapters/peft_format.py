@@ -65,17 +65,23 @@ def load_adapter_weights(model: nn.Module, folder: Union[str, Path]) -> nn.Modul
         tensors = load_file(str(weights))
     except (SafetensorError, FileNotFoundError) as e:
         raise ValueError(f"{weights}: not a readable adapter file ({e})") from e
+    return load_adapter_weights_from_tensors(model, tensors, str(weights))
+
+
+def load_adapter_weights_from_tensors(model: nn.Module, tensors: dict[str, torch.Tensor],
+                                      source: str = "adapter tensors") -> nn.Module:
+    """`load_adapter_weights` from a {PEFT key: tensor} dict (`peft_state_dict`'s form)."""
     live = _live_tensors(model)
     if not live:
-        raise ValueError(f"{folder}: the model carries no adapter to load these weights into")
+        raise ValueError(f"{source}: the model carries no adapter to load these weights into")
     if set(tensors) != set(live):
         extra, missing = sorted(set(tensors) - set(live)), sorted(set(live) - set(tensors))
-        raise ValueError(f"{weights}: adapter keys differ from the model's (not in the model: {extra[:3]}, "
+        raise ValueError(f"{source}: adapter keys differ from the model's (not in the model: {extra[:3]}, "
                          f"missing from the file: {missing[:3]})")
     with torch.no_grad():
         for key, tensor in tensors.items():
             if tuple(tensor.shape) != tuple(live[key].shape):
-                raise ValueError(f"{weights}: `{key}` has shape {tuple(tensor.shape)}, the model's is {tuple(live[key].shape)}")
+                raise ValueError(f"{source}: `{key}` has shape {tuple(tensor.shape)}, the model's is {tuple(live[key].shape)}")
             live[key].copy_(tensor)
     return model
 

@@ -217,18 +217,11 @@ def format_report(report: AuditReport) -> str:
     return "\n".join(lines)
 
 
-def run_audit(cfg) -> AuditReport:
-    """The audit of a RunConfig's training split, prepared as the run prepares it: the tokenizer of
-    `cfg.model.tokenizer`, the rows of `load_rows`, the data settings, and the run's collator
-    (packed or padded) with pad id = the tokenizer's, or EOS when it has none (the risky case).
-    Raises AuditError on failure."""
-    from mistral_train.data.batches import chat_collator, pad_id_of
-    from mistral_train.data.sources import load_rows
+def run_audit(cfg):
+    """What a run prepares before step 1, without a model: the tokenizer of `cfg.model.tokenizer`, the
+    rows, their tokenization, the audit (chat rows and preference pairs; raises AuditError on failure)
+    and the batches. Returns data/batches.py's TrainData; its `summary` lines are the printed report."""
+    from mistral_train.data.batches import build_batches  # here: batches imports this module
     from mistral_train.tokenizer import load_tokenizer, resolve_tokenizer_path
 
-    tokenizer = load_tokenizer(resolve_tokenizer_path(cfg.model.tokenizer, cfg.model.path))
-    rows = list(load_rows(cfg.data, "train", cfg.trainer.seed))
-    max_len, data, pad_id = cfg.trainer.max_seq_len, cfg.data, pad_id_of(tokenizer)
-    examples, stats = tokenize_rows(rows, tokenizer, max_len, data.train_on, data.overlong, data.chat_format)
-    collate = chat_collator(data.packing, max_len, pad_id, pad_to_max=True)
-    return audit(examples, stats, tokenizer, pad_id=pad_id, rows=rows, collate=collate)
+    return build_batches(cfg, load_tokenizer(resolve_tokenizer_path(cfg.model.tokenizer, cfg.model.path)))

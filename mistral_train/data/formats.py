@@ -37,7 +37,7 @@ FORMATS = ("text", "alpaca", "messages", "sharegpt", "prompt_completion", "prefe
 CHAT_FORMATS = ("alpaca", "messages", "sharegpt", "prompt_completion")
 # Field names `field_map` may rename: top-level fields, then the keys inside one message.
 TOP_FIELDS = ("text", "instruction", "input", "output", "system", "messages", "conversations",
-              "prompt", "completion", "answer", "chosen", "rejected")
+              "prompt", "completion", "answer", "chosen", "rejected", "margin")
 MESSAGE_FIELDS = ("role", "content", "from", "value")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 _EXPECTS = {
@@ -91,7 +91,8 @@ def detect_format(row: Any, field_map: Optional[dict[str, str]] = None, where: s
 
 def to_canonical(row: Any, fmt: str, field_map: dict[str, str], where: str) -> dict[str, Any]:
     """One row of format `fmt` -> `{"text": str}`, `{"messages": [...]}` (+ `"answer"` when present) or,
-    for `preference`, `{"prompt": [...], "chosen": [...], "rejected": [...]}`.
+    for `preference`, `{"prompt": [...], "chosen": [...], "rejected": [...]}` (+ `"answer"`, and a
+    numeric `"margin"` for reward models, when present).
 
     Raises:
         ValueError: starting with `where`, naming the field and what was expected.
@@ -107,7 +108,14 @@ def to_canonical(row: Any, fmt: str, field_map: dict[str, str], where: str) -> d
             raise ValueError(f"{where}: field {fm.get('text', 'text')!r} is empty (format text)")
         return {"text": text}
     if fmt == "preference":
-        return _preference(row, fm, where)
+        pair: dict[str, Any] = _preference(row, fm, where)
+        answer = _field(row, "answer", fm, where, fmt, optional=True)  # held-out pairs: exact match on the prompt
+        if answer is not None:
+            pair["answer"] = answer
+        margin = _field(row, "margin", fm, where, fmt, optional=True, kind=(int, float))  # reward models' margin
+        if margin is not None:
+            pair["margin"] = float(margin)
+        return pair
     if fmt == "alpaca":
         messages, label = _alpaca(row, fm, where), "turns (from instruction/input/output)"
     elif fmt == "messages":

@@ -51,6 +51,7 @@ class PreferencePair:
     prompt_truncated: bool = False
     chosen_truncated: bool = False
     rejected_truncated: bool = False
+    margin: Optional[float] = None  # the row's "margin" (reward models: how much better chosen is)
 
     @property
     def completion_start(self) -> int:
@@ -162,8 +163,8 @@ def tokenize_pair(row: Mapping, tokenizer, max_seq_len: int, max_prompt_len: Opt
         raise ValueError(f"{where}: the shared prompt tokenizes differently before the chosen answer ({c_start} "
                          f"tokens) and before the rejected one ({r_start}), first at token {t}; the chat template "
                          "must encode the prompt the same way whatever answer follows")
-    return _fit(PreferencePair(chosen[:c_start], chosen[c_start:], rejected[r_start:], source, index),
-                max_seq_len, max_prompt_len, overlong)
+    return _fit(PreferencePair(chosen[:c_start], chosen[c_start:], rejected[r_start:], source, index,
+                               margin=row.get("margin")), max_seq_len, max_prompt_len, overlong)
 
 
 def _fit(pair: PreferencePair, max_seq_len: int, max_prompt_len: Optional[int],
@@ -182,7 +183,7 @@ def _fit(pair: PreferencePair, max_seq_len: int, max_prompt_len: Optional[int],
     budget = max_seq_len - len(prompt)  # >= 1: keep <= max_seq_len // 2 or max_prompt_len < max_seq_len
     return PreferencePair(prompt, pair.chosen_ids[:budget], pair.rejected_ids[:budget], pair.source, pair.row,
                           len(prompt) < len(pair.prompt_ids), len(pair.chosen_ids) > budget,
-                          len(pair.rejected_ids) > budget)
+                          len(pair.rejected_ids) > budget, pair.margin)
 
 
 def tokenize_pairs(rows: Iterable[Mapping], tokenizer, max_seq_len: int, max_prompt_len: Optional[int] = None,
@@ -228,11 +229,23 @@ def collate_pairs(pairs: Sequence[PreferencePair], pad_id: int, packing: bool, m
         input_ids, labels, position_ids, sequence_index: (N, T) int64; pad_mask: (N, T) bool.
     `sequence_index[n, t]` is the sequence token (n, t) belongs to, -1 on padding; labels are -100 on
     prompts and padding (and, packed, on each document's first token, which is BOS and never a label).
+    `margin` (B,) when the pairs carry one (reward models).
     Padding is placed by position, never found by id, so pad_id may equal EOS.
     """
     if not pairs:
         raise ValueError("collate_pairs: got no pairs; expected at least one")
     sequences = [p.sequence("chosen") for p in pairs] + [p.sequence("rejected") for p in pairs]  # 2B
+    batch = _pack_or_pad(sequences, pad_id, packing, max_seq_len, pad_to_max)
+    margins = [p.margin for p in pairs]
+    if any(m is not None for m in margins):
+        if None in margins:
+            p = pairs[margins.index(None)]
+            raise ValueError(f"{p.source} row {p.row}: no 'margin', but other pairs have one; give every pair a margin or none")
+        batch["margin"] = torch.tensor(margins, dtype=torch.float32)  # (B,)
+    return batch
+
+
+def _pack_or_pad(sequences: list[SFTExample], pad_id: int, packing: bool, max_seq_len: int, pad_to_max: bool) -> Batch:
     if not packing:
         batch = collate_padded(sequences, pad_id, max_seq_len, pad_to_max=pad_to_max)
         rows = torch.arange(len(sequences)).unsqueeze(1).expand_as(batch["input_ids"])

@@ -3,7 +3,8 @@
 `data.path`: a file (.jsonl, .json, .parquet, .csv; .txt for format text), a folder written by
 `datasets`' save_to_disk, a plain folder (its data files and saved datasets, recursively, sorted;
 other and hidden files are not read; `RowSource.sources` lists what was), or a list of those. None:
-the bundled `tiny_chat.jsonl` (eval `tiny_chat_eval.jsonl`) for chat formats, the tiny corpus for
+the bundled `tiny_chat.jsonl` (eval `tiny_chat_eval.jsonl`) for chat formats, `tiny_pairs.jsonl` (eval
+`tiny_pairs_eval.jsonl`) for preference pairs, the tiny corpus for
 text. Rows pass through `formats.to_canonical` and gain "source" (file or saved folder) and "row"
 (1-based line in JSON Lines, else the 0-based row index; document index in .txt).
 JSON(L) is parsed here with `json`, line by line, for "FILE line N: malformed JSON (...)" and exact
@@ -105,6 +106,12 @@ def bundled_chat_path(split: str = "train") -> Path:
     return Path(str(resources.files("mistral_train") / "resources" / "data" / name))
 
 
+def bundled_pairs_path(split: str = "train") -> Path:
+    """The bundled preference pairs: tiny_pairs.jsonl, or tiny_pairs_eval.jsonl for "eval" (with answers)."""
+    name = "tiny_pairs_eval.jsonl" if split == "eval" else "tiny_pairs.jsonl"
+    return Path(str(resources.files("mistral_train") / "resources" / "data" / name))
+
+
 def load_rows(spec: Any, split: str = "train", seed: int = 0) -> Optional[RowSource]:
     """The rows of `split` ("train" | "eval") described by a DataSpec; None for "eval" when none is set."""
     if split not in ("train", "eval"):
@@ -150,14 +157,14 @@ def _resolve(spec: Any) -> tuple[Any, str]:
         raise ValueError("give data.eval_path or data.eval_fraction, not both")
     if spec.path is not None:
         return spec, f"data.path {_show(spec.path)}"
-    if spec.format == "preference":
-        raise ValueError("data.format=preference needs data.path: no preference pairs are bundled")
     if spec.weights is not None or spec.format == "auto":
         raise ValueError("data.weights and data.format=auto need data.path (the bundled data is one file of one format)")
-    chat = spec.format != "text"
-    path = bundled_chat_path() if chat else bundled_corpus_path()
-    eval_path = bundled_chat_path("eval") if chat and spec.eval_path is None and spec.eval_fraction == 0 else spec.eval_path
-    spec = replace(spec, path=str(path), format="messages" if chat else "text", field_map={}, eval_path=eval_path)
+    kind = format_kind(spec.format)
+    path, held, fmt = {"text": (bundled_corpus_path(), None, "text"),
+                       "chat": (bundled_chat_path(), bundled_chat_path("eval"), "messages"),
+                       "preference": (bundled_pairs_path(), bundled_pairs_path("eval"), "preference")}[kind]
+    eval_path = held if spec.eval_path is None and spec.eval_fraction == 0 else spec.eval_path
+    spec = replace(spec, path=str(path), format=fmt, field_map={}, eval_path=eval_path)
     return spec, f"bundled {path.name}"
 
 

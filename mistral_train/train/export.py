@@ -15,7 +15,7 @@ from mistral_train.config import RunConfig
 from mistral_train.generate import generate
 from mistral_train.adapters import load_adapter, merge_and_unload
 from mistral_train.model import Mistral
-from mistral_train.train.model_setup import BASE_NOTE, torch_dtype
+from mistral_train.train.model_setup import BASE_NOTE, one_label_head, torch_dtype
 
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
@@ -60,10 +60,13 @@ def merge_adapter_folder(adapter_folder: Path, out: Path, base: Optional[str] = 
         "base_model_name_or_path")
     if not base or not (Path(base) / "config.json").is_file():
         raise FileNotFoundError(f"{adapter_folder}: the base model folder {base!r} is not an HF folder; pass the base")
-    model = Mistral.from_pretrained(base, dtype=torch.float32, quantize=note.get("quantize"))
+    task = note.get("task", "causal_lm")
+    model = Mistral.from_pretrained(base, dtype=torch.float32, quantize=note.get("quantize"), task=task)
+    if task == "sequence_classification":  # a reward model: the one-label head the run trained on
+        one_label_head(model, note.get("pad_token_id"))
     load_adapter(model, adapter_folder)
     model.eval()
-    ids = torch.randint(0, model.config.vocab_size, (2, sample_tokens), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(3, model.config.vocab_size, (2, sample_tokens), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         adapted = model(ids)
         merge_and_unload(model)

@@ -28,7 +28,7 @@ import torch
 
 from mistral_train.checkpoint.state import restore_rng_state
 from mistral_train.config import RunConfig, dump_run_config
-from mistral_train.data.batches import EpochBatches, TrainData, build_batches
+from mistral_train.data.batches import PAIR_OBJECTIVES, EpochBatches, TrainData, build_batches, pad_id_of
 from mistral_train.data.collate import padding_share
 from mistral_train.dist import build_accelerator, release
 from mistral_train.model import Mistral
@@ -41,6 +41,7 @@ from mistral_train.train.export import copy_tokenizer, export_final, merge_adapt
 from mistral_train.train.model_setup import build_model, load_model_weights, save_model_folder
 from mistral_train.train.neftune import NEFTune
 from mistral_train.train.optim import build_optimizer, build_scheduler
+from mistral_train.train.preference import preference_objective
 from mistral_train.train.stages import run_stages
 from mistral_train.train.steps import Batch, Objective, get_objective
 
@@ -103,10 +104,12 @@ def evaluate(model, objective: Objective, data: TrainData, tokenizer, cfg: RunCo
     rows that carry an "answer" (main process). Returns (metrics, generation samples)."""
     metrics: dict[str, float] = {}
     if data.eval_batches:
-        metrics.update(evaluate_loss(model, objective.step, data.eval_batches, autocast))
+        language = cfg.trainer.objective not in PAIR_OBJECTIVES  # perplexity of a DPO or reward loss means nothing
+        metrics.update(evaluate_loss(model, objective.step, data.eval_batches, autocast, perplexity=language))
     answered = any("answer" in row for row in data.eval_rows or [])
     samples: list[dict] = []
-    if answered and cfg.trainer.eval_max_new_tokens > 0 and accelerator.is_main_process:
+    generates = cfg.trainer.objective != "reward"
+    if answered and generates and cfg.trainer.eval_max_new_tokens > 0 and accelerator.is_main_process:
         result = exact_match(accelerator.unwrap_model(model), tokenizer, data.eval_rows, cfg.data.chat_format,
                              cfg.trainer.eval_max_new_tokens, cfg.trainer.batch_size * cfg.trainer.grad_accum_steps)
         metrics["exact_match"], samples = result["exact_match"], result["samples"]
@@ -136,8 +139,13 @@ def _train(cfg: RunConfig, accelerator) -> Path:
     tokenizer = load_tokenizer(tokenizer_path)
     data = build_batches(cfg, tokenizer)  # reads, tokenizes and audits: bad data stops here, before the model loads
     say("\n".join(data.summary))
-    model = build_model(cfg.model, tokenizer, cfg.adapter).to(accelerator.device)
-    objective = get_objective(spec.objective, spec.loss_chunk_size)
+    pad_id = pad_id_of(tokenizer)
+    task = "sequence_classification" if spec.objective == "reward" else "causal_lm"
+    model = build_model(cfg.model, tokenizer, cfg.adapter, task, pad_id).to(accelerator.device)
+    if spec.objective in PAIR_OBJECTIVES:  # before any checkpoint loads: the reference is the starting policy
+        objective = preference_objective(cfg, model, data, pad_id, accelerator)
+    else:
+        objective = get_objective(spec.objective, spec.loss_chunk_size)
     optimizer = build_optimizer(model, spec)
     scheduler = build_scheduler(optimizer, spec)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
@@ -226,6 +234,7 @@ def _train(cfg: RunConfig, accelerator) -> Path:
             merge_adapter_folder(run_dir / "final", run_dir / "merged")
         if cfg.tracking.plot:
             plot_run(run_dir)
-        write_sample(trained, tokenizer, cfg, run_dir / "sample.txt", chat=data.stats is not None)
+        if task == "causal_lm":
+            write_sample(trained, tokenizer, cfg, run_dir / "sample.txt", chat=data.stats is not None)
     accelerator.wait_for_everyone()
     return run_dir

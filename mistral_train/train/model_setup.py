@@ -37,8 +37,11 @@ def lora_config(spec: AdapterSpec) -> LoraConfig:
                       use_dora=spec.use_dora, init=spec.init)
 
 
-def build_model(spec: ModelSpec, tokenizer, adapter: Optional[AdapterSpec] = None, task: str = "causal_lm") -> Mistral:
-    """The model to train (see the module docstring).
+def build_model(spec: ModelSpec, tokenizer, adapter: Optional[AdapterSpec] = None, task: str = "causal_lm",
+                pad_id: Optional[int] = None) -> Mistral:
+    """The model to train (see the module docstring). A sequence-classification model (a reward model) gets
+    a one-label `score` head (fresh unless the folder has one), `pad_token_id = pad_id` so it pools the last
+    token before the padding as transformers does, and, with adapters, a trained `score`.
 
     Raises:
         ValueError: an unknown dtype or adapter kind, an adapter without a pretrained base
@@ -64,13 +67,32 @@ def build_model(spec: ModelSpec, tokenizer, adapter: Optional[AdapterSpec] = Non
         config = MistralConfig(vocab_size=tokenizer.vocab_size, bos_token_id=tokenizer.bos_id,
                                eos_token_id=tokenizer.eos_id, **{f: getattr(spec, f) for f in fields})
         model = Mistral(config, task=task).to(dtype)
+    if task == "sequence_classification":
+        one_label_head(model, pad_id)
     if adapter.kind != "none":
         if adapter.path:
             load_adapter(model, adapter.path)
         else:
-            apply_lora(model, lora_config(adapter))
+            config = lora_config(adapter)
+            if task != "causal_lm" and "score" not in config.modules_to_save:
+                config.modules_to_save.append("score")  # a fresh head must train (peft does the same for SEQ_CLS)
+            apply_lora(model, config)
     model.set_gradient_checkpointing(spec.gradient_checkpointing)
     return model
+
+
+def one_label_head(model: Mistral, pad_id: Optional[int]) -> None:
+    """A reward model scores with one label: replace a head of another width (e.g. the 2 labels a
+    causal-LM folder's config implies) by a fresh one, initialised like every fresh weight."""
+    if model.config.num_labels != 1:
+        head = torch.nn.Linear(model.config.hidden_size, 1, bias=False, device=model.score.weight.device,
+                               dtype=model.score.weight.dtype)
+        model.init_weights(head)
+        model.score, model.config.num_labels = head, 1
+        model.config.extra.pop("id2label", None)
+        model.config.extra.pop("label2id", None)
+    if pad_id is not None:
+        model.config.pad_token_id = pad_id
 
 
 def is_adapted(model: torch.nn.Module) -> bool:
@@ -84,7 +106,8 @@ def save_model_folder(model: Mistral, folder: Path, model_spec: ModelSpec, adapt
         model.save_pretrained(folder)
         return
     write_adapter_files(model, folder, base_model_name_or_path=model_spec.path)  # the caller publishes `folder`
-    note = {"base": model_spec.path, "quantize": "nf4" if adapter.kind == "qlora" else None, "dtype": model_spec.dtype}
+    note = {"base": model_spec.path, "quantize": "nf4" if adapter.kind == "qlora" else None, "dtype": model_spec.dtype,
+            "task": model.task, "pad_token_id": model.config.pad_token_id}
     (Path(folder) / BASE_NOTE).write_text(json.dumps(note, indent=2) + "\n")
 
 

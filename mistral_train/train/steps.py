@@ -62,7 +62,7 @@ def pretrain_step(model: torch.nn.Module, batch: Batch, loss_chunk_size: int = 1
     return StepOutput(loss_sum, (batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
 
-OBJECTIVES = ("pretrain", "sft")
+OBJECTIVES = ("pretrain", "sft", "dpo", "reward")  # dpo and reward: train/preference.py
 
 
 @dataclass(frozen=True)
@@ -77,4 +77,6 @@ def get_objective(name: str, loss_chunk_size: int = 1024) -> Objective:
     """The objective named by `trainer.objective` (pretrain and sft: the same summed CE over labels)."""
     if name in ("pretrain", "sft"):
         return Objective(partial(pretrain_step, loss_chunk_size=loss_chunk_size), count_label_tokens)
+    if name in OBJECTIVES:
+        raise ValueError(f"trainer.objective {name!r} needs the model and its data: see train/preference.py")
     raise ValueError(f"trainer.objective {name!r} is not available; expected one of {list(OBJECTIVES)}")

@@ -195,14 +195,14 @@ def test_run_audit_reads_tokenizes_collates_and_audits(tmp_path, packing):
     path = tmp_path / "chats.jsonl"
     path.write_text("".join(json.dumps({"messages": r["messages"]}) + "\n" for r in ROWS if "messages" in r))
     cfg = RunConfig()
-    cfg.model.tokenizer, cfg.trainer.max_seq_len = "bundled:v3", MAX_LEN
+    cfg.model.tokenizer, cfg.trainer.max_seq_len, cfg.trainer.batch_size = "bundled:v3", MAX_LEN, 1
     cfg.data.path, cfg.data.format, cfg.data.packing = str(path), "messages", packing
     cfg.data.train_on = "last_assistant"
-    report = run_audit(cfg)
+    report = run_audit(cfg).report
     counts = report.stats.sources[str(path)]
     # line 3 is cut before its last answer: nothing left to train on, so it is dropped (and listed)
     assert (counts.examples, counts.dropped, counts.dropped_rows) == (3, 1, [3])
     assert report.stats.train_on == "last_assistant" and "round trip of trained spans" in report.checks
     assert "collation keeps every label (pad id == EOS id)" in report.checks  # v3 has no pad: EOS stands in
     cfg.data.train_on = "all"
-    assert run_audit(cfg).stats.sources[str(path)].truncated == 1
+    assert run_audit(cfg).report.stats.sources[str(path)].truncated == 1

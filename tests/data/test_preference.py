@@ -19,7 +19,7 @@ from mistral_train.data.audit import AuditError
 from mistral_train.data.formats import detect_format, to_canonical
 from mistral_train.data.preference import PreferencePair, collate_pairs, sequence_sums, tokenize_pair, tokenize_pairs
 from mistral_train.data.preference_audit import audit_pairs, format_pair_report
-from mistral_train.data.sources import load_rows
+from mistral_train.data.sources import load_rows, load_splits
 from mistral_train.tokenizer import bundled_tokenizer_path, load_tokenizer
 
 IGNORE = -100
@@ -123,15 +123,16 @@ def test_bad_rows_name_the_file_and_line(tmp_path, fmt, row, message):
     assert str(info.value).startswith(f"{path} line 2: "), str(info.value)
 
 
-def test_preference_rows_do_not_mix_with_chat_rows_and_need_a_path(tmp_path):
+def test_preference_rows_do_not_mix_with_chat_rows_and_default_to_the_bundled_pairs(tmp_path):
     (tmp_path / "a.jsonl").write_text(json.dumps(STRING_ROW) + "\n")
     (tmp_path / "b.jsonl").write_text(json.dumps({"messages": [U("q"), A("a")]}) + "\n")
     rows = load_rows(DataSpec(path=str(tmp_path / "a.jsonl"), format="auto"))
     assert rows.kind == "preference" and rows.formats == {str(tmp_path / "a.jsonl"): "preference"}
     with pytest.raises(ValueError, match="cannot mix chat and preference rows"):
         load_rows(DataSpec(path=str(tmp_path), format="auto"))
-    with pytest.raises(ValueError, match="data.format=preference needs data.path"):
-        load_rows(DataSpec(path=None, format="preference"))
+    train, held = load_splits(DataSpec(path=None, format="preference"))
+    assert train.kind == held.kind == "preference" and len(train) == 600 and len(held) == 100
+    assert all(row["answer"] == row["chosen"][0]["content"] for row in held)  # checkable held-out pairs
 
 
 # --- tokenization ---------------------------------------------------------------------------------
