@@ -3,11 +3,13 @@
     mistral-train [train] [recipe=NAME] [KEY=VALUE ...]   train (default recipe: tiny_pretrain_sft)
     mistral-train config [recipe=NAME] [KEY=VALUE ...]    print the resolved run configuration
     mistral-train audit [recipe=NAME] [KEY=VALUE ...]     check the run's SFT data and labels, without training
+    mistral-train plan [recipe=NAME] [num_processes=N] [device_gib=80] [strategy=S] [KEY=VALUE ...]
+                                                          per-device memory of the run per strategy; does it fit
     mistral-train generate FOLDER --prompt TEXT [...]     continue a prompt with an HF Mistral folder
     mistral-train merge ADAPTER [--base DIR] --out DIR   merge a LoRA/QLoRA adapter into a full HF folder
     mistral-train plot RUN_DIR                            redraw RUN_DIR/loss.png from metrics.jsonl
 
-argparse reads the verbs and their flags; everything after `train`/`config`/`audit` is a Hydra override
+argparse reads the verbs and their flags; everything after `train`/`config`/`audit`/`plan` is a Hydra override
 (`trainer.max_steps=20`, `adapter=none`), composed by `mistral_train.config.load_run_config`.
 Heavy modules (torch, the loop) are imported inside the verbs, so `--help` and config errors are quick.
 """
@@ -30,6 +32,13 @@ overrides (KEY=VALUE, Hydra syntax):
   adapter=none             run.dir=DIR run.name=NAME   resume=true|latest|CHECKPOINT_DIR
   any other field: `mistral-train config` lists them all
 """
+PLAN_HELP = """\
+plan keys (taken out before the overrides are composed):
+  num_processes=N          processes, one per GPU (default 1)
+  device_gib=G             memory of one device, GiB (default 80)
+  strategy=S               ddp fsdp2 zero1 zero2 zero2_offload zero3 zero3_offload zero3_offload_params (default: all)
+  optimizer=O              auto adamw adamw_mixed adamw8bit (auto: adamw, or adamw_mixed under DeepSpeed bf16)
+"""
 EXAMPLES = """\
 examples:
   mistral-train                                   tiny Mistral on the bundled text, on CPU
@@ -37,6 +46,7 @@ examples:
   mistral-train recipe=mistral7b_continued_pretrain model.path=/models/Mistral-7B-v0.1 data.path=corpus/
   mistral-train config trainer.lr=1e-3            show what a run would use
   mistral-train audit recipe=tiny_sft data.path=chats.jsonl   check labels, BOS/EOS and the template
+  mistral-train plan recipe=mistral7b_full_sft num_processes=8 strategy=zero3   GiB per GPU; fits in 80 GiB?
   mistral-train generate runs/tiny_pretrain_sft/sft/final --chat --prompt "What is three plus four?"
   mistral-train merge runs/tiny_lora_sft/sft/final --out merged/      adapter + base -> one HF folder
   mistral-train plot runs/tiny_pretrain_sft/sft
@@ -72,20 +82,41 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
-    """The pre-flight audit of the run's training data, printed; a staged recipe audits each stage."""
+    """What the run would check and prepare before step 1 (counts, label audit, a marked sample), printed;
+    a staged recipe audits each stage whose data exists already (a later stage's model may not)."""
     cfg = _run_config(args.overrides)
-    from mistral_train.data.audit import format_report, run_audit  # imported here: the data stack is slow to load
+    from mistral_train.data.audit import run_audit  # imported here: the data stack is slow to load
     from mistral_train.train.stages import stage_configs
 
     stages = stage_configs(cfg) if cfg.stages else [(None, cfg)]
     for name, stage in stages:
-        try:
-            report = run_audit(stage)
-        except ValueError as err:  # AuditError, unreadable rows: the data, not the code, is at fault
-            raise ConfigError(f"{'stage ' + name + ': ' if name else ''}{err}") from err
         if name:
             print(f"== stage {name}")
-        print(format_report(report))
+        try:
+            print("\n".join(run_audit(stage).summary))
+        except ValueError as err:  # AuditError, unreadable rows: the data, not the code, is at fault
+            raise ConfigError(f"{'stage ' + name + ': ' if name else ''}{err}") from err
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    """Per-device memory of the run for each strategy (mistral_train/plan.py); builds no model, reads no data."""
+    from mistral_train.plan import format_plan, plan_run, split_plan_options
+
+    options, rest = split_plan_options(args.overrides)  # num_processes=, device_gib=, strategy=, optimizer=
+    given = {o.split("=", 1)[0] for o in rest}
+    rest += [] if "data.path" in given else ["data.path=null"]  # a recipe's required data does not change memory
+    try:
+        cfg = _run_config(rest)
+    except ConfigError as err:  # a recipe that requires model.path: plan the shape its model.* fields give
+        if "model.path" in given:
+            raise
+        try:
+            cfg = _run_config([*rest, "model.path=null"])
+        except ConfigError:
+            raise err from None
+        print("no model.path given: planning the recipe's model.* shape")
+    print(format_plan(plan_run(cfg, options)))
     return 0
 
 
@@ -156,6 +187,14 @@ def build_parser() -> argparse.ArgumentParser:
         sub = verbs.add_parser(name, help=helptext, description=helptext, epilog=OVERRIDES_HELP, formatter_class=fmt)
         sub.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="recipe=NAME and Hydra overrides")
         sub.set_defaults(handler=handler)
+
+    plan = verbs.add_parser("plan", help="per-device memory (weights, gradients, optimizer, activations) of a run "
+                                         "per strategy, and whether it fits", formatter_class=fmt,
+                            description="Per-device memory of a run under DDP, FSDP2 and DeepSpeed ZeRO-1/2/3 (with "
+                                        "CPU offload), from its architecture alone, and whether it fits a device.",
+                            epilog=PLAN_HELP + OVERRIDES_HELP)
+    plan.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="plan keys, recipe=NAME and Hydra overrides")
+    plan.set_defaults(handler=cmd_plan)
 
     gen = verbs.add_parser("generate", help="continue a prompt with a saved model",
                            description="Continue a prompt with an HF Mistral folder (e.g. runs/NAME/final).")

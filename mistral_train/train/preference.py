@@ -20,8 +20,10 @@ forward and under no_grad in eval mode, so nothing it touches is saved for the b
 Logged per pair, with trl's names: rewards/chosen, rewards/rejected, rewards/accuracies,
 rewards/margins, logps/chosen, logps/rejected.
 
-Reward (`trainer.objective=reward`): a sequence-classification model (one label) scores the last token
-of each sequence; `losses.reward.reward_loss` is Bradley-Terry with an optional per-pair margin and
+Reward (`trainer.objective=reward`): a sequence-classification model (one label) scores the rightmost
+token of each row whose id is not the pad id, as transformers' MistralForSequenceClassification pools
+(and trl's RewardTrainer trains): with the Mistral tokenizers pad == EOS, so that is the answer's last
+token before its EOS. `losses.reward.reward_loss` is Bradley-Terry with an optional per-pair margin and
 reward centring. Logged: accuracy, reward mean of chosen and rejected.
 """
 
@@ -166,7 +168,7 @@ def reward_objective(spec: RewardSpec) -> Objective:
     def step(model: torch.nn.Module, batch: Batch) -> StepOutput:
         B = num_pairs(batch)
         if "attention_mask" not in batch:
-            raise ValueError("a reward model needs padded pair batches (data.packing=false): it scores each row's last token")
+            raise ValueError("a reward model needs padded pair batches (data.packing=false): it scores one token per row")
         scores = model(batch["input_ids"], attention_mask=batch["attention_mask"]).squeeze(-1).float()  # (2B,)
         loss, accuracy = reward_loss(scores[:B], scores[B:], margin=batch.get("margin"),
                                      center_rewards_coefficient=spec.center_rewards_coefficient)
