@@ -56,7 +56,7 @@ def dropped_eos_labels(input_ids: torch.Tensor, labels: torch.Tensor, eos_id: in
     return bad.nonzero() + torch.tensor([0, 1])
 
 
-def _check_example(ex: SFTExample, tokenizer) -> None:
+def check_labels(ex: SFTExample, tokenizer) -> None:
     where, ids, labels = _where(ex), ex.input_ids, ex.labels
     if len(ids) != len(labels) or not ids:
         raise AuditError(f"{where}: {len(ids)} input ids but {len(labels)} labels; expected equal, non-zero lengths")
@@ -86,7 +86,7 @@ def _expected_texts(row: Mapping, train_on: str) -> list[str]:
     return answers[-1:] if train_on == "last_assistant" else answers
 
 
-def _check_round_trip(ex: SFTExample, row: Mapping, tokenizer, train_on: str) -> None:
+def check_round_trip(ex: SFTExample, row: Mapping, tokenizer, train_on: str) -> None:
     runs = assistant_spans([y != IGNORE_INDEX for y in ex.labels])
     if ex.truncated:  # the cut run is partial by design; check the complete ones
         runs = [(s, e) for s, e in runs if ex.input_ids[e - 1] == tokenizer.eos_id]
@@ -155,13 +155,11 @@ def audit(examples: Sequence[SFTExample], stats: SFTStats, tokenizer, pad_id: Op
     if all(all(y == IGNORE_INDEX for y in ex.labels[1:]) for ex in examples):
         raise AuditError(f"every label in the dataset is masked ({len(examples)} examples, first "
                          f"{_where(examples[0])}); check data.train_on={stats.train_on} and the chat template")
-    by_key = {(str(r["source"]), int(r["row"])): r for r in rows} if rows is not None else None
+    by_key = rows_by_key(rows)
     for ex in examples:
-        _check_example(ex, tokenizer)
+        check_labels(ex, tokenizer)
         if by_key is not None:
-            if (ex.source, ex.row) not in by_key:
-                raise AuditError(f"{_where(ex)}: no such row among the rows given for the round-trip check")
-            _check_round_trip(ex, by_key[(ex.source, ex.row)], tokenizer, stats.train_on)
+            check_round_trip(ex, source_row(ex, by_key), tokenizer, stats.train_on)
         if collate is not None:
             _check_collated(ex, collate, tokenizer.eos_id, pad_id)
     checks = ["at least one label token per example", "exactly one BOS, at position 0",
@@ -178,16 +176,28 @@ def audit(examples: Sequence[SFTExample], stats: SFTStats, tokenizer, pad_id: Op
         notes.append(f"pad id {pad_id} equals EOS id and no collator was given: "
                      "EOS labels after collation not verified")
     return AuditReport(stats, checks, notes, [(ex.source, ex.row, mark_trained(ex, tokenizer))
-                                              for ex in _pick_samples(examples, n_show)])
+                                              for ex in pick_samples(examples, n_show)])
 
 
-def _pick_samples(examples: Sequence[SFTExample], n: int) -> list[SFTExample]:
-    """One example per source first, then the next ones, up to n."""
-    firsts: dict[str, SFTExample] = {}
-    for ex in examples:
-        firsts.setdefault(ex.source, ex)
+def rows_by_key(rows: Optional[Iterable[Mapping]]) -> Optional[dict[tuple[str, int], Mapping]]:
+    """Canonical rows by (source, row), for checks that compare tokens with the row they came from."""
+    return None if rows is None else {(str(r["source"]), int(r["row"])): r for r in rows}
+
+
+def source_row(item, by_key: dict[tuple[str, int], Mapping]) -> Mapping:
+    """The canonical row an example or pair (anything with `source` and `row`) came from."""
+    if (item.source, item.row) not in by_key:
+        raise AuditError(f"{item.source} row {item.row}: no such row among the rows given for the round-trip check")
+    return by_key[(item.source, item.row)]
+
+
+def pick_samples(items: Sequence, n: int) -> list:
+    """Up to n items to show (examples or pairs, anything with a `source`): one per source first, then the next ones."""
+    firsts: dict[str, object] = {}
+    for item in items:
+        firsts.setdefault(item.source, item)
     picked = list(firsts.values())[:n]
-    return picked + [ex for ex in examples if all(ex is not p for p in picked)][: n - len(picked)]
+    return picked + [item for item in items if all(item is not p for p in picked)][: n - len(picked)]
 
 
 def _describe_drops(stats: SFTStats) -> str:

@@ -31,8 +31,7 @@ import torch
 
 from mistral_train.data.collate import Batch, collate_packed, collate_padded
 from mistral_train.data.packing import pack_examples
-from mistral_train.data.sft import OVERLONG, SFTExample, SourceStats, assistant_spans
-from mistral_train.data.sft import _where as row_where
+from mistral_train.data.sft import OVERLONG, SFTExample, SourceStats, assistant_spans, row_where
 from mistral_train.losses.ce import IGNORE_INDEX
 
 ANSWERS = ("chosen", "rejected")
@@ -199,9 +198,7 @@ def tokenize_pairs(rows: Iterable[Mapping], tokenizer, max_seq_len: int, max_pro
         source, index, _ = row_where(row)
         counts = stats.sources.setdefault(source, PairSourceStats())
         if pair is None:
-            counts.dropped += 1
-            if len(counts.dropped_rows) < _MAX_LISTED:
-                counts.dropped_rows.append(index)
+            counts.drop(index)
             continue
         pairs.append(pair)
         counts.examples += 1

@@ -20,8 +20,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Mapping, Optional, Sequence
 
-from mistral_train.data.audit import (MARK, AuditError, _check_example, _check_round_trip, dropped_eos_labels,
-                                      mark_trained)
+from mistral_train.data.audit import (MARK, AuditError, check_labels, check_round_trip, dropped_eos_labels,
+                                      mark_trained, pick_samples, rows_by_key, source_row)
 from mistral_train.data.collate import Batch
 from mistral_train.data.preference import ANSWERS, PairSourceStats, PreferencePair, PreferenceStats
 from mistral_train.losses.ce import IGNORE_INDEX
@@ -48,7 +48,7 @@ def _check_pair(pair: PreferencePair, tokenizer) -> None:
     for which in ANSWERS:
         seq = pair.sequence(which)
         try:
-            _check_example(seq, tokenizer)
+            check_labels(seq, tokenizer)
         except AuditError as err:
             raise AuditError(f"{err} (in prompt + {which})") from None
         answer = seq.input_ids[start:]
@@ -66,7 +66,7 @@ def _check_pair(pair: PreferencePair, tokenizer) -> None:
 def _check_row(pair: PreferencePair, row: Mapping, tokenizer, chat_format: str) -> None:
     for which in ANSWERS:
         try:  # the trained span of prompt + answer, against the answer's text (data/audit.py's check)
-            _check_round_trip(pair.sequence(which), {"messages": list(row["prompt"]) + list(row[which])}, tokenizer,
+            check_round_trip(pair.sequence(which), {"messages": list(row["prompt"]) + list(row[which])}, tokenizer,
                               "last_assistant")
         except AuditError as err:
             raise AuditError(f"{err} (in prompt + {which})") from None
@@ -113,14 +113,12 @@ def audit_pairs(pairs: Sequence[PreferencePair], stats: PreferenceStats, tokeniz
                           for name, s in stats.sources.items() if s.dropped)
         raise AuditError(f"no preference pairs left to train on: {drops or 'no rows were read'} "
                          f"(max_seq_len={stats.max_seq_len}, max_prompt_len={stats.max_prompt_len})")
-    by_key = {(str(r["source"]), int(r["row"])): r for r in rows} if rows is not None else None
+    by_key = rows_by_key(rows)
     same: list[tuple[str, int]] = []
     for pair in pairs:
         _check_pair(pair, tokenizer)
         if by_key is not None:
-            if (pair.source, pair.row) not in by_key:
-                raise AuditError(f"{_where(pair)}: no such row among the rows given for the round-trip check")
-            _check_row(pair, by_key[(pair.source, pair.row)], tokenizer, stats.chat_format)
+            _check_row(pair, source_row(pair, by_key), tokenizer, stats.chat_format)
         if collate is not None:
             _check_collated(pair, collate, tokenizer.eos_id)
         if pair.identical:
@@ -145,17 +143,8 @@ def audit_pairs(pairs: Sequence[PreferencePair], stats: PreferenceStats, tokeniz
     else:
         checks.append("no identical pairs")
     samples = [(p.source, p.row, mark_trained(p.sequence("chosen"), tokenizer),
-                mark_trained(p.sequence("rejected"), tokenizer)) for p in _pick(pairs, n_show)]
+                mark_trained(p.sequence("rejected"), tokenizer)) for p in pick_samples(pairs, n_show)]
     return PairAuditReport(stats, checks, notes, same, samples)
-
-
-def _pick(pairs: Sequence[PreferencePair], n: int) -> list[PreferencePair]:
-    """One pair per source first, then the next ones, up to n."""
-    firsts: dict[str, PreferencePair] = {}
-    for pair in pairs:
-        firsts.setdefault(pair.source, pair)
-    picked = list(firsts.values())[:n]
-    return picked + [p for p in pairs if all(p is not q for q in picked)][: n - len(picked)]
 
 
 def format_pair_report(report: PairAuditReport) -> str:

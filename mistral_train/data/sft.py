@@ -44,6 +44,12 @@ class SourceStats:
     dropped: int = 0  # over-long rows removed (overlong=drop, or nothing trained left after the cut)
     dropped_rows: list[int] = field(default_factory=list)  # the first few, for the report
 
+    def drop(self, row: int) -> None:
+        """Count a dropped row, keeping the first few row numbers for the report."""
+        self.dropped += 1
+        if len(self.dropped_rows) < _MAX_LISTED:
+            self.dropped_rows.append(row)
+
     def add(self, other: "SourceStats") -> None:
         self.examples += other.examples
         self.tokens += other.tokens
@@ -69,7 +75,7 @@ class SFTStats:
         return out
 
 
-def _where(row: Mapping) -> tuple[str, int, str]:
+def row_where(row: Mapping) -> tuple[str, int, str]:
     """(source, row number, 'SOURCE row N') of a canonical row; both keys are required."""
     if not isinstance(row, Mapping) or "source" not in row or "row" not in row:
         got = sorted(row) if isinstance(row, Mapping) else type(row).__name__
@@ -139,7 +145,7 @@ def tokenize_conversation(row: Mapping, tokenizer, max_seq_len: int, train_on: s
         raise ValueError(f"data.overlong {overlong!r} unknown; expected one of {OVERLONG}")
     if max_seq_len < 2:
         raise ValueError(f"max_seq_len must be at least 2 (BOS and one trained token), got {max_seq_len}")
-    source, index, where = _where(row)
+    source, index, where = row_where(row)
     if "messages" in row:
         ids, labels = _chat(row["messages"], tokenizer, train_on, chat_format, where)
     elif "text" in row:
@@ -164,12 +170,10 @@ def tokenize_rows(rows: Iterable[Mapping], tokenizer, max_seq_len: int, train_on
     examples = []
     for row in rows:
         example = tokenize_conversation(row, tokenizer, max_seq_len, train_on, overlong, chat_format)
-        source, index, _ = _where(row)
+        source, index, _ = row_where(row)
         counts = stats.sources.setdefault(source, SourceStats())
         if example is None:
-            counts.dropped += 1
-            if len(counts.dropped_rows) < _MAX_LISTED:
-                counts.dropped_rows.append(index)
+            counts.drop(index)
             continue
         examples.append(example)
         counts.examples += 1
