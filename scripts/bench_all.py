@@ -1,0 +1,124 @@
+"""Run the whole benchmark suite in one command; write docs/benchmarks.md and docs/img/*.png from what it measured.
+
+Benches (each a script that also runs alone; each compares ours with the peer in the same run):
+  model  bench_model.py: full training step at seq 512 x batch 4 and 2048 x batch 2 vs transformers,
+         greedy decode vs transformers' generate
+  lora   bench_lora.py: LoRA and QLoRA steps at seq 512 and 2048 vs transformers + peft (+ bitsandbytes)
+  dpo    bench_dpo.py: a DPO step at seq 1024 vs trl.DPOTrainer, per reference kind, checkpointing off and on
+  sft    bench_sft.py: one SFT epoch end to end, ours packed vs trl.SFTTrainer defaults and with its packing
+The machine's matmul peak (a large fp32 sgemm on CPU, bf16 on CUDA, best of several) is measured
+before every bench and at the end of the run; MFU = tokens/s x model FLOPs per token / the highest
+of those (other load only ever lowers a measurement).
+GPU section: when torch.cuda.is_available(), every bench runs again with --device cuda (bf16,
+flash-attn for transformers when installed, bitsandbytes' CUDA kernels, torch.cuda.max_memory_allocated);
+otherwise the report says it was not run.
+
+    python scripts/bench_all.py                    # everything -> docs/benchmarks.md, docs/img/
+    python scripts/bench_all.py --quick            # tiny sizes, 1 step: a smoke test -> outputs/bench-quick/
+    python scripts/bench_all.py --only lora,dpo    # some benches (the report covers what ran)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared bench helpers beside this file
+import _bench_common as mem  # noqa: E402
+import bench_report  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCHES = ("model", "lora", "dpo", "sft")
+
+
+def runs(name: str, quick: bool) -> list[tuple[str, list[str]]]:
+    """(label, script argv) of each run of bench `name`."""
+    if name == "model":
+        seqs = ((64, 2), (128, 2)) if quick else ((512, 4), (2048, 2))
+        # decode once (at the first size); eager attention only at the first size (it adds nothing at 2048)
+        return [(f"model-{seq}", ["bench_model.py", "--seq", str(seq), "--batch", str(batch)]
+                 + ([] if i == 0 else ["--no-decode", "--no-eager"])) for i, (seq, batch) in enumerate(seqs)]
+    return [(name, [f"bench_{name}.py"])]
+
+
+def run_bench(argv: list[str], device: str, quick: bool) -> dict:
+    """Run one bench script; its JSON payload plus its markdown, or {"error": ...} (never a guessed figure)."""
+    command = [sys.executable, str(ROOT / "scripts" / argv[0]), *argv[1:], "--device", device] + (["--quick"] if quick else [])
+    print(f"[bench_all] {' '.join(command[1:])}", file=sys.stderr, flush=True)
+    started = time.perf_counter()
+    done = subprocess.run(command, cwd=ROOT, stdout=subprocess.PIPE, text=True)  # stderr: progress, straight through
+    lines = done.stdout.splitlines()
+    payloads = [line[len(mem.JSON_PREFIX):] for line in lines if line.startswith(mem.JSON_PREFIX)]
+    if done.returncode != 0 or not payloads:
+        tail = "\n".join(lines[-5:])
+        return {"error": f"`{' '.join(['python', 'scripts/' + argv[0], *command[2:]])}` exited with {done.returncode} "
+                         f"after {time.perf_counter() - started:.0f} s without a result" + (f"; last output: {tail}" if tail else "")}
+    payload = json.loads(payloads[-1])
+    payload["markdown"] = "\n".join(line for line in lines if not line.startswith(mem.JSON_PREFIX)).strip()
+    return payload
+
+
+def matmul_peak(device: str, quick: bool) -> dict:
+    """Best GFLOP/s of an n x n matmul (fp32 on CPU, bf16 on CUDA) on THREADS threads: the machine's
+    dense-matmul peak as torch reaches it, measured in this run."""
+    torch.set_num_threads(mem.THREADS)
+    dtype = mem.compute_dtype(device)
+    n, repeats = (1024, 3) if quick else ((8192, 20) if device == "cuda" else (4096, 6))
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    mem.timed(lambda: a @ b, device)  # warm-up: thread pool, allocator, kernel selection
+    times = [mem.timed(lambda: a @ b, device)[0] for _ in range(repeats)]
+    return {"n": n, "dtype": str(dtype).removeprefix("torch."), "repeats": repeats,
+            "gflops": 2 * n**3 / min(times) / 1e9, "median_gflops": 2 * n**3 / sorted(times)[len(times) // 2] / 1e9}
+
+
+def section(device: str, names: list[str], quick: bool) -> dict:
+    """Every run of `names` on `device`, with the matmul peak measured before each and at the end."""
+    results, peaks = {}, []
+    for name in names:
+        for label, argv in runs(name, quick):
+            peaks.append(matmul_peak(device, quick))
+            results[label] = run_bench(argv, device, quick)
+    peaks.append(matmul_peak(device, quick))
+    return {"peaks": peaks, "peak_gflops": max(p["gflops"] for p in peaks), **results}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, 1 step per side: a smoke test of the suite")
+    parser.add_argument("--only", help=f"comma-separated subset of {','.join(BENCHES)}")
+    parser.add_argument("--out", type=Path, help="folder for benchmarks.md, benchmarks.json and img/ "
+                                                  "(default docs/; outputs/bench-quick/ with --quick)")
+    parser.add_argument("--no-gpu", action="store_true", help="skip the GPU section even when CUDA is available")
+    args = parser.parse_args()
+    names = args.only.split(",") if args.only else list(BENCHES)
+    unknown = sorted(set(names) - set(BENCHES))
+    if unknown:
+        raise SystemExit(f"--only: unknown bench {unknown}; expected some of {list(BENCHES)}")
+    out = args.out or ROOT / ("outputs/bench-quick" if args.quick else "docs")
+    clock = mem.RunClock(__file__)
+    results = {"quick": args.quick, "benches": names, "cpu": section("cpu", names, args.quick)}
+    if args.no_gpu:
+        results["cuda"] = {"not_run": "the GPU section was skipped (--no-gpu)"}
+    elif not torch.cuda.is_available():
+        results["cuda"] = {"not_run": f"no GPU: torch.cuda.is_available() is False on this machine (torch "
+                                      f"{torch.__version__}, CUDA build {torch.version.cuda or 'none'})"}
+    else:
+        results["cuda"] = section("cuda", names, args.quick)
+    results["run"] = clock.finish()
+    written = bench_report.write(results, out)
+    failed = [f"{device}/{label}" for device in ("cpu", "cuda") for label, r in results[device].items()
+              if isinstance(r, dict) and "error" in r]
+    print("\n".join(f"[bench_all] wrote {path}" for path in written), file=sys.stderr)
+    if failed:
+        raise SystemExit(f"[bench_all] failed: {failed} (the report says so; see the output above)")
+
+
+if __name__ == "__main__":
+    main()

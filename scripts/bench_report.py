@@ -1,0 +1,230 @@
+"""docs/benchmarks.md and docs/img/*.png from bench_all.py's results: only figures the run measured.
+
+The summary table puts each "Done when" target of issue 7 (and the aims of issues 4 and 5) next to
+the ratio measured in the same run; the sections after it are each bench's own markdown block.
+Plots use matplotlib's Agg canvas directly (no display, no global pyplot state).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+import _bench_common as mem
+
+KIND_NAMES = {"full": "full step (fwd+bwd)", "lora": "LoRA step", "qlora": "QLoRA (NF4) step"}
+FLOPS_FORMULA = ("model FLOPs per token = 6·N + 12·L·T·d for a full training step (PaLM appendix B, nanoGPT's "
+                 "estimate_mfu); 4·N + 6·N_A + 12·L·T·d with frozen base weights (LoRA: a frozen weight has no "
+                 "weight-gradient matmul). N: weights of the decoder linears and the LM head (embeddings excluded), "
+                 "N_A: LoRA adapter weights, L: layers, T: sequence length, d: heads × head_dim. Attention is "
+                 "counted in full, causal masking not discounted")
+
+
+def linear_shapes(arch: dict) -> list[tuple[int, int]]:
+    """(in, out) of one decoder layer's linears: q, k, v, o, gate, up, down."""
+    d, i = arch["hidden_size"], arch["intermediate_size"]
+    head_dim = arch.get("head_dim") or d // arch["num_attention_heads"]
+    q, kv = arch["num_attention_heads"] * head_dim, arch["num_key_value_heads"] * head_dim
+    return [(d, q), (d, kv), (d, kv), (q, d), (d, i), (d, i), (i, d)]
+
+
+def flops_per_token(arch: dict, seq: int, lora_r: int | None = None) -> float:
+    """Model FLOPs per trained token (FLOPS_FORMULA); `lora_r`: frozen base with rank-r adapters on every linear."""
+    layers, shapes = arch["num_hidden_layers"], linear_shapes(arch)
+    n = layers * sum(a * b for a, b in shapes) + arch["hidden_size"] * arch["vocab_size"]
+    attention = 12 * layers * seq * shapes[0][1]  # shapes[0][1] = heads x head_dim
+    if lora_r is None:
+        return 6 * n + attention
+    adapters = layers * sum(lora_r * (a + b) for a, b in shapes)
+    return 4 * n + 6 * adapters + attention
+
+
+def _ok(r: Optional[dict]) -> bool:
+    return isinstance(r, dict) and "error" not in r
+
+
+def step_series(section: dict) -> dict[str, list[dict]]:
+    """kind -> [{"seq", "ours", "peer", "flops_per_token"}] over the model and lora runs of one device."""
+    series: dict[str, list[dict]] = {}
+    for label, r in section.items():
+        if not _ok(r) or r.get("bench") not in ("model", "lora"):
+            continue
+        if r["bench"] == "model":
+            series.setdefault("full", []).append({"seq": r["seq"], "batch": r["batch"], "ours": r["train"]["ours"],
+                                                  "peer": r["train"]["hf-sdpa"],
+                                                  "flops_per_token": flops_per_token(r["arch"], r["seq"])})
+        else:
+            for row in r["rows"]:
+                series.setdefault(row["kind"], []).append({
+                    "seq": row["seq"], "batch": row["batch"], "ours": row["ours"], "peer": row["peft"],
+                    "flops_per_token": flops_per_token(r["arch"], row["seq"], lora_r=r["lora"]["r"])})
+    return {kind: sorted(points, key=lambda p: p["seq"]) for kind, points in series.items()}
+
+
+MEMORY = (("peak_mib", "peak memory over the model"), ("abs_peak_mib", "absolute peak memory"))
+
+
+def _row(what: str, ratio: float, target: float, higher: bool) -> str:
+    met = ratio >= target if higher else ratio <= target
+    return f"| {what} | {'>=' if higher else '<='} {target:g}x | {ratio:.2f}x | {'met' if met else '**missed**'} |"
+
+
+def _memory_rows(name: str, ours: dict, peer: dict, target: float) -> list[str]:
+    return [_row(f"{name}: {what}", ours[key] / peer[key], target, False) for key, what in MEMORY]
+
+
+def _step_rows(section: dict) -> list[str]:
+    """Full and LoRA/QLoRA steps: speed vs the peer, MFU (target for the full step only), memory."""
+    rows, peak = [], section["peak_gflops"] * 1e9
+    for kind, points in step_series(section).items():
+        peer = "transformers" if kind == "full" else "transformers+peft"
+        for p in points:
+            name = f"{KIND_NAMES[kind]}, seq {p['seq']} x {p['batch']}"
+            rows.append(_row(f"{name}: tokens/s vs {peer}", p["ours"]["tokens_per_s"] / p["peer"]["tokens_per_s"],
+                             1.1 if kind == "full" else 1.15, True))
+            mfu, peer_mfu = (p[side]["tokens_per_s"] * p["flops_per_token"] / peak for side in ("ours", "peer"))
+            verdict = ("met" if mfu >= 0.75 else "**missed**") if kind == "full" else "(no target)"
+            rows.append(f"| {name}: MFU ({peer} {peer_mfu:.0%}) | {'>= 75%' if kind == 'full' else ''} | {mfu:.0%} "
+                        f"| {verdict} |")
+            if p["seq"] >= 2048 or kind != "full":  # issue 7: 0.5x at seq 2048; issue 4's LoRA aim: 0.6x
+                rows += _memory_rows(name, p["ours"], p["peer"], 0.5 if p["seq"] >= 2048 else 0.6)
+    return rows
+
+
+def _other_rows(r: dict) -> list[str]:
+    """DPO per reference kind, the SFT epoch against both trl settings, greedy decode."""
+    rows = []
+    if r["bench"] == "dpo":
+        for row in r["rows"]:
+            name = f"DPO {row['reference']}, checkpointing {row['grad_ckpt']}, seq {row['seq']}"
+            rows.append(_row(f"{name}: tokens/s vs trl", row["ours"]["tokens_per_s"] / row["trl"]["tokens_per_s"], 1.3, True))
+            rows += _memory_rows(name, row["ours"], row["trl"], 0.5)
+    elif r["bench"] == "sft":
+        ours = r["sides"]["ours-packed"]
+        for peer, target, trl_name in (("trl-padded", 2.0, "trl.SFTTrainer defaults"),
+                                       ("trl-packed", 1.15, "trl.SFTTrainer packing=True")):
+            if peer in r["sides"]:
+                theirs = r["sides"][peer]
+                rows.append(_row(f"SFT epoch, ours packed vs {trl_name}: speed (their epoch s / ours)",
+                                 theirs["epoch_s"] / ours["epoch_s"], target, True))
+                rows += _memory_rows(f"SFT epoch vs {trl_name}", ours, theirs, 0.5)
+    elif r["bench"] == "model" and r.get("decode"):
+        d = r["decode"]
+        same = "" if d["hf-sdpa"]["same_tokens"] else " (greedy tokens DIFFER)"
+        rows.append(_row(f"Greedy decode, {r['new_tokens']} new tokens: tokens/s vs transformers generate{same}",
+                         d["ours"]["tokens_per_s"] / d["hf-sdpa"]["tokens_per_s"], 2.0, True))
+    return rows
+
+
+def summary(section: dict) -> list[str]:
+    """The targets table of one device's section: target, measured ratio (ours / peer), verdict."""
+    rows = _step_rows(section)
+    for label, r in section.items():
+        if _ok(r) and "bench" in r:
+            rows += _other_rows(r)
+    failed = [f"| {label}: not measured, the bench failed (see its section) | | | **failed** |"
+              for label, r in section.items() if isinstance(r, dict) and "error" in r]
+    return ["| Target (ours / peer, same run) | target | measured | verdict |", "|---|---:|---:|---|", *rows, *failed]
+
+
+def plots(section: dict, img: Path, device: str) -> list[Path]:
+    """tokens/s and peak memory against sequence length (one panel per kind), plus DPO/SFT bars."""
+    written, series = [], step_series(section)
+    suffix = "" if device == "cpu" else f"_{device}"
+    for key, ylabel, name, title in (
+            ("tokens_per_s", "tokens/s (median step)", "tokens_per_s", "training step throughput"),
+            ("abs_peak_mib", "peak memory, MiB", "peak_memory", "peak memory (solid: absolute; dashed: over the built model)")):
+        if not series:
+            break
+        fig = Figure(figsize=(4.2 * len(series), 3.8))
+        fig.suptitle(f"{device.upper()}: {title}, ours vs peer, same run", fontsize=10)
+        for i, (kind, points) in enumerate(series.items()):
+            ax = fig.add_subplot(1, len(series), i + 1)
+            seqs = [p["seq"] for p in points]
+            for side, color in (("ours", "tab:blue"), ("peer", "tab:orange")):
+                label = "ours" if side == "ours" else ("transformers" if kind == "full" else "transformers+peft")
+                ax.plot(seqs, [p[side][key] for p in points], "o-", color=color, label=label)
+                if key == "abs_peak_mib":
+                    ax.plot(seqs, [p[side]["peak_mib"] for p in points], "o--", color=color, alpha=0.6)
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(seqs, [str(s) for s in seqs])
+            ax.set_title(KIND_NAMES[kind])
+            ax.set_xlabel("sequence length")
+            ax.set_ylabel(ylabel if i == 0 else "")
+            ax.set_ylim(bottom=0)
+            ax.legend(fontsize=8)
+        written.append(_save(fig, img / f"{name}{suffix}.png"))
+    bars = [(f"DPO {row['reference']}\nckpt {row['grad_ckpt']}", row["ours"], row["trl"])
+            for r in section.values() if _ok(r) and r.get("bench") == "dpo" for row in r["rows"]]
+    sft = next((r for r in section.values() if _ok(r) and r.get("bench") == "sft"), None)
+    if sft:
+        bars += [(f"SFT epoch vs\n{peer}", sft["sides"]["ours-packed"], sft["sides"][peer])
+                 for peer in ("trl-padded", "trl-packed") if peer in sft["sides"]]
+    if bars:
+        fig = Figure(figsize=(max(6.0, 1.6 * len(bars)), 6.4))
+        fig.suptitle(f"{device.upper()}: DPO step and SFT epoch, ours vs trl, same run", fontsize=10)
+        for i, (key, ylabel) in enumerate((("tokens_per_s", "tokens/s"), ("abs_peak_mib", "absolute peak memory, MiB"))):
+            ax = fig.add_subplot(2, 1, i + 1)
+            x = range(len(bars))
+            ax.bar([j - 0.2 for j in x], [b[1][key] for b in bars], 0.4, label="ours", color="tab:blue")
+            ax.bar([j + 0.2 for j in x], [b[2][key] for b in bars], 0.4, label="trl", color="tab:orange")
+            ax.set_xticks(list(x), [b[0] for b in bars], fontsize=7)
+            ax.set_ylabel(ylabel)
+            ax.legend(fontsize=8)
+        written.append(_save(fig, img / f"dpo_sft{suffix}.png"))
+    return written
+
+
+def _save(fig: Figure, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    FigureCanvasAgg(fig).print_png(str(path))
+    return path
+
+
+def device_section(name: str, section: dict, images: list[Path], out: Path) -> list[str]:
+    if "not_run" in section:
+        return [f"## {name}", "", f"**Not run.** {section['not_run']}. No {name} figure appears in this document."]
+    peaks, first = section["peaks"], section["peaks"][0]
+    lines = [f"## {name}", "",
+             f"Matmul peak measured in this run, before each bench and at the end: {first['n']}x{first['n']} "
+             f"{first['dtype']} matmul on {mem.THREADS} threads, best of {first['repeats']} each: "
+             + ", ".join(f"{p['gflops']:.0f}" for p in peaks) + f" GFLOP/s; MFU divides by the highest, "
+             f"{section['peak_gflops']:.0f} GFLOP/s (an MFU above 100% would mean every peak measurement was slowed "
+             f"by other load: rerun on a quiet machine). {FLOPS_FORMULA}.", "", *summary(section), ""]
+    lines += [f"![{p.stem}](img/{p.name})" for p in images if p.parent == out / "img"] + [""]
+    for label, r in section.items():
+        if label not in ("peaks", "peak_gflops"):
+            lines += [f"### {label}", "", r["error"] if "error" in r else r["markdown"], ""]
+    return lines
+
+
+def write(results: dict, out: Path) -> list[Path]:
+    """benchmarks.md, benchmarks.json and img/*.png under `out`; returns the paths written."""
+    run, info = results["run"], results["run"]["machine"]
+    images = {d: plots(results[d], out / "img", d)
+              for d in ("cpu", "cuda") if "not_run" not in results[d]}
+    lines = ["# Benchmarks", "",
+             "Written by `scripts/bench_all.py` from what that run measured; every ratio compares ours with the peer "
+             "measured in the same run, on the same model, weights and batch. Do not edit by hand: rerun the suite.",
+             "",
+             f"- Command: `{run['command']}` ({run['wall_s'] / 60:.0f} min), {run['date']}"
+             + (" — QUICK SMOKE RUN: tiny sizes, 1 step, not a measurement" if results["quick"] else "") + ".",
+             f"- Machine: {info['cpu']}, {info['cores']} cores, {info['ram_gib']} GiB RAM, GPU: {info['gpu'] or 'none'}; "
+             f"Python {info['python']}, {mem.versions_text(info)}.",
+             f"- Load from other processes: load average {run['load_start']:.1f} at start, {run['load_end']:.1f} at end; "
+             f"CPU pressure at end: `{run['pressure_end']}`.",
+             "- Memory: on CPU the process's RSS high-water mark, on CUDA `torch.cuda.max_memory_allocated`; each side "
+             "in its own process, the mark reset once its model is built. 'Absolute' is the whole process; 'over model' "
+             "subtracts what it held once built (weights, frozen reference, imported libraries). Both are shown.",
+             f"- Benches run: {', '.join(results['benches'])}.", ""]
+    lines += device_section("CPU", results["cpu"], images.get("cpu", []), out)
+    lines += device_section("GPU (CUDA)", results["cuda"], images.get("cuda", []), out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "benchmarks.md").write_text("\n".join(lines).rstrip() + "\n")
+    (out / "benchmarks.json").write_text(json.dumps(results, indent=1) + "\n")
+    return [out / "benchmarks.md", out / "benchmarks.json", *(p for ps in images.values() for p in ps)]
