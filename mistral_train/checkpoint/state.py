@@ -3,6 +3,8 @@
 A checkpoint folder is an HF model folder (written by `model.save_pretrained`, loadable as
 is) plus `training_state.pt`, which holds only tensors and plain Python data (optimizer,
 scheduler, RNG states, data position, step) so it loads with `torch.load(weights_only=True)`.
+Under DeepSpeed and FSDP2 the optimizer state is sharded and lives in the engine's own files in
+a subfolder (train/checkpointing.py); `training_state.pt` then holds None for it.
 Folders are written with `atomic_directory`, so any `step_N` folder present is complete.
 """
 
@@ -47,6 +49,35 @@ def restore_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def run_state(step: int, optimizer: Optional[torch.optim.Optimizer], scheduler: torch.optim.lr_scheduler.LRScheduler,
+              data_state: dict[str, Any], rng: Optional[dict[str, Any]] = None, **extra: Any) -> dict[str, Any]:
+    """What `training_state.pt` holds: `step` optimizer steps taken, the optimizer's state (None when an
+    engine saves it in its own files: DeepSpeed, FSDP2), the scheduler's, the data iterator's
+    `state_dict()`, the RNG states (default `capture_rng_state()` now) and `extra` plain data."""
+    return {
+        "step": int(step),
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "scheduler": scheduler.state_dict(),
+        "data": data_state,
+        "rng": capture_rng_state() if rng is None else rng,
+        **extra,
+    }
+
+
+def write_state_file(folder: str | os.PathLike, state: dict[str, Any]) -> Path:
+    path = Path(folder) / STATE_FILE
+    torch.save(state, path)
+    return path
+
+
+def read_state_file(directory: str | os.PathLike) -> dict[str, Any]:
+    """The training state of a checkpoint folder; tensors and plain data only (`weights_only=True`)."""
+    state_file = Path(directory) / STATE_FILE
+    if not state_file.is_file():
+        raise FileNotFoundError(f"{directory}: not a training checkpoint (no {STATE_FILE})")
+    return torch.load(state_file, map_location="cpu", weights_only=True)
+
+
 def save_training_state(
     directory: str | os.PathLike,
     write_model: Callable[[Path], None],
@@ -56,22 +87,16 @@ def save_training_state(
     data_state: dict[str, Any],
     rng: Optional[dict[str, Any]] = None,
 ) -> Path:
-    """Write a complete checkpoint folder at `directory` atomically; return its path.
+    """Write a complete checkpoint folder at `directory` atomically (one process); return its path.
 
     `write_model(folder)` writes the weights (an HF folder, or an adapter) into the temp folder;
     `step` is the number of optimizer steps already taken; `data_state` is the data iterator's
-    `state_dict()`; `rng` defaults to `capture_rng_state()` now.
+    `state_dict()`; `rng` defaults to `capture_rng_state()` now. Several processes write a checkpoint
+    through train/checkpointing.py, which adds the engines' own files.
     """
-    state = {
-        "step": int(step),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "data": data_state,
-        "rng": capture_rng_state() if rng is None else rng,
-    }
     with atomic_directory(directory) as tmp:
         write_model(tmp)
-        torch.save(state, tmp / STATE_FILE)
+        write_state_file(tmp, run_state(step, optimizer, scheduler, data_state, rng))
     return Path(directory)
 
 
@@ -86,12 +111,8 @@ def load_training_state(
     The caller restores the data position and RNG (`restore_rng_state`) once everything
     else that draws random numbers has been built.
     """
-    directory = Path(directory)
-    state_file = directory / STATE_FILE
-    if not state_file.is_file():
-        raise FileNotFoundError(f"{directory}: not a training checkpoint (no {STATE_FILE})")
-    load_model(directory)
-    state = torch.load(state_file, map_location="cpu", weights_only=True)
+    state = read_state_file(directory)
+    load_model(Path(directory))
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     return {"step": state["step"], "data": state["data"], "rng": state["rng"]}

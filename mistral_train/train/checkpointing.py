@@ -1,21 +1,37 @@
 """Checkpoints of a run: where a resume starts, and writing `checkpoints/step_N/` as a usable HF folder.
 
 Formats and atomic writes live in checkpoint/state.py and checkpoint/atomic.py; this module
-adds what the loop decides: which checkpoint `resume=` names, that only the main process
-writes (the others wait), and pruning to `trainer.keep_last`. The loop says what goes into the
-folder: the weights (full HF folder or PEFT adapter) and the tokenizer, so a checkpoint loads as is.
+adds what the loop decides: which checkpoint `resume=` names, who writes what, and pruning to
+`trainer.keep_last`. The loop says what goes into the folder: the weights (full HF folder or PEFT
+adapter, gathered on the main process under sharding) and the tokenizer, so a checkpoint loads as is.
+
+Several processes: the main process opens the hidden temp folder, writes the weights into it and
+tells the others its path; under DeepSpeed every process writes its ZeRO partitions into `deepspeed/`
+(engine.save_checkpoint), under FSDP2 its DCP shards into `fsdp2/`; then the main process writes
+`training_state.pt` (with each process's RNG state), everyone waits, and the main process publishes
+the folder with one rename.
+Resume: same strategy; the same number of processes under DeepSpeed (its ZeRO partitions are per
+process), any number under DDP (the optimizer state is whole) and FSDP2 (DCP reshards).
 """
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list, gather_object
 
+from mistral_train.checkpoint.atomic import atomic_directory
 from mistral_train.checkpoint.state import (
-    STATE_FILE, checkpoint_path, latest_checkpoint, load_training_state, prune_checkpoints, save_training_state,
+    STATE_FILE, capture_rng_state, checkpoint_path, latest_checkpoint, prune_checkpoints, read_state_file, run_state,
+    write_state_file,
 )
+from mistral_train.config_checks import ConfigError
+from mistral_train.dist import deepspeed_engine, strategy_of
+
+DEEPSPEED_DIR, DEEPSPEED_TAG = "deepspeed", "state"  # engine.save_checkpoint(folder/deepspeed, tag=state)
+OPTIMIZER_FORMAT = {"single": "torch", "ddp": "torch", "fsdp2": "fsdp2"}  # else DeepSpeed's, per ZeRO stage
 
 
 def resolve_resume(resume: Optional[str], run_dir: Path) -> Optional[Path]:
@@ -45,25 +61,101 @@ def resolve_resume(resume: Optional[str], run_dir: Path) -> Optional[Path]:
     return path
 
 
-def save_checkpoint(accelerator: Accelerator, run_dir: Path, step: int, optimizer, scheduler,
-                    data_state: dict[str, Any], write_folder: Callable[[Path], None], keep_last: int) -> Optional[Path]:
-    """Write `checkpoints/step_{step}` on the main process: `write_folder(tmp)` puts the weights
-    (HF folder or adapter) and the tokenizer into the temp folder, then the training state joins
-    them and the folder is published whole; then keep the newest `keep_last`. Every process waits
-    until it is on disk. Returns its path on the main process, None elsewhere."""
+def _has_frozen(model) -> bool:
+    return any(not p.requires_grad for p in model.parameters())
+
+
+def _save_engine_state(accelerator, model, optimizer, folder: Optional[Path]) -> Optional[str]:
+    """The engine's own sharded files (collective); returns their kind, or None when the optimizer
+    state is a plain torch state dict that goes into training_state.pt."""
+    engine = deepspeed_engine(accelerator)
+    if engine is not None:
+        # frozen weights (an adapter run's base) are in the HF/adapter folder's base already
+        engine.save_checkpoint(str(folder / DEEPSPEED_DIR), tag=DEEPSPEED_TAG, save_latest=False,
+                               exclude_frozen_parameters=_has_frozen(engine.module))
+        return "deepspeed"
+    if strategy_of(accelerator).name == "fsdp2":
+        from mistral_train.dist_fsdp import save_fsdp_state
+
+        save_fsdp_state(model, optimizer, folder)
+        return "fsdp2"
+    return None
+
+
+def save_checkpoint(accelerator, run_dir: Path, step: int, model, optimizer, scheduler, data_state: dict[str, Any],
+                    write_folder: Callable[[Path], None], keep_last: int) -> Optional[Path]:
+    """Write `checkpoints/step_{step}` (every process calls this): on the main process `write_folder(tmp)`
+    (weights and tokenizer), then engine files from every process, then the training state; the folder is
+    published whole, then the newest `keep_last` are kept. Returns its path on the main process, None elsewhere."""
     accelerator.wait_for_everyone()
-    path = None
-    if accelerator.is_main_process:
-        path = save_training_state(checkpoint_path(run_dir, step), write_folder, optimizer, scheduler, step, data_state)
+    main, world = accelerator.is_main_process, accelerator.num_processes
+    rngs = gather_object([capture_rng_state()]) if world > 1 else [capture_rng_state()]
+    final = checkpoint_path(run_dir, step)
+    with contextlib.ExitStack() as stack:
+        tmp = stack.enter_context(atomic_directory(final)) if main else None
+        if main:  # first: save_pretrained publishes into `tmp` by replacing it whole (its own atomic write)
+            write_folder(tmp)
+        if world > 1:
+            tmp = Path(broadcast_object_list([str(tmp) if main else None])[0])
+        engine = _save_engine_state(accelerator, model, optimizer, tmp)
+        if main:
+            extra = {"strategy": strategy_of(accelerator).name, "world_size": world, "engine": engine}
+            if world > 1:
+                extra["rng_ranks"] = rngs
+            write_state_file(tmp, run_state(step, None if engine else optimizer, scheduler, data_state, rngs[0], **extra))
+        accelerator.wait_for_everyone()  # every process's files are closed before the folder is fsynced and renamed
+    if main:
         prune_checkpoints(run_dir, keep_last)
     accelerator.wait_for_everyone()
-    return path
+    return final if main else None
 
 
-def load_checkpoint(path: Path, load_weights: Callable[[Path], None], optimizer, scheduler, batches) -> dict[str, Any]:
-    """Load weights (`load_weights(folder)`, in place), optimizer and scheduler and move `batches` to the
-    saved data position; return {"step", "rng"}. The caller restores the RNG states last, once nothing
-    else will draw random numbers before step `step + 1`."""
-    state = load_training_state(path, load_weights, optimizer, scheduler)
+def _check_resumable(state: dict[str, Any], accelerator, path: Path) -> None:
+    """A checkpoint's optimizer state is in one engine's format; DeepSpeed's only fits the same process count."""
+    saved, now = state.get("strategy", "single"), strategy_of(accelerator).name
+    formats = OPTIMIZER_FORMAT.get(saved, saved), OPTIMIZER_FORMAT.get(now, now)
+    if formats[0] != formats[1]:
+        raise ConfigError(f"{path} was written under trainer.strategy={saved}; its optimizer state cannot resume under "
+                          f"{now}: resume with the {saved} launcher, or start a new run from its weights (model.path={path})")
+    written, world = int(state.get("world_size", 1)), accelerator.num_processes
+    if state.get("engine") == "deepspeed" and written != world:
+        raise ConfigError(f"{path} was written by {written} DeepSpeed processes and this launch has {world}: ZeRO optimizer "
+                          f"partitions restore only on the same count; launch {written} processes (or start a new run "
+                          f"from its weights: model.path={path})")
+    if written != world and accelerator.is_main_process:
+        print(f"resuming a {written}-process checkpoint on {world} processes: each step now draws "
+              f"grad_accum_steps x {world} batches (keep grad_accum_steps x processes to keep the global batch)")
+
+
+def load_checkpoint(path: Path, accelerator, model, load_weights: Callable[[Path], None], optimizer, scheduler,
+                    batches) -> dict[str, Any]:
+    """Load weights and optimizer (from the engine's files, or `load_weights(folder)` in place plus the state
+    file's optimizer state), the scheduler, and move `batches` to the saved data position; return {"step", "rng"}
+    (this process's RNG state, or the main process's when the process count changed). The caller restores the
+    RNG states last, once nothing else will draw random numbers before step `step + 1`.
+
+    Raises:
+        ConfigError: a checkpoint of another strategy, or of another process count under DeepSpeed.
+    """
+    state = read_state_file(path)
+    _check_resumable(state, accelerator, path)
+    engine = state.get("engine")
+    if engine == "deepspeed":
+        ds = deepspeed_engine(accelerator)
+        loaded, _ = ds.load_checkpoint(str(Path(path) / DEEPSPEED_DIR), tag=DEEPSPEED_TAG,
+                                       load_module_strict=not _has_frozen(ds.module), load_optimizer_states=True,
+                                       load_lr_scheduler_states=False)
+        if loaded is None:
+            raise FileNotFoundError(f"{path}: DeepSpeed could not load {DEEPSPEED_DIR}/{DEEPSPEED_TAG}")
+    elif engine == "fsdp2":
+        from mistral_train.dist_fsdp import load_fsdp_state
+
+        load_fsdp_state(model, optimizer, Path(path))
+    else:
+        load_weights(Path(path))
+        optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
     batches.load_state_dict(state["data"])
-    return {"step": int(state["step"]), "rng": state["rng"]}
+    ranks = state.get("rng_ranks")
+    same = ranks is not None and len(ranks) == accelerator.num_processes
+    return {"step": int(state["step"]), "rng": ranks[accelerator.process_index] if same else state["rng"]}

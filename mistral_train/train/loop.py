@@ -30,7 +30,8 @@ from mistral_train.checkpoint.state import restore_rng_state
 from mistral_train.config import RunConfig, dump_run_config
 from mistral_train.data.batches import PAIR_OBJECTIVES, EpochBatches, TrainData, build_batches, pad_id_of
 from mistral_train.data.collate import padding_share
-from mistral_train.dist import build_accelerator, release
+from mistral_train.dist import backward, build_accelerator, clip_gradients, no_sync, prepare, release, shard_model
+from mistral_train.dist_gather import FullModel
 from mistral_train.model import Mistral
 from mistral_train.plots import plot_run
 from mistral_train.tokenizer import load_tokenizer, resolve_tokenizer_path
@@ -61,11 +62,11 @@ def backward_window(model: torch.nn.Module, objective: Objective, window: list[B
 
     Args:
         window: this process's micro-batches, already on the model's device.
-        accelerator: backward through it, gradient sync skipped (`no_sync`) on all but the last
-            micro-batch; None: plain `loss.backward()`.
+        accelerator: backward through it (dist.backward: the engine's own under DeepSpeed), gradient
+            sync skipped (dist.no_sync) on all but the last micro-batch; None: plain `loss.backward()`.
         n_tokens: units (label tokens, pairs) of the whole window over all processes (`next_window`);
             default: counted over `window`.
-        world_size: processes whose gradients DDP averages.
+        world_size: processes whose gradients DDP averages (FSDP2 and ZeRO average the same way).
     Returns:
         this process's summed unit loss / n_tokens (the window's loss when world_size is 1; summed
         over processes otherwise), n_tokens, and the step's statistics divided the same way.
@@ -78,11 +79,11 @@ def backward_window(model: torch.nn.Module, objective: Objective, window: list[B
     total, stats = 0.0, {}
     for i, batch in enumerate(window):
         last = i == len(window) - 1
-        with contextlib.nullcontext() if accelerator is None or last else accelerator.no_sync(model):
+        with contextlib.nullcontext() if accelerator is None or last else no_sync(accelerator, model):
             with autocast():
                 out = objective.step(model, batch)
             loss = out.loss_sum / denominator
-            loss.backward() if accelerator is None else accelerator.backward(loss)
+            loss.backward() if accelerator is None else backward(accelerator, loss, last)
         total += float(out.loss_sum.detach())
         for key, value in (out.stats or {}).items():
             stats[key] = stats.get(key, 0.0) + float(value)
@@ -99,9 +100,10 @@ def next_window(batches: EpochBatches, objective: Objective, grad_accum_steps: i
 
 
 def evaluate(model, objective: Objective, data: TrainData, tokenizer, cfg: RunConfig, autocast: Autocast,
-             accelerator) -> tuple[dict[str, float], list[dict]]:
+             accelerator, full_model: Optional[FullModel] = None) -> tuple[dict[str, float], list[dict]]:
     """Held-out loss and perplexity (every process), and exact match of greedy replies on held-out
-    rows that carry an "answer" (main process). Returns (metrics, generation samples)."""
+    rows that carry an "answer" (main process, on `full_model`'s gathered weights when sharded).
+    Returns (metrics, generation samples)."""
     metrics: dict[str, float] = {}
     if data.eval_batches:
         language = cfg.trainer.objective not in PAIR_OBJECTIVES  # perplexity of a DPO or reward loss means nothing
@@ -109,10 +111,13 @@ def evaluate(model, objective: Objective, data: TrainData, tokenizer, cfg: RunCo
     answered = any("answer" in row for row in data.eval_rows or [])
     samples: list[dict] = []
     generates = cfg.trainer.objective != "reward"
-    if answered and generates and cfg.trainer.eval_max_new_tokens > 0 and accelerator.is_main_process:
-        result = exact_match(accelerator.unwrap_model(model), tokenizer, data.eval_rows, cfg.data.chat_format,
-                             cfg.trainer.eval_max_new_tokens, cfg.trainer.batch_size * cfg.trainer.grad_accum_steps)
-        metrics["exact_match"], samples = result["exact_match"], result["samples"]
+    if answered and generates and cfg.trainer.eval_max_new_tokens > 0:
+        # gathering is collective under sharding: every process takes part, the main one generates
+        trained = full_model.collect(model) if full_model is not None else accelerator.unwrap_model(model)
+        if accelerator.is_main_process:
+            result = exact_match(trained, tokenizer, data.eval_rows, cfg.data.chat_format,
+                                 cfg.trainer.eval_max_new_tokens, cfg.trainer.batch_size * cfg.trainer.grad_accum_steps)
+            metrics["exact_match"], samples = result["exact_match"], result["samples"]
     return metrics, samples
 
 
@@ -146,13 +151,17 @@ def _train(cfg: RunConfig, accelerator) -> Path:
         objective = preference_objective(cfg, model, data, pad_id, accelerator)
     else:
         objective = get_objective(spec.objective, spec.loss_chunk_size)
+    full_model = FullModel(accelerator, model)  # before sharding: the structure full weights are gathered into
+    model = shard_model(accelerator, model)  # FSDP2 shards here, so the optimizer is built over the shards
     optimizer = build_optimizer(model, spec)
     scheduler = build_scheduler(optimizer, spec)
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    model, optimizer, scheduler = prepare(accelerator, model, optimizer, scheduler)
+    # the bare model; unwrapping imports DeepSpeed when it is installed (seconds): now, not at the first checkpoint
+    unwrapped = accelerator.unwrap_model(model)
     train_objective = objective
     if cfg.data.neftune_alpha is not None:  # noise in training forwards only; evaluation stays clean
         neftune = NEFTune(cfg.data.neftune_alpha)
-        neftune.attach(accelerator.unwrap_model(model))
+        neftune.attach(unwrapped)
         train_objective = neftune.wrap(objective)
     def write_folder(trained: Mistral, folder: Path) -> None:  # a checkpoint's or final/'s weights + tokenizer
         save_model_folder(trained, folder, cfg.model, cfg.adapter)
@@ -160,9 +169,8 @@ def _train(cfg: RunConfig, accelerator) -> Path:
 
     start = 0
     if resume_from is not None:
-        unwrapped = accelerator.unwrap_model(model)
-        state = load_checkpoint(resume_from, lambda folder: load_model_weights(unwrapped, folder), optimizer,
-                                scheduler, data.train)
+        state = load_checkpoint(resume_from, accelerator, model, lambda folder: load_model_weights(unwrapped, folder),
+                                optimizer, scheduler, data.train)
         restore_rng_state(state["rng"])  # last: nothing else draws random numbers before the next step
         start = state["step"]
         say(f"resumed from {resume_from} at step {start}")
@@ -172,7 +180,7 @@ def _train(cfg: RunConfig, accelerator) -> Path:
                            resume_step=start if resume_from is not None else None, enabled=main)
 
     def log_eval(step: int, metrics: dict) -> dict:
-        results, samples = evaluate(model, objective, data, tokenizer, cfg, accelerator.autocast, accelerator)
+        results, samples = evaluate(model, objective, data, tokenizer, cfg, accelerator.autocast, accelerator, full_model)
         if samples:
             logger.log_samples(step, samples)
         return {**metrics, **results}
@@ -194,10 +202,10 @@ def _train(cfg: RunConfig, accelerator) -> Path:
         last_loss, _, stats = backward_window(model, train_objective, window, accelerator.autocast, accelerator,
                                               n_tokens, world)
         if world > 1:  # each process's share of the window's mean: their sum is the mean
-            shares = accelerator.reduce(torch.tensor([last_loss, *stats.values()], device=accelerator.device), "sum")
-            last_loss, stats = float(shares[0]), dict(zip(stats, shares[1:].tolist()))
+            summed = accelerator.reduce(torch.tensor([last_loss, *stats.values()], device=accelerator.device), "sum")
+            last_loss, stats = float(summed[0]), dict(zip(stats, summed[1:].tolist()))
         first_loss = last_loss if step == start else first_loss
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)
+        grad_norm = clip_gradients(accelerator, model, max_norm)
         lr = optimizer.param_groups[0]["lr"]
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -220,15 +228,16 @@ def _train(cfg: RunConfig, accelerator) -> Path:
             logger.log(done, metrics)
             tokens_since, seconds_since, shares = 0, 0.0, []
         if done == spec.max_steps or (spec.save_every and done % spec.save_every == 0):
-            save_checkpoint(accelerator, run_dir, done, optimizer, scheduler, data.train.state_dict(),
-                            lambda folder: write_folder(accelerator.unwrap_model(model), folder), spec.keep_last)
+            trained = full_model.collect(model, trainable_only=cfg.adapter.kind != "none")  # every process
+            save_checkpoint(accelerator, run_dir, done, model, optimizer, scheduler, data.train.state_dict(),
+                            lambda folder: write_folder(trained, folder), spec.keep_last)
     bar.close()
     logger.close()
+    trained = full_model.collect(model)  # every process; the full model on the main one
     if main:
         if spec.max_steps > start:
             print(f"trained steps {start + 1}-{spec.max_steps} in {time.perf_counter() - began:.0f}s; "
                   f"loss {first_loss:.3f} -> {last_loss:.3f}")
-        trained = accelerator.unwrap_model(model)
         export_final(lambda folder: write_folder(trained, folder), run_dir / "final")
         if cfg.adapter.kind != "none" and cfg.adapter.merge_at_end:
             merge_adapter_folder(run_dir / "final", run_dir / "merged")
