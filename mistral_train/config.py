@@ -46,7 +46,10 @@ class ModelSpec:
     tie_word_embeddings: bool = True
     initializer_range: float = 0.02
     dtype: str = "float32"  # float32 | bfloat16 | float16: the dtype the weights are kept in
-    gradient_checkpointing: bool = False
+    # recompute activations in the backward: false | true (= block) | block | attention | mlp | every_k
+    gradient_checkpointing: Any = False
+    checkpoint_every: int = 1  # checkpoint layers 0, k, 2k, ... (every_k needs k >= 2)
+    activation_offloading: bool = False  # saved activations to CPU memory in the forward, back in the backward
 
 
 @dataclass
@@ -115,6 +118,7 @@ class TrainerSpec:
     beta2: float = 0.95
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
     loss_chunk_size: int = 1024  # tokens per cross-entropy chunk
+    compile: str = "auto"  # torch.compile each decoder block: auto (on CUDA, off on CPU, where it gained ~5%) | true | false
     precision: str = "fp32"  # fp32 | bf16 (autocast)
     device: str = "auto"  # auto | cpu | cuda
     # auto (what the launcher set up: an Accelerate DeepSpeed/FSDP config, else ddp over several processes)

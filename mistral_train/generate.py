@@ -1,8 +1,15 @@
-"""Text generation with a pre-allocated KV cache (a rolling buffer when the model has a sliding window)."""
+"""Text generation with a pre-allocated KV cache (a rolling buffer when the model has a sliding window).
+
+With `compile=True` the one-token decode step (blocks, head, cache writes) is compiled once
+with torch.compile over a *static* cache: fixed shapes, the position as a tensor, attention over
+every slot with empty ones masked, so one graph serves every step. The prompt's prefill, whose
+length varies, runs eagerly; sampling stays eager too.
+"""
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from functools import lru_cache
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 
@@ -39,6 +46,18 @@ def sample_next(
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
 
 
+def decode_step(model: Mistral, cache: KVCache, token: torch.Tensor, position: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Logits (B, V) after one new token per row: token and position (B, 1), index (1,) its cache index."""
+    return model.lm_head(model.hidden_states(token, None, position, cache, index)[:, -1])
+
+
+@lru_cache(maxsize=None)
+def compiled_decode_step(mode: Optional[str] = None) -> Callable[..., torch.Tensor]:
+    """`decode_step` compiled with torch.compile `mode` ("reduce-overhead" adds CUDA graphs on GPU).
+    One function for all models: dynamo re-traces when a guard (model shape, batch, cache size) fails."""
+    return torch.compile(decode_step, mode=mode)
+
+
 @torch.no_grad()
 def generate(
     model: Mistral,
@@ -52,6 +71,8 @@ def generate(
     generator: Optional[torch.Generator] = None,
     stop_at_eos: bool = True,
     return_logits: bool = False,
+    compile: bool = False,
+    compile_mode: Optional[str] = None,
 ):
     """Continue each prompt by up to `max_new_tokens` tokens.
 
@@ -62,6 +83,9 @@ def generate(
         eos_token_id: defaults to the model config's; a row that emits it stops, and is then
             filled with the pad id (EOS when the config has none). Generation ends when all rows stop.
         return_logits: also return the logits (B, V) each step chose from, in order.
+        compile: run the decode step compiled (see the module docstring); the first call with a
+            new model or batch shape pays the compile (seconds), later calls reuse it.
+        compile_mode: torch.compile's `mode` for that step (None: inductor's default).
     Returns:
         (B, T + n) token ids with n <= max_new_tokens; with `return_logits`, (ids, [logits...]).
     """
@@ -86,17 +110,20 @@ def generate(
     was_training = model.training
     model.eval()
     dtype = next(model.parameters()).dtype
-    cache = KVCache.for_model(model.config, B, T + max_new_tokens, dtype=dtype, device=device)
+    cache = KVCache.for_model(model.config, B, T + max_new_tokens, dtype=dtype, device=device, static=compile)
+    step_fn = compiled_decode_step(compile_mode) if compile else decode_step
     # RoPE positions count real tokens only, so a left-padded prompt is encoded as if unpadded.
     positions = (mask.long().cumsum(dim=-1) - 1).clamp(min=0)
     hidden = model.hidden_states(input_ids, mask, positions, cache, torch.arange(T, device=device))
-    next_position = positions[:, -1] + 1
+    logits = model.lm_head(hidden[:, -1])  # (B, V)
+    next_position = positions[:, -1:] + 1  # (B, 1)
+    index = torch.tensor([T], device=device)
     tokens, step_logits = [], []
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     for step in range(max_new_tokens):
-        logits = model.lm_head(hidden[:, -1])  # (B, V)
         if return_logits:
-            step_logits.append(logits.float())
+            # A copy: under CUDA graphs the step's output buffer is overwritten by the next step.
+            step_logits.append(logits.float().clone())
         token = sample_next(logits, temperature, top_k, top_p, generator)
         if pad is not None:
             token = torch.where(finished, torch.full_like(token, pad), token)
@@ -107,9 +134,8 @@ def generate(
                 break
         if step == max_new_tokens - 1:
             break
-        index = torch.tensor([T + step], device=device)
-        hidden = model.hidden_states(token[:, None], None, next_position[:, None], cache, index)
-        next_position = next_position + 1
+        logits = step_fn(model, cache, token[:, None], next_position, index)
+        index, next_position = index + 1, next_position + 1
     model.train(was_training)
     out = torch.cat([input_ids, torch.stack(tokens, dim=1)], dim=1) if tokens else input_ids
     return (out, step_logits) if return_logits else out

@@ -123,6 +123,10 @@ class Activations:
         return self.layers + self.recompute + self.head + self.loss + self.masks + self.casts
 
 
+def whole_blocks(policy) -> bool:  # partial policies (attention, mlp, every_k) planned as none: an upper bound
+    return policy is True or str(policy).lower() in ("true", "block")
+
+
 def activation_bytes(cfg: MistralConfig, batch: int, seq: int, *, act_bytes: int, resid_bytes: int, checkpointing: bool,
                      loss_chunk: int, lm_head_trains: bool, masked: bool = True, cast_params: int = 0) -> Activations:
     """Activations of one micro-batch of B = `batch` rows of T = `seq` tokens, N = B T.
@@ -269,7 +273,7 @@ def plan_run(cfg: RunConfig, options: Optional[PlanOptions] = None) -> Plan:
         casts = (sum(sizes[k] for k in linear_shapes(shape) if cfg.adapter.kind != "qlora")
                  + shape.vocab_size * shape.hidden_size) if autocast and wb == 4 else 0
         act = activation_bytes(shape, t.batch_size, t.max_seq_len, act_bytes=2 if autocast or wb == 2 else 4,
-                               resid_bytes=wb, checkpointing=cfg.model.gradient_checkpointing, loss_chunk=t.loss_chunk_size,
+                               resid_bytes=wb, checkpointing=whole_blocks(cfg.model.gradient_checkpointing), loss_chunk=t.loss_chunk_size,
                                lm_head_trains=w.lm_head_trains, cast_params=casts)
         weights, grads, optim, host = model_states(s, n, w, optimizer, max(sizes.values()), block, root)
         total = weights + grads + optim + act.total

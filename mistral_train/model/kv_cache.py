@@ -3,6 +3,11 @@
 Slots hold keys and values by sequence index. With a sliding window of W the cache has W
 slots and token i lives in slot i % W, so memory stays fixed however long the generation:
 a query at i never needs a key older than i - W + 1.
+
+A *static* cache (`static=True`, for a compiled decode step) handles single-token steps with
+fixed shapes and no Python-side state: the slot is computed from the index tensor, written with
+`index_copy_`, and attention runs over every slot (empty ones are masked), so the same compiled
+graph serves every step. Steps of several tokens (the prefill) take the ordinary path.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ class KVCache(nn.Module):
         rolling: bool,
         dtype: torch.dtype,
         device: torch.device | str | None = None,
+        static: bool = False,
     ) -> None:
         super().__init__()
         shape = (num_layers, batch_size, num_kv_heads, capacity, head_dim)
@@ -38,21 +44,27 @@ class KVCache(nn.Module):
         # Sequence index held by each slot (-1: empty) and whether it is a real (non-pad) token.
         self.register_buffer("slot_index", torch.full((capacity,), -1, dtype=torch.long, device=device), persistent=False)
         self.register_buffer("slot_keep", torch.zeros(batch_size, capacity, dtype=torch.bool, device=device), persistent=False)
+        # The slot of the current single-token step of a static cache: written in place each step.
+        self.register_buffer("step_slot", torch.zeros(1, dtype=torch.long, device=device), persistent=False)
         self.capacity = capacity
         self.rolling = rolling
+        self.static = static
         self._write_slots: Optional[torch.Tensor] = None
         self._write_from = 0  # first new token that is written (a long rolling chunk keeps its last W)
         self._concat = False
         self._end = capacity
 
     @classmethod
-    def for_model(cls, config, batch_size: int, max_length: int, dtype: torch.dtype, device) -> "KVCache":
+    def for_model(cls, config, batch_size: int, max_length: int, dtype: torch.dtype, device, static: bool = False) -> "KVCache":
         """A cache for `max_length` tokens: a rolling buffer of `sliding_window` slots when that is smaller."""
         window = config.sliding_window
         rolling = window is not None and window < max_length
         capacity = window if rolling else max_length
         return cls(config.num_hidden_layers, batch_size, config.num_key_value_heads, config.head_dim,
-                   capacity, rolling, dtype, device)
+                   capacity, rolling, dtype, device, static)
+
+    def _static_step(self, new: int) -> bool:
+        return self.static and new == 1
 
     def begin(self, index: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Register the new tokens of this step.
@@ -64,6 +76,12 @@ class KVCache(nn.Module):
             kv_index (Tk,) and kv_keep (B, Tk) describing the keys `update` will return.
         """
         new = index.shape[0]
+        if self._static_step(new):
+            # No int() of a tensor here: the caller (generate) checked the length up front.
+            self.step_slot.copy_(index % self.capacity if self.rolling else index)
+            self.slot_index.index_copy_(0, self.step_slot, index)
+            self.slot_keep.index_copy_(1, self.step_slot, keep)
+            return self.slot_index, self.slot_keep
         if not self.rolling and int(index[-1]) >= self.capacity:
             raise ValueError(f"KV cache holds {self.capacity} tokens; token index {int(index[-1])} does not fit")
         # A chunk of several tokens in a rolling buffer would overwrite keys that its own earlier
@@ -87,6 +105,10 @@ class KVCache(nn.Module):
         """Store this step's k, v (B, n_kv_heads, Tn, head_dim); return the keys and values to attend over."""
         # Under autocast the projections come out in the autocast dtype: store in the cache's.
         k, v = k.to(self.k.dtype), v.to(self.v.dtype)
+        if self._static_step(k.shape[2]):
+            self.k[layer].index_copy_(2, self.step_slot, k)
+            self.v[layer].index_copy_(2, self.step_slot, v)
+            return self.k[layer], self.v[layer]
         if self._concat:
             k_all = torch.cat((self.k[layer], k), dim=2)
             v_all = torch.cat((self.v[layer], v), dim=2)

@@ -1,4 +1,4 @@
-"""The Mistral decoder: RMSNorm, SwiGLU MLP, GQA + sliding-window attention, and its heads.
+"""The Mistral decoder (embeddings, blocks, final norm) and its heads; the blocks live in blocks.py.
 
 Parameter names equal transformers' (`model.layers.N.self_attn.q_proj.weight`, ...), so
 HF checkpoints load with the identity key map and LoRA/NF4 swaps keep keys stable.
@@ -6,94 +6,25 @@ HF checkpoints load with the identity key map and LoRA/NF4 swaps keep keys stabl
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from mistral_train.losses.ce import IGNORE_INDEX, chunked_cross_entropy
-from mistral_train.model.attention import attend, build_attention_mask, documents_from_positions
+from mistral_train.losses.logps import sequence_logps
+from mistral_train.model.attention import build_attention_mask, documents_from_positions
+from mistral_train.model.blocks import MLP, Attention, AttentionInputs, Block, RMSNorm
+from mistral_train.model.compile import CompileOptions, compile_blocks, uncompile_blocks
 from mistral_train.model.config import MistralConfig
+from mistral_train.model.execution import checkpoint_plan, run_block
 from mistral_train.model.kv_cache import KVCache
-from mistral_train.model.rope import apply_rope, rope_cos_sin
+from mistral_train.model.offload import DEFAULT_MIN_BYTES, OffloadOptions
+from mistral_train.model.rope import rope_cos_sin
 
+__all__ = ["Mistral", "Backbone", "Block", "Attention", "AttentionInputs", "MLP", "RMSNorm", "score_layer", "TASKS"]
 TASKS = ("causal_lm", "sequence_classification", "token_classification")
-_ACTIVATIONS = {"silu": F.silu, "relu": F.relu, "gelu": F.gelu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in fp32, scale in the input dtype: transformers' order, to the last bit.
-        normed = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * normed.to(x.dtype)
-
-
-class MLP(nn.Module):
-    """SwiGLU: down(act(gate(x)) * up(x))."""
-
-    def __init__(self, config: MistralConfig) -> None:
-        super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
-        self.act = _ACTIVATIONS[config.hidden_act]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
-
-
-@dataclass
-class AttentionInputs:
-    """What every layer's attention needs, computed once per forward."""
-
-    cos: torch.Tensor  # (B, T, head_dim)
-    sin: torch.Tensor
-    mask: Optional[torch.Tensor]  # (B|1, 1, T, Tk) bool; None means plain causal
-    cache: Optional[KVCache] = None
-
-
-class Attention(nn.Module):
-    def __init__(self, config: MistralConfig, layer_index: int) -> None:
-        super().__init__()
-        self.n_heads, self.n_kv_heads, self.head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
-        self.q_proj = nn.Linear(config.hidden_size, self.n_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(config.hidden_size, self.n_kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(config.hidden_size, self.n_kv_heads * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.hidden_size, bias=False)
-        self.dropout = config.attention_dropout
-        self.layer_index = layer_index
-
-    def forward(self, x: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor:
-        B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, n_heads, T, head_dim)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, n_kv_heads, T, head_dim)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, inputs.cos, inputs.sin), apply_rope(k, inputs.cos, inputs.sin)
-        if inputs.cache is not None:
-            k, v = inputs.cache.update(self.layer_index, k, v)
-        out = attend(q, k, v, inputs.mask, self.dropout if self.training else 0.0)  # (B, n_heads, T, head_dim)
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
-
-
-class Block(nn.Module):
-    def __init__(self, config: MistralConfig, layer_index: int) -> None:
-        super().__init__()
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = Attention(config, layer_index)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = MLP(config)
-
-    def forward(self, x: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), inputs)
-        return x + self.mlp(self.post_attention_layernorm(x))
 
 
 class Backbone(nn.Module):
@@ -142,7 +73,11 @@ class Mistral(nn.Module):
         else:
             self.score = score_layer(config, task)
             self.head_dropout = nn.Dropout(_classifier_dropout(config) if task == "token_classification" else 0.0)
-        self.gradient_checkpointing = False
+        # Execution options (set_gradient_checkpointing, set_compile, set_activation_offloading):
+        # how blocks run, never what they compute.
+        self.gradient_checkpointing: Optional[str] = None  # the policy name, None when off
+        self.compile_options: Optional[CompileOptions] = None
+        self.activation_offload: Optional[OffloadOptions] = None
         self.apply(self.init_weights)
 
     def init_weights(self, module: nn.Module) -> None:
@@ -157,9 +92,33 @@ class Mistral(nn.Module):
                 with torch.no_grad():
                     module.weight[module.padding_idx].zero_()
 
-    def set_gradient_checkpointing(self, enabled: bool = True) -> None:
-        """Recompute each block's activations in the backward pass instead of storing them."""
-        self.gradient_checkpointing = enabled
+    def set_gradient_checkpointing(self, policy: Union[str, bool, None] = True, every: int = 1) -> None:
+        """Recompute activations in the backward pass instead of storing them (training only).
+
+        Args:
+            policy: "block" (or True), "attention", "mlp", "every_k", or "none" (or False);
+                see model/execution.py for what each keeps.
+            every: apply the policy to layers 0, every, 2*every, ... ("every_k" needs >= 2).
+        """
+        name, parts = checkpoint_plan(policy, every, len(self.model.layers))
+        for block, part in zip(self.model.layers, parts):
+            block.recompute = part
+        self.gradient_checkpointing = name
+
+    def set_compile(self, enabled: bool = True, mode: Optional[str] = None, dynamic: Optional[bool] = True) -> None:
+        """Compile each decoder block with torch.compile (one compile shared by all layers) or
+        go back to eager; see model/compile.py. Call after adapters and quantization are applied."""
+        if enabled:
+            compile_blocks(self, mode, dynamic)
+        else:
+            uncompile_blocks(self)
+
+    def set_activation_offloading(self, enabled: bool = True, min_bytes: int = DEFAULT_MIN_BYTES) -> None:
+        """Keep each block's saved activations in CPU memory between forward and backward
+        (training only; tensors under `min_bytes` stay put); see model/offload.py."""
+        if isinstance(min_bytes, bool) or not isinstance(min_bytes, int) or min_bytes < 0:
+            raise ValueError(f"activation offloading `min_bytes` must be an int >= 0, got {min_bytes!r}")
+        self.activation_offload = OffloadOptions(min_bytes) if enabled else None
 
     @property
     def output_weight(self) -> torch.Tensor:
@@ -203,10 +162,7 @@ class Mistral(nn.Module):
                 mask = build_attention_mask(index, index, window, keep, documents, documents)
         inputs = AttentionInputs(cos, sin, mask, cache)
         for block in self.model.layers:
-            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(block, x, inputs, use_reentrant=False)
-            else:
-                x = block(x, inputs)
+            x = run_block(self, block, x, inputs)  # compiled, recomputed, offloaded: as set
         return self.model.norm(x)
 
     def forward(
@@ -221,12 +177,18 @@ class Mistral(nn.Module):
         return_hidden: bool = False,
         cache: Optional[KVCache] = None,
         cache_index: Optional[torch.Tensor] = None,
-    ) -> torch.Tensor:
-        """Logits, a loss, or hidden states.
+        sequence_index: Optional[torch.Tensor] = None,
+        num_sequences: Optional[int] = None,
+    ):
+        """Logits, a loss, per-sequence log-probs, or hidden states.
 
         Returns:
             - with `labels` (causal LM): scalar cross-entropy over labels != -100, labels aligned
               with input_ids and shifted inside; `reduction="sum"` for token-normalised accumulation.
+            - with `labels` and `reduction="sequence"`: (logps, counts), both (S,): the summed log-prob
+              of each sequence's labelled tokens and how many there are (DPO); `sequence_index` (B, T)
+              numbers the sequences of packed rows (-1 on padding), default one sequence per row.
+              Computed in chunks inside forward, so sharded weights (ZeRO-3, FSDP) are in place.
             - with `return_hidden`: final hidden states (B, T, H).
             - otherwise logits: (B, T, V) causal LM, (B, num_labels) sequence classification
               (last non-pad token), (B, T, num_labels) token classification.
@@ -238,6 +200,9 @@ class Mistral(nn.Module):
             if self.task != "causal_lm":
                 raise ValueError(f"`labels` computes the causal-LM loss; a {self.task} model returns logits for your loss")
             shifted = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # token t predicts label t+1
+            if reduction == "sequence":
+                owner = None if sequence_index is None else F.pad(sequence_index[:, 1:], (0, 1), value=-1)
+                return sequence_logps(hidden, self.lm_head.weight, shifted, owner, num_sequences, loss_chunk_size)
             return chunked_cross_entropy(hidden, self.lm_head.weight, shifted, loss_chunk_size, reduction)
         if self.task == "causal_lm":
             return self.lm_head(hidden)

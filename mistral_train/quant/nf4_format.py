@@ -112,7 +112,7 @@ class NF4Weight:
         if not self.double_quantized:
             return self.absmax.float()
         decoded = dequantize_blockwise_8bit(self.absmax, self.nested_absmax, self.nested_quant_map, self.nested_blocksize)
-        return decoded + torch.tensor(self.offset, dtype=torch.float32, device=decoded.device)
+        return decoded + self.offset  # the float itself, not a new tensor: lets torch.compile share one graph over layers
 
     def storage_bytes(self) -> int:
         """Bytes held by the packed codes and the quant state tensors."""

@@ -39,7 +39,7 @@ from mistral_train.tracking import MetricsLogger, progress_bar
 from mistral_train.train.checkpointing import load_checkpoint, resolve_resume, save_checkpoint
 from mistral_train.train.evaluate import evaluate_loss, exact_match
 from mistral_train.train.export import copy_tokenizer, export_final, merge_adapter_folder, write_sample
-from mistral_train.train.model_setup import build_model, load_model_weights, save_model_folder
+from mistral_train.train.model_setup import build_model, compile_enabled, load_model_weights, save_model_folder
 from mistral_train.train.neftune import NEFTune
 from mistral_train.train.optim import build_optimizer, build_scheduler
 from mistral_train.train.preference import preference_objective
@@ -147,6 +147,7 @@ def _train(cfg: RunConfig, accelerator) -> Path:
     pad_id = pad_id_of(tokenizer)
     task = "sequence_classification" if spec.objective == "reward" else "causal_lm"
     model = build_model(cfg.model, tokenizer, cfg.adapter, task, pad_id).to(accelerator.device)
+    model.set_compile(compile_enabled(spec.compile, accelerator.device))  # lazy: blocks compile at the first step
     if spec.objective in PAIR_OBJECTIVES:  # before any checkpoint loads: the reference is the starting policy
         objective = preference_objective(cfg, model, data, pad_id, accelerator)
     else:

@@ -77,8 +77,18 @@ def build_model(spec: ModelSpec, tokenizer, adapter: Optional[AdapterSpec] = Non
             if task != "causal_lm" and "score" not in config.modules_to_save:
                 config.modules_to_save.append("score")  # a fresh head must train (peft does the same for SEQ_CLS)
             apply_lora(model, config)
-    model.set_gradient_checkpointing(spec.gradient_checkpointing)
+    model.set_gradient_checkpointing(spec.gradient_checkpointing, every=spec.checkpoint_every)
+    model.set_activation_offloading(spec.activation_offloading)
     return model
+
+
+def compile_enabled(setting: str, device: torch.device) -> bool:
+    """trainer.compile: `auto` compiles on CUDA only (on a CPU the one-off compile costs more than the few
+    percent a step gains, see docs/benchmarks.md), else the setting as said."""
+    flag = str(setting).lower()
+    if flag not in ("auto", "true", "false"):
+        raise ValueError(f"trainer.compile must be auto, true or false, got {setting!r}")
+    return device.type == "cuda" if flag == "auto" else flag == "true"
 
 
 def one_label_head(model: Mistral, pad_id: Optional[int]) -> None:

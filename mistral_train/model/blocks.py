@@ -1,0 +1,110 @@
+"""The decoder block and its parts: RMSNorm, SwiGLU MLP, GQA + sliding-window attention.
+
+Parameter names equal transformers' (`self_attn.q_proj.weight`, `mlp.gate_proj.weight`, ...).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from mistral_train.model.attention import attend
+from mistral_train.model.config import MistralConfig
+from mistral_train.model.execution import recomputing
+from mistral_train.model.kv_cache import KVCache
+from mistral_train.model.rope import apply_rope
+
+_ACTIVATIONS = {"silu": F.silu, "relu": F.relu, "gelu": F.gelu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32, scale in the input dtype: transformers' order, to the last bit.
+        normed = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * normed.to(x.dtype)
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(act(gate(x)) * up(x))."""
+
+    def __init__(self, config: MistralConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.act = _ACTIVATIONS[config.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+@dataclass
+class AttentionInputs:
+    """What every layer's attention needs, computed once per forward."""
+
+    cos: torch.Tensor  # (B, T, head_dim)
+    sin: torch.Tensor
+    mask: Optional[torch.Tensor]  # (B|1, 1, T, Tk) bool; None means plain causal
+    cache: Optional[KVCache] = None
+
+
+class Attention(nn.Module):
+    def __init__(self, config: MistralConfig, layer_index: int) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        self.q_proj = nn.Linear(config.hidden_size, self.n_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(config.hidden_size, self.n_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(config.hidden_size, self.n_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.hidden_size, bias=False)
+        self.dropout = config.attention_dropout
+        self.layer_index = layer_index
+
+    def forward(self, x: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, n_heads, T, head_dim)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, n_kv_heads, T, head_dim)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, inputs.cos, inputs.sin), apply_rope(k, inputs.cos, inputs.sin)
+        if inputs.cache is not None:
+            k, v = inputs.cache.update(self.layer_index, k, v)
+        out = attend(q, k, v, inputs.mask, self.dropout if self.training else 0.0)  # (B, n_heads, T, head_dim)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+
+class Block(nn.Module):
+    def __init__(self, config: MistralConfig, layer_index: int) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, layer_index)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+        self.recompute: Optional[str] = None  # "block" | "attention" | "mlp": see model/execution.py
+
+    def forward(self, x: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor:
+        """(B, T, H) -> (B, T, H); recomputes its attention or MLP part in backward when told to
+        (the whole-block policy is applied by the caller, around this call)."""
+        part = self.recompute if recomputing(self) and inputs.cache is None else None
+        if part == "attention":
+            # Tensors as checkpoint arguments (not the dataclass): torch.compile traces them cleanly.
+            x = x + checkpoint(self._attention, x, inputs.cos, inputs.sin, inputs.mask, use_reentrant=False)
+        else:
+            x = x + self.self_attn(self.input_layernorm(x), inputs)
+        if part == "mlp":
+            return x + checkpoint(self._mlp, x, use_reentrant=False)
+        return x + self._mlp(x)
+
+    def _attention(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+        return self.self_attn(self.input_layernorm(x), AttentionInputs(cos, sin, mask))
+
+    def _mlp(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.post_attention_layernorm(x))
