@@ -12,7 +12,7 @@ Accelerate config) it selects the engine itself, a DeepSpeed strategy with `trai
 We accumulate gradients ourselves (train/loop.py), so Accelerate's and DeepSpeed's accumulation
 stay at 1, and the DeepSpeed values we own (micro-batch, clipping, bf16) are filled from trainer.*;
 a config that sets them otherwise fails here rather than training something else.
-Pure functions of (spec, environment, DeepSpeed dict): tests/dist/test_launch_checks.py.
+Pure functions of (spec, environment, DeepSpeed dict): tests/distributed/test_launch_checks.py.
 """
 
 from __future__ import annotations
