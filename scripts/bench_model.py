@@ -1,6 +1,7 @@
 """Benchmark our Mistral against transformers' MistralForCausalLM: full training step and greedy decode.
 
-1. Training step (forward + backward, loss on labels = input ids): tokens/s and peak memory.
+1. Training step (forward, backward and a fused AdamW step, loss on labels = input ids): tokens/s and
+   peak memory (the optimizer's states included).
 2. Greedy decoding with a KV cache: new tokens/s, and whether both sides emit the same tokens.
 
 Sides: ours, transformers with SDPA attention, transformers with eager attention (training
@@ -61,18 +62,23 @@ def serve_side(side: str, weights: Path, args: argparse.Namespace) -> None:
     ids = torch.randint(0, vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(0)).to(device)
     prompt = torch.randint(0, vocab, (1, PROMPT), generator=torch.Generator().manual_seed(1)).to(device)
 
+    # A training step is forward, backward and the optimizer: the same AdamW (fused where the device has it)
+    # on both sides. lr is tiny so the weights, and so the next steps' work, stay as they are.
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-8, fused=True)
+
     def step() -> float:
-        model.train().zero_grad(set_to_none=True)
+        model.train()
         if side == "ours":
             loss = model(ids, labels=ids)
         else:
             # Training needs no KV cache; turning it off only removes work from their side.
             loss = model(ids, labels=ids, use_cache=False).loss
         loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
         return loss.item()
 
     def decode(new_tokens: int = args.new_tokens, threads: int = THREADS) -> dict:
-        model.zero_grad(set_to_none=True)  # the training steps are over; decoding needs no gradients
         model.eval()
         torch.set_num_threads(threads)
         if side == "ours":
@@ -144,7 +150,7 @@ def report(train: dict, decode: dict, decode_1thread: dict, args: argparse.Names
         f"{arch['num_key_value_heads']} KV heads, intermediate {arch['intermediate_size']}, vocab {arch['vocab_size']}, "
         f"sliding_window None, untied head: {settings['n_params'] / 1e6:.1f} M parameters, the same weights on every side.",
         f"- Training: batch {args.batch} x seq {args.seq} = {tokens} tokens per step, labels = input ids, forward + "
-        f"backward (no optimizer step); {warmup} warm-up + {args.steps} timed steps per side, taken round-robin; "
+        f"backward + fused AdamW step (its states in the memory); {warmup} warm-up + {args.steps} timed steps per side, taken round-robin; "
         "median and best. Step seconds (warm-up first): "
         + "; ".join(f"{s} " + ", ".join(f"{t:.2f}" for t in train[s]["step_s"]) for s in sides) + ".",
         "- First-step losses: " + ", ".join(f"{s} {train[s]['first_loss']:.6f}" for s in sides) + ".",

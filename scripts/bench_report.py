@@ -16,7 +16,7 @@ from matplotlib.figure import Figure
 
 import _bench_common as mem
 
-KIND_NAMES = {"full": "full step (fwd+bwd)", "lora": "LoRA step", "qlora": "QLoRA (NF4) step"}
+KIND_NAMES = {"full": "full step (fwd+bwd+AdamW)", "lora": "LoRA step", "qlora": "QLoRA (NF4) step"}
 FLOPS_FORMULA = ("model FLOPs per token = 6·N + 12·L·T·d for a full training step (PaLM appendix B, nanoGPT's "
                  "estimate_mfu); 4·N + 6·N_A + 12·L·T·d with frozen base weights (LoRA: a frozen weight has no "
                  "weight-gradient matmul). N: weights of the decoder linears and the LM head (embeddings excluded), "

@@ -134,3 +134,32 @@ def test_bf16_accumulation_and_eval_run(tmp_path):
     assert all(r["eval_loss"] < 11 and r["loss"] < 11 for r in rows if "eval_loss" in r)
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_4"]  # keep_last=1
     assert (run_dir / "loss.png").is_file()
+
+
+def test_accumulation_over_padded_micro_batches_of_very_different_lengths_equals_one_batch():
+    """k micro-batches, each padded to its own longest example, against one batch of all k*b examples padded
+    to the longest overall: the same loss and gradients, because every label token weighs 1 / (window tokens)."""
+    from mistral_train.data.collate import collate_padded
+    from mistral_train.data.sft import SFTExample
+
+    torch.manual_seed(0)
+    model = Mistral(MistralConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, sliding_window=None))
+    g = torch.Generator().manual_seed(2)
+    examples = []
+    for n in (3, 61, 7, 40, 2, 25):  # 2 to 61 tokens; answers of different lengths
+        ids = torch.randint(3, 256, (n,), generator=g).tolist()
+        start = int(torch.randint(1, n, (1,), generator=g))
+        examples.append(SFTExample(ids, [-100] * start + ids[start:], "t", len(examples), False))
+    everything = collate_padded(examples, pad_id=0, max_seq_len=64)
+    reference = model(everything["input_ids"], attention_mask=everything["attention_mask"], labels=everything["labels"])
+    reference.backward()
+    expected = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+
+    window = [collate_padded(examples[i : i + 2], pad_id=0, max_seq_len=64) for i in range(0, 6, 2)]
+    assert len({b["input_ids"].shape[1] for b in window}) == 3  # three different padded lengths
+    loss, _, _ = backward_window(model, get_objective("sft", loss_chunk_size=16), window, contextlib.nullcontext)
+    assert loss == pytest.approx(reference.item(), abs=1e-6)
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(param.grad, expected[name], atol=1e-6, rtol=1e-5, msg=name)
