@@ -7,6 +7,8 @@ import pytest
 import torch
 from torch import nn
 
+from mistral_train.model.saved_bytes import SavedBytes
+
 # (policy, every) cases; "attention" with every=2 checks that `every` applies to any policy.
 POLICIES = [("block", 1), ("attention", 1), ("mlp", 1), ("every_k", 2), ("attention", 2)]
 LAYERS = 4
@@ -65,31 +67,8 @@ def test_policy_gives_the_gradients_of_no_checkpointing(policy, every, tiny, our
         torch.testing.assert_close(model.get_parameter(name).grad, grad, rtol=1e-6, atol=1e-7, msg=name)
 
 
-class SavedBytes(torch.autograd.graph.saved_tensors_hooks):
-    """Counts the distinct storages autograd keeps for backward (parameters excluded): the
-    activation memory a policy holds between the passes. Checkpointed regions save through
-    their own inner hooks, so what they drop never reaches this counter; what they keep (their
-    inputs) does."""
-
-    def __init__(self) -> None:
-        self.storages: dict[int, int] = {}
-
-        def pack(t: torch.Tensor) -> torch.Tensor:
-            base = t._base if t._base is not None else t
-            if not isinstance(base, nn.Parameter):
-                self.storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-            return t
-
-        super().__init__(pack, lambda t: t)
-
-    @property
-    def nbytes(self) -> int:
-        return sum(self.storages.values())
-
-
 def saved_bytes(model, ids, mask, labels) -> int:
-    counter = SavedBytes()
-    with counter:  # saved_tensors_hooks.__enter__ returns None
+    with SavedBytes() as counter:
         loss = model(ids, attention_mask=mask, labels=labels)
     loss.backward()
     return counter.nbytes
