@@ -8,8 +8,9 @@ drives every choice, so two runs write byte-identical files; no text comes from 
 Writes tiny_corpus.txt (documents separated by a blank line), tiny_chat.jsonl (train),
 tiny_chat_eval.jsonl (held-out facts, each row with an exact "answer"), and preference pairs made
 from the same questions: tiny_pairs.jsonl and tiny_pairs_eval.jsonl (held-out facts), whose
-"chosen" answer is the true one and "rejected" a wrong answer of the same kind (another number,
-colour, food, sound or day), so a preference is checkably right.
+"chosen" answer is the true one and "rejected" a wrong one, so a preference is checkably right:
+half the time of the same kind (another number, colour, food, sound or day), otherwise of another
+kind (a colour for a number question).
 """
 from __future__ import annotations
 
@@ -273,18 +274,27 @@ def make_chat(rng: random.Random, facts: dict[str, list[Fact]]) -> tuple[list, l
 TRAIN_PAIRS = 600  # preference pairs from the first training questions: enough for a CPU DPO demo
 
 
+OTHER_KIND_SHARE = 0.5  # rejected answers of another kind: the part of the preference a tiny model can generalise
+
+
 def wrong_answer(rng: random.Random, answer: str) -> str:
-    """Another answer of the same kind as `answer` (a number for a number, a day for a day, ...)."""
+    """A wrong answer: half the time another of the same kind as `answer` (a number for a number, a day
+    for a day: right only if the fact is known), otherwise one of another kind (a colour for a number:
+    wrong whatever the fact, so a preference for the right kind carries over to unseen questions)."""
     foods = sorted({food for food, _ in ANIMALS.values()})
     sounds = sorted({sound for _, sound in ANIMALS.values()})
-    for pool in (NUMBERS, COLOURS, DAYS, foods, sounds):
-        if answer in pool:
-            return rng.choice([x for x in pool if x != answer])
-    raise ValueError(f"no kind of answer holds {answer!r}")
+    pools = [NUMBERS, COLOURS, DAYS, foods, sounds]
+    own = next((pool for pool in pools if answer in pool), None)
+    if own is None:
+        raise ValueError(f"no kind of answer holds {answer!r}")
+    if rng.random() < OTHER_KIND_SHARE:
+        others = [pool for pool in pools if answer not in pool]
+        return rng.choice([x for x in rng.choice(others) if x not in own])
+    return rng.choice([x for x in own if x != answer])
 
 
 def pair_row(row: dict, rng: random.Random) -> dict:
-    """A chat row as a preference pair: the true answer chosen, a wrong one of its kind rejected."""
+    """A chat row as a preference pair: the true answer chosen, a wrong one rejected."""
     question, answer = row["messages"][0]["content"], row["messages"][1]["content"]
     pair = {"prompt": question, "chosen": answer, "rejected": wrong_answer(rng, answer)}
     return {**pair, "answer": row["answer"]} if "answer" in row else pair
