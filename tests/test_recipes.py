@@ -36,3 +36,40 @@ def test_an_adapter_recipe_given_a_model_skips_pretraining(tmp_path):
     assert not (tmp_path / "second" / "pretrain").exists()
     config = json.loads((tmp_path / "second" / "sft" / "final" / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == str(base)
+
+
+def _metrics(folder):
+    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_default_recipe_raises_held_out_exact_match_from_the_pretrained_to_the_fine_tuned_model(tmp_path):
+    # The default recipe as it is (model, data, schedule), shortened: 30 pretraining steps and 60 SFT
+    # steps on rows of 128 tokens, 4 per step (~30 s). The SFT stage evaluates the pretrained model at
+    # step 0 (eval_before_training) and the fine-tuned one at the end, on the 100 held-out questions.
+    # A model this small and this briefly trained learns the form and the kind of each answer (a
+    # number word, a day, a colour), not most facts: measured 0.02-0.03 at the end for seeds 0-2,
+    # 0.01-0.08 in the full recipe; the test asserts the rise, not a level.
+    short = ["trainer.max_steps=30", "trainer.batch_size=4", "trainer.max_seq_len=128", "tracking.progress_bar=false",
+             "tracking.plot=false", "stages.sft.trainer.max_steps=60", "+stages.sft.trainer.batch_size=4"]
+    assert main([f"run.dir={tmp_path}", *short]) == 0
+    rows = [r for r in _metrics(tmp_path / "tiny_pretrain_sft" / "sft") if "exact_match" in r]
+    before, after = rows[0], rows[-1]
+    assert (before["step"], after["step"]) == (0, 60)
+    assert after["eval_loss"] < before["eval_loss"] / 2
+    assert after["exact_match"] > before["exact_match"]
+
+
+def test_tiny_dpo_raises_held_out_preference_accuracy_above_a_coin_flip(tmp_path):
+    # tiny_dpo as it is, its pretraining and SFT stages shortened as above and DPO to 30 steps (~40 s).
+    # Held-out pairs ask about unseen facts; half reject an answer of the wrong kind, which the
+    # policy can learn to push down from the training pairs: measured 0.66 at the end (0.5 = chance).
+    short = ["recipe=tiny_dpo", "trainer.max_steps=30", "trainer.batch_size=4", "trainer.max_seq_len=128",
+             "tracking.progress_bar=false", "tracking.plot=false", "stages.sft.trainer.max_steps=60",
+             "+stages.sft.trainer.batch_size=4", "stages.dpo.trainer.max_steps=30"]
+    assert main([f"run.dir={tmp_path}", *short]) == 0
+    rows = [r for r in _metrics(tmp_path / "tiny_dpo" / "dpo") if "eval_loss" in r]
+    before, after = rows[0], rows[-1]
+    assert (before["step"], after["step"]) == (0, 30)
+    assert before["eval_rewards/margins"] == 0 and before["eval_loss"] == pytest.approx(0.6931, abs=1e-4)
+    assert after["eval_rewards/accuracies"] > 0.55 and after["eval_rewards/margins"] > 0
+    assert after["eval_loss"] < before["eval_loss"] - 0.02
