@@ -139,7 +139,46 @@ def serve_steps(step: Callable[[], float], device: str, extra: dict[str, Callabl
         seconds, loss = timed(step, device)
         return {"s": seconds, "loss": loss}
 
-    serve({"step": one_step, "memory": memory.read, **(extra or {})})
+    serve({"step": one_step, "memory": memory.read, "profile": lambda: profile_step(step, device), **(extra or {})})
+
+
+# Kernels that do the step's dense arithmetic: the matmuls of every linear (forward and both backward
+# products) and SDPA's fused attention kernels. Their share of the op time bounds what any
+# implementation can gain by changing the rest.
+MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_scaled_dot_product_flash_attention",
+              "aten::_scaled_dot_product_flash_attention_for_cpu", "aten::_scaled_dot_product_efficient_attention",
+              "aten::_flash_attention_forward", "aten::_flash_attention_backward", "aten::_efficient_attention_forward",
+              "aten::_efficient_attention_backward", "aten::_scaled_dot_product_flash_attention_for_cpu_backward",
+              "aten::_scaled_dot_product_flash_attention_backward", "aten::_scaled_dot_product_efficient_attention_backward")
+
+
+def profile_step(step: Callable[[], float], device: str, top: int = 6) -> dict:
+    """One more step under torch.profiler and a saved-tensor counter: where its time and memory go.
+    Returns the op time (self time summed over ops), the part in MATMUL_OPS, the costliest ops, and the
+    bytes saved for backward (distinct storages, parameters excluded)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from mistral_train.model.saved_bytes import SavedBytes
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=activities) as prof, SavedBytes() as saved:
+        step()
+    attr = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
+    ops = [(e.key, getattr(e, attr) / 1e3) for e in prof.key_averages()]
+    total = sum(ms for _, ms in ops)
+    matmul = sum(ms for name, ms in ops if name in MATMUL_OPS)
+    return {"op_ms": total, "matmul_ms": matmul, "saved_mib": saved.nbytes / 2**20,
+            "top_ops": [[name, round(ms, 1)] for name, ms in sorted(ops, key=lambda o: -o[1])[:top]]}
+
+
+def profile_note(profiles: dict[str, dict]) -> str:
+    """The markdown line for the profiles of every side."""
+    parts = [f"{side}: {p['matmul_ms'] / p['op_ms']:.0%} of {p['op_ms'] / 1e3:.2f} s op time in matmul/attention "
+             f"kernels, {p['saved_mib']:.0f} MiB saved for backward; costliest ops "
+             + ", ".join(f"{name} {ms / 1e3:.2f} s" for name, ms in p["top_ops"][:4])
+             for side, p in profiles.items()]
+    return ("- Profile (one extra step per side after the timed ones, torch.profiler self time per op, and a "
+            "saved-tensor hook counting what autograd keeps for backward): " + "; ".join(parts) + ".")
 
 
 class Child:
@@ -212,13 +251,14 @@ def round_robin(children: dict[str, Child], command: str, rounds: int) -> dict[s
     return answers
 
 
-def compare_steps(argvs: dict[str, list[str]], rounds: int) -> dict[str, dict]:
+def compare_steps(argvs: dict[str, list[str]], rounds: int, profile: bool = False) -> dict[str, dict]:
     """Start one child per side, time `rounds` steps round-robin, read each side's peak memory.
     Returns side -> {"steps": [{"s", "loss"}, ...], "memory": PeakMemory.read()}."""
     with children_of(argvs) as children:
         steps = round_robin(children, "step", rounds)
         memory = {side: child.ask("memory") for side, child in children.items()}
-    return {side: {"steps": steps[side], "memory": memory[side]} for side in argvs}
+        profiles = {side: child.ask("profile") if profile else None for side, child in children.items()}
+    return {side: {"steps": steps[side], "memory": memory[side], "profile": profiles[side]} for side in argvs}
 
 
 def summarize(result: dict, tokens: int, warmup: int) -> dict:
@@ -228,7 +268,7 @@ def summarize(result: dict, tokens: int, warmup: int) -> dict:
     return {"tokens_per_s": tokens / statistics.median(timed_s), "best_tokens_per_s": tokens / min(timed_s),
             "step_s": [round(r["s"], 4) for r in result["steps"]], "first_loss": result["steps"][0]["loss"],
             "peak_mib": memory["peak_mib"] - memory["baseline_mib"], "abs_peak_mib": memory["peak_mib"],
-            "peak_reset": memory["peak_reset"], "memory_method": memory["method"]}
+            "peak_reset": memory["peak_reset"], "memory_method": memory["method"], "profile": result.get("profile")}
 
 
 # ---- the parent: machine, conditions, output

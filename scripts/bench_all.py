@@ -6,6 +6,8 @@ Benches (each a script that also runs alone; each compares ours with the peer in
   lora   bench_lora.py: LoRA and QLoRA steps at seq 512 and 2048 vs transformers + peft (+ bitsandbytes)
   dpo    bench_dpo.py: a DPO step at seq 1024 vs trl.DPOTrainer, per reference kind, checkpointing off and on
   sft    bench_sft.py: one SFT epoch end to end, ours packed vs trl.SFTTrainer defaults and with its packing
+  compile  bench_compile.py: compiled vs eager blocks and decode step, saved bytes per checkpointing policy (CPU)
+  dist   bench_dist.py: 1 vs 2 CPU processes, DDP and DeepSpeed ZeRO-2: scaling efficiency (CPU)
 The machine's matmul peak (a large fp32 sgemm on CPU, bf16 on CUDA, best of several) is measured
 before every bench and at the end of the run; MFU = tokens/s x model FLOPs per token / the highest
 of those (other load only ever lowers a measurement).
@@ -16,6 +18,7 @@ otherwise the report says it was not run.
     python scripts/bench_all.py                    # everything -> docs/benchmarks.md, docs/img/
     python scripts/bench_all.py --quick            # tiny sizes, 1 step: a smoke test -> outputs/bench-quick/
     python scripts/bench_all.py --only lora,dpo    # some benches (the report covers what ran)
+    python scripts/bench_all.py --only dist --merge  # rerun some; keep the others from docs/benchmarks.json
 """
 
 from __future__ import annotations
@@ -34,7 +37,8 @@ import _bench_common as mem  # noqa: E402
 import bench_report  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-BENCHES = ("model", "lora", "dpo", "sft")
+BENCHES = ("model", "lora", "dpo", "sft", "compile", "dist")
+CPU_ONLY = ("compile", "dist")  # ours against ours (compiled vs eager, 1 vs 2 processes): no CUDA run
 
 
 def runs(name: str, quick: bool) -> list[tuple[str, list[str]]]:
@@ -42,8 +46,9 @@ def runs(name: str, quick: bool) -> list[tuple[str, list[str]]]:
     if name == "model":
         seqs = ((64, 2), (128, 2)) if quick else ((512, 4), (2048, 2))
         # decode once (at the first size); eager attention only at the first size (it adds nothing at 2048)
+        # checkpointing on both sides at the longest length, where activations dominate the peak
         return [(f"model-{seq}", ["bench_model.py", "--seq", str(seq), "--batch", str(batch)]
-                 + ([] if i == 0 else ["--no-decode", "--no-eager"])) for i, (seq, batch) in enumerate(seqs)]
+                 + ([] if i == 0 else ["--no-decode", "--no-eager", "--checkpointing"])) for i, (seq, batch) in enumerate(seqs)]
     return [(name, [f"bench_{name}.py"])]
 
 
@@ -89,6 +94,30 @@ def section(device: str, names: list[str], quick: bool) -> dict:
     return {"peaks": peaks, "peak_gflops": max(p["gflops"] for p in peaks), **results}
 
 
+def merged(new: dict, previous_json: Path) -> dict:
+    """`new` plus, per device, the runs of the benches it did not rerun, taken from an earlier benchmarks.json.
+    The matmul peaks of both runs are kept, so MFU divides by the highest either measured."""
+    if not previous_json.is_file():
+        raise SystemExit(f"--merge: {previous_json} does not exist; run the whole suite first")
+    old = json.loads(previous_json.read_text())
+    if old.get("quick") != new["quick"]:
+        raise SystemExit(f"--merge: {previous_json} is {'a quick' if old.get('quick') else 'a full'} run; merge like with like")
+    rerun = {label for name in new["benches"] for label, _ in runs(name, new["quick"])}
+    for device in ("cpu", "cuda"):
+        if "not_run" in old.get(device, {"not_run": True}) or "not_run" in new[device]:
+            continue
+        kept = {label: r for label, r in old[device].items() if label not in ("peaks", "peak_gflops") and label not in rerun}
+        peaks = old[device]["peaks"] + new[device]["peaks"]
+        new[device] = {"peaks": peaks, "peak_gflops": max(p["gflops"] for p in peaks), **kept,
+                       **{k: v for k, v in new[device].items() if k not in ("peaks", "peak_gflops")}}
+    earlier = [n for n in old.get("benches", []) if n not in new["benches"]]
+    new["benches"] = earlier + new["benches"]
+    # where each kept bench was measured: the run that wrote the file, or the one it had kept it from
+    source = {"command": old["run"]["command"], "date": old["run"]["date"]}
+    new["kept"] = {n: old.get("kept", {}).get(n, source) for n in earlier}
+    return new
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny sizes, 1 step per side: a smoke test of the suite")
@@ -96,6 +125,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="folder for benchmarks.md, benchmarks.json and img/ "
                                                   "(default docs/; outputs/bench-quick/ with --quick)")
     parser.add_argument("--no-gpu", action="store_true", help="skip the GPU section even when CUDA is available")
+    parser.add_argument("--merge", action="store_true", help="keep the results of the benches not rerun from the "
+                                                             "existing benchmarks.json (each section keeps its own command and date)")
     args = parser.parse_args()
     names = args.only.split(",") if args.only else list(BENCHES)
     unknown = sorted(set(names) - set(BENCHES))
@@ -104,14 +135,17 @@ def main() -> None:
     out = args.out or ROOT / ("outputs/bench-quick" if args.quick else "docs")
     clock = mem.RunClock(__file__)
     results = {"quick": args.quick, "benches": names, "cpu": section("cpu", names, args.quick)}
+    gpu_names = [n for n in names if n not in CPU_ONLY]
     if args.no_gpu:
         results["cuda"] = {"not_run": "the GPU section was skipped (--no-gpu)"}
     elif not torch.cuda.is_available():
         results["cuda"] = {"not_run": f"no GPU: torch.cuda.is_available() is False on this machine (torch "
                                       f"{torch.__version__}, CUDA build {torch.version.cuda or 'none'})"}
     else:
-        results["cuda"] = section("cuda", names, args.quick)
+        results["cuda"] = section("cuda", gpu_names, args.quick)
     results["run"] = clock.finish()
+    if args.merge:
+        results = merged(results, out / "benchmarks.json")
     written = bench_report.write(results, out)
     failed = [f"{device}/{label}" for device in ("cpu", "cuda") for label, r in results[device].items()
               if isinstance(r, dict) and "error" in r]

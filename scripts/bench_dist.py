@@ -74,6 +74,7 @@ def main() -> int:
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--batch", type=int, default=4, help="rows per micro-batch and process")
     parser.add_argument("--quick", action="store_true", help="a tiny model and 8 steps: checks the script runs")
+    parser.add_argument("--device", default="cpu", choices=("cpu",), help="CPU processes over gloo (bench_all passes it)")
     options = parser.parse_args()
     steps = 8 if options.quick else options.steps
     args = ["recipe=tiny_pretrain", *(QUICK_MODEL if options.quick else MODEL), f"trainer.max_seq_len={options.seq}",
@@ -90,8 +91,10 @@ def main() -> int:
     median = {label: statistics.median(values) for label, values in results.items()}
     efficiency = {"DDP": median["DDP x2"] / (2 * median["DDP x1"]),
                   "ZeRO-2": median["ZeRO-2 x2"] / (2 * median["ZeRO-2 x1"])}
-    print(f"### Multi-process training throughput on CPU ({os.cpu_count()} cores, {platform.processor() or platform.machine()})\n")
-    print(f"Model: {' '.join(QUICK_MODEL if options.quick else MODEL)}, vocab 32000, fp32; packed rows of "
+    print(f"- Multi-process training throughput on CPU ({os.cpu_count()} cores, {platform.processor() or platform.machine()}), "
+          f"gloo backend; command `python scripts/{Path(__file__).name} {' '.join(sys.argv[1:])}`, "
+          f"{time.strftime('%Y-%m-%dT%H:%M:%S%z')}.")
+    print(f"- Model: {' '.join(QUICK_MODEL if options.quick else MODEL)}, vocab 32000, fp32; packed rows of "
           f"{options.seq} tokens, {options.batch} rows per micro-batch and process, {steps} steps "
           f"(mean over steps {WARMUP + 1}-{steps}), median of {options.repeats} runs.\n")
     print("| side | processes x threads | tokens/s |\n|---|---|---|")

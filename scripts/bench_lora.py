@@ -92,6 +92,8 @@ def report(rows: list[dict], args: argparse.Namespace, settings: dict) -> str:
         f"- One step = forward + backward + clip + AdamW step, labels = input ids; {args.warmup} warm-up + {args.steps} "
         f"timed steps per side, round-robin; tokens/s of the median timed step. Step seconds (warm-up first): {steps}.",
         mem.memory_note([r[side]["memory"] for r in rows for side in SIDES]),
+        *(mem.profile_note({side: r[side]["profile"] for side in SIDES}).replace(
+            "- Profile", f"- Profile, {NAMES[r['kind']]} seq {r['seq']} x batch {r['batch']}", 1) for r in rows),
     ]
     return "\n".join(lines + mem.run_notes(settings) + ["", *table])
 
@@ -131,7 +133,7 @@ def main() -> None:
                 print(f"[bench] {kind}, seq {seq} x batch {batch}", file=sys.stderr, flush=True)
                 child = ["--group", f"{kind}:{seq}x{batch}", "--dir", tmp]
                 results = mem.compare_steps({s: [__file__, *sys.argv[1:], "--child", s, *child] for s in SIDES},
-                                            args.warmup + args.steps)
+                                            args.warmup + args.steps, profile=True)
                 row = {"kind": kind, "seq": seq, "batch": batch}
                 for side in SIDES:
                     row[side] = {**mem.summarize(results[side], seq * batch, args.warmup), "memory": results[side]["memory"]}

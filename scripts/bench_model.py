@@ -14,7 +14,8 @@ inputs. Prints a markdown block ready for docs/benchmarks.md and a JSON line for
 On CUDA (--device cuda) both sides run in bf16 and memory is torch.cuda.max_memory_allocated.
 
     python scripts/bench_model.py [--seq 512] [--batch 4] [--warmup 1] [--steps 5] [--decode-repeats 5]
-                                  [--no-eager] [--no-decode] [--device cpu|cuda|auto] [--quick]
+                                  [--no-eager] [--no-decode] [--checkpointing]
+                                  [--device cpu|cuda|auto] [--quick]
 """
 
 from __future__ import annotations
@@ -38,18 +39,26 @@ from mistral_train.generate import generate  # noqa: E402
 THREADS = mem.THREADS
 PROMPT, NEW_TOKENS, DECODE_REPEATS = 32, 128, 5
 SIDES = {"ours": "ours", "hf-sdpa": "sdpa", "hf-eager": "eager"}
+# Activation checkpointing on both sides (--checkpointing): every block recomputed in the backward,
+# ours with policy "block", transformers with gradient_checkpointing_enable (non-reentrant).
+CKPT_SIDES = {"ours+ckpt": "ours", "hf-sdpa+ckpt": "hf-sdpa"}
 
 
 def build(side: str, weights: Path, arch: dict) -> torch.nn.Module:
-    """One side's model with the shared weights; `side` is a key of SIDES."""
-    cfg = MistralConfig(**arch)
-    if side == "ours":
+    """One side's model with the shared weights; `side` is a key of SIDES or CKPT_SIDES."""
+    cfg, base = MistralConfig(**arch), CKPT_SIDES.get(side, side)
+    if base == "ours":
         model = Mistral(cfg)
     else:
         hf_cfg = transformers.MistralConfig(**cfg.to_hf_dict())
-        hf_cfg._attn_implementation = SIDES[side]
+        hf_cfg._attn_implementation = SIDES[base]
         model = transformers.MistralForCausalLM(hf_cfg)
     model.load_state_dict(load_file(weights), strict=True)
+    if side in CKPT_SIDES:
+        if base == "ours":
+            model.set_gradient_checkpointing("block")
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
 
 
@@ -68,7 +77,7 @@ def serve_side(side: str, weights: Path, args: argparse.Namespace) -> None:
 
     def step() -> float:
         model.train()
-        if side == "ours":
+        if side.startswith("ours"):
             loss = model(ids, labels=ids)
         else:
             # Training needs no KV cache; turning it off only removes work from their side.
@@ -119,7 +128,7 @@ def gemv_floor_s(weights: Path, repeats: int = 10) -> float:
 def report(train: dict, decode: dict, decode_1thread: dict, args: argparse.Namespace, settings: dict) -> str:
     """The markdown block: machine, settings, notes and the table."""
     sides, arch, warmup = list(train), args.arch, args.warmup
-    others = [s for s in sides if s != "ours"]
+    others = [s for s in sides if s != "ours" and s not in CKPT_SIDES]
     names = {"hf-sdpa": "transformers sdpa", "hf-eager": "transformers eager"}
     head = "| Measure | ours | " + " | ".join(f"{names[s]} | ours / {SIDES[s]}" for s in others) + " |"
     rows = [head, "|---|---:|" + "---:|---:|" * len(others)]
@@ -134,6 +143,17 @@ def report(train: dict, decode: dict, decode_1thread: dict, args: argparse.Names
     add("Train step, tokens/s, best step", {s: train[s]["best_tokens_per_s"] for s in sides}, "{:.0f}")
     add("Train step, peak memory over the built model, MiB (lower is better)", {s: train[s]["peak_mib"] for s in sides}, "{:.0f}")
     add("Train step, absolute peak memory, MiB", {s: train[s]["abs_peak_mib"] for s in sides}, "{:.0f}")
+    if all(s in train for s in CKPT_SIDES):
+        ours, theirs = (train[s] for s in CKPT_SIDES)
+        ckpt_rows = ["", "With activation checkpointing on both sides (ours: policy block; transformers: "
+                     "gradient_checkpointing_enable, non-reentrant):", "",
+                     "| Measure | ours | transformers sdpa | ours / sdpa |", "|---|---:|---:|---:|"]
+        for what, key, fmt in (("Train step, tokens/s, median step", "tokens_per_s", "{:.0f}"),
+                               ("Train step, peak memory over the built model, MiB", "peak_mib", "{:.0f}"),
+                               ("Train step, absolute peak memory, MiB", "abs_peak_mib", "{:.0f}")):
+            ckpt_rows.append(f"| {what} | {fmt.format(ours[key])} | {fmt.format(theirs[key])} | {ours[key] / theirs[key]:.2f}x |")
+    else:
+        ckpt_rows = []
     if decode:
         add(f"Greedy decode, {THREADS} threads, new tokens/s, median call (higher is better)",
             {s: args.new_tokens / statistics.median(r["s"] for r in decode[s]) for s in decode}, "{:.1f}")
@@ -155,6 +175,7 @@ def report(train: dict, decode: dict, decode_1thread: dict, args: argparse.Names
         + "; ".join(f"{s} " + ", ".join(f"{t:.2f}" for t in train[s]["step_s"]) for s in sides) + ".",
         "- First-step losses: " + ", ".join(f"{s} {train[s]['first_loss']:.6f}" for s in sides) + ".",
         mem.memory_note([settings["memory"][s] for s in sides]),
+        mem.profile_note({s: train[s]["profile"] for s in sides}),
     ]
     if decode:
         ours_tokens = decode["ours"][-1]["tokens"]
@@ -174,7 +195,7 @@ def report(train: dict, decode: dict, decode_1thread: dict, args: argparse.Names
         lines.append(f"- Decode floor: one pass of 1-token GEMVs over every linear weight (the bytes any fp32 batch-1 "
                      f"decoder must read per token) takes {floor * 1e3:.1f} ms on 1 thread, i.e. at most "
                      f"{1 / floor:.0f} new tokens/s.")
-    return "\n".join(lines + mem.run_notes(settings) + ["", *rows])
+    return "\n".join(lines + mem.run_notes(settings) + ["", *rows, *ckpt_rows])
 
 
 def main() -> None:
@@ -189,7 +210,9 @@ def main() -> None:
     parser.add_argument("--no-decode", action="store_true", help="training steps only")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"))
     parser.add_argument("--quick", action="store_true", help="tiny model, 1 step, short decode: a smoke test")
-    parser.add_argument("--child", choices=list(SIDES), help=argparse.SUPPRESS)
+    parser.add_argument("--checkpointing", action="store_true",
+                        help="also ours and transformers sdpa with activation checkpointing on both sides")
+    parser.add_argument("--child", choices=[*SIDES, *CKPT_SIDES], help=argparse.SUPPRESS)
     parser.add_argument("--weights", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.device, args.arch = mem.pick_device(args.device), mem.QUICK_ARCH if args.quick else mem.ARCH
@@ -201,7 +224,7 @@ def main() -> None:
         return
 
     torch.set_num_threads(THREADS)
-    sides = [s for s in SIDES if not (args.no_eager and s == "hf-eager")]
+    sides = [s for s in SIDES if not (args.no_eager and s == "hf-eager")] + (list(CKPT_SIDES) if args.checkpointing else [])
     clock = mem.RunClock(__file__)
     decode, decode_1thread, floor = {}, {}, None
     with tempfile.TemporaryDirectory() as tmp:
@@ -217,16 +240,18 @@ def main() -> None:
             print("[bench] training steps", file=sys.stderr, flush=True)
             steps = mem.round_robin(children, "step", args.warmup + args.steps)
             memory = {s: child.ask("memory") for s, child in children.items()}
+            profiles = {s: child.ask("profile") for s, child in children.items()}
             if not args.no_decode:
                 # Eager attention only changes the prompt's prefill here; its decode is slow and adds nothing.
-                decoders = {s: c for s, c in children.items() if s != "hf-eager"}
+                decoders = {s: c for s, c in children.items() if s in ("ours", "hf-sdpa")}
                 print("[bench] greedy decode", file=sys.stderr, flush=True)
                 mem.round_robin(decoders, "decode_warmup", 1)
                 decode = mem.round_robin(decoders, "decode", args.decode_repeats)
                 decode_1thread = mem.round_robin(decoders, "decode_1thread", args.decode_repeats)
         if not args.no_decode and args.device == "cpu":
             floor = gemv_floor_s(weights)
-    train = {s: mem.summarize({"steps": steps[s], "memory": memory[s]}, args.batch * args.seq, args.warmup) for s in sides}
+    train = {s: mem.summarize({"steps": steps[s], "memory": memory[s], "profile": profiles[s]}, args.batch * args.seq, args.warmup)
+             for s in sides}
     settings = {**clock.finish(), "n_params": n_params, "memory": memory, "gemv_floor_s": floor}
     decode_figures = {s: {"tokens_per_s": args.new_tokens / statistics.median(r["s"] for r in runs),
                           "same_tokens": runs[-1]["tokens"] == decode["ours"][-1]["tokens"]} for s, runs in decode.items()}

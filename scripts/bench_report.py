@@ -55,7 +55,8 @@ def step_series(section: dict) -> dict[str, list[dict]]:
             continue
         if r["bench"] == "model":
             series.setdefault("full", []).append({"seq": r["seq"], "batch": r["batch"], "ours": r["train"]["ours"],
-                                                  "peer": r["train"]["hf-sdpa"],
+                                                  "peer": r["train"]["hf-sdpa"], "ours_ckpt": r["train"].get("ours+ckpt"),
+                                                  "peer_ckpt": r["train"].get("hf-sdpa+ckpt"),
                                                   "flops_per_token": flops_per_token(r["arch"], r["seq"])})
         else:
             for row in r["rows"]:
@@ -92,6 +93,11 @@ def _step_rows(section: dict) -> list[str]:
                         f"| {verdict} |")
             if p["seq"] >= 2048 or kind != "full":  # issue 7: 0.5x at seq 2048; issue 4's LoRA aim: 0.6x
                 rows += _memory_rows(name, p["ours"], p["peer"], 0.5 if p["seq"] >= 2048 else 0.6)
+            if p.get("ours_ckpt") and p.get("peer_ckpt"):
+                ckpt = f"{name}, activation checkpointing on both sides"
+                rows.append(f"| {ckpt}: tokens/s vs {peer} | | "
+                            f"{p['ours_ckpt']['tokens_per_s'] / p['peer_ckpt']['tokens_per_s']:.2f}x | (no target) |")
+                rows += _memory_rows(ckpt, p["ours_ckpt"], p["peer_ckpt"], 0.5 if p["seq"] >= 2048 else 0.6)
     return rows
 
 
@@ -118,6 +124,54 @@ def _other_rows(r: dict) -> list[str]:
         rows.append(_row(f"Greedy decode, {r['new_tokens']} new tokens: tokens/s vs transformers generate{same}",
                          d["ours"]["tokens_per_s"] / d["hf-sdpa"]["tokens_per_s"], 2.0, True))
     return rows
+
+
+def _why_step(kind: str, p: dict, n_params: Optional[int], bytes_per_weight: int) -> list[str]:
+    """What the profiles of one training-step comparison say about its speed and memory."""
+    ours, peer = p["ours"].get("profile"), p["peer"].get("profile")
+    if not (ours and peer):
+        return []
+    name, other = f"{KIND_NAMES[kind]}, seq {p['seq']} x {p['batch']}", "transformers" if kind == "full" else "peft"
+    speed = (f"- {name}, speed: matmul and attention kernels take {ours['matmul_ms'] / 1e3:.2f} s of {ours['op_ms'] / 1e3:.2f} s "
+             f"op time in ours ({ours['matmul_ms'] / ours['op_ms']:.0%}), {peer['matmul_ms'] / 1e3:.2f} s of "
+             f"{peer['op_ms'] / 1e3:.2f} s in {other} ({peer['matmul_ms'] / peer['op_ms']:.0%}). Both run the same "
+             f"matmuls, so an implementation wins only on the rest: with none of the rest left, ours would be at most "
+             f"{peer['op_ms'] / ours['matmul_ms']:.2f}x {other} on this profile.")
+    memory = (f"- {name}, memory: saved for backward ours {ours['saved_mib']:.0f} MiB vs {other} {peer['saved_mib']:.0f} MiB"
+              f" (peak over the model {p['ours']['peak_mib']:.0f} vs {p['peer']['peak_mib']:.0f} MiB)")
+    if kind == "full" and n_params:
+        # A full step holds a gradient and two AdamW moments per weight on both sides (fp32: 12 bytes, bf16: 6).
+        fixed = n_params * bytes_per_weight / 2**20
+        memory += (f"; both peaks include {fixed:.0f} MiB of gradients and AdamW moments ({bytes_per_weight} bytes x "
+                   f"{n_params / 1e6:.1f} M weights), which only sharding or an 8-bit optimizer removes; without them "
+                   f"the ratio is {(p['ours']['peak_mib'] - fixed) / (p['peer']['peak_mib'] - fixed):.2f}x. The rest is "
+                   "the activations saved for backward and transient buffers; activation checkpointing "
+                   "(model.gradient_checkpointing) trades the activations for recomputation")
+    return [speed, memory + "."]
+
+
+def why_missed(section: dict) -> list[str]:
+    """The profile behind every training-step and decode comparison, measured in the same run."""
+    lines = []
+    model = next((r for r in section.values() if _ok(r) and r.get("bench") == "model"), None)
+    n_params, bytes_per_weight = (model["n_params"], 12 if model["device"] == "cpu" else 6) if model else (None, 0)
+    for kind, points in step_series(section).items():
+        for p in points:
+            lines += _why_step(kind, p, n_params, bytes_per_weight)
+    for r in section.values():
+        if _ok(r) and r.get("bench") == "model" and r.get("decode") and r["run"].get("gemv_floor_s"):
+            floor = 1 / r["run"]["gemv_floor_s"]
+            peer = r["decode"]["hf-sdpa"]["tokens_per_s"]
+            ours = r["decode"]["ours"]["tokens_per_s"]
+            verdict = ("a 2x target is above what the memory bandwidth allows here, whatever the implementation"
+                       if floor < 2 * peer else "the floor leaves room for 2x here")
+            lines.append(f"- Greedy decode: multiplying one token by every weight once (the bytes any fp32 batch-1 decoder "
+                         f"reads per token) caps decoding at {floor:.0f} new tokens/s on this machine, "
+                         f"{floor / peer:.2f}x transformers' {peer:.0f} tokens/s; ours reaches {ours:.0f}, "
+                         f"{ours / floor:.0%} of the cap: {verdict}.")
+    if not lines:
+        return []
+    return ["Profiles behind the step and decode figures (same run; each bench's section has the detail):", "", *lines, ""]
 
 
 def summary(section: dict) -> list[str]:
@@ -195,12 +249,21 @@ def device_section(name: str, section: dict, images: list[Path], out: Path) -> l
              f"{first['dtype']} matmul on {mem.THREADS} threads, best of {first['repeats']} each: "
              + ", ".join(f"{p['gflops']:.0f}" for p in peaks) + f" GFLOP/s; MFU divides by the highest, "
              f"{section['peak_gflops']:.0f} GFLOP/s (an MFU above 100% would mean every peak measurement was slowed "
-             f"by other load: rerun on a quiet machine). {FLOPS_FORMULA}.", "", *summary(section), ""]
+             f"by other load: rerun on a quiet machine). {FLOPS_FORMULA}.", "", *summary(section), "", *why_missed(section)]
     lines += [f"![{p.stem}](img/{p.name})" for p in images if p.parent == out / "img"] + [""]
     for label, r in section.items():
         if label not in ("peaks", "peak_gflops"):
             lines += [f"### {label}", "", r["error"] if "error" in r else r["markdown"], ""]
     return lines
+
+
+def _merge_notes(kept: Optional[dict]) -> list[str]:
+    """Which benches earlier runs measured (`bench_all.py --merge`), with each run's command and date."""
+    by_run: dict[tuple[str, str], list[str]] = {}
+    for bench, run in (kept or {}).items():
+        by_run.setdefault((run["command"], run["date"]), []).append(bench)
+    return [f"- Kept from an earlier run (`{command}`, {date}): {', '.join(benches)}; its matmul peaks are "
+            "listed below with this run's." for (command, date), benches in by_run.items()]
 
 
 def write(results: dict, out: Path) -> list[Path]:
@@ -221,7 +284,8 @@ def write(results: dict, out: Path) -> list[Path]:
              "- Memory: on CPU the process's RSS high-water mark, on CUDA `torch.cuda.max_memory_allocated`; each side "
              "in its own process, the mark reset once its model is built. 'Absolute' is the whole process; 'over model' "
              "subtracts what it held once built (weights, frozen reference, imported libraries). Both are shown.",
-             f"- Benches run: {', '.join(results['benches'])}.", ""]
+             f"- Benches in this report: {', '.join(results['benches'])}.",
+             *_merge_notes(results.get("kept")), ""]
     lines += device_section("CPU", results["cpu"], images.get("cpu", []), out)
     lines += device_section("GPU (CUDA)", results["cuda"], images.get("cuda", []), out)
     out.mkdir(parents=True, exist_ok=True)
