@@ -19,6 +19,7 @@ otherwise the report says it was not run.
     python scripts/bench_all.py --quick            # tiny sizes, 1 step: a smoke test -> outputs/bench-quick/
     python scripts/bench_all.py --only lora,dpo    # some benches (the report covers what ran)
     python scripts/bench_all.py --only dist --merge  # rerun some; keep the others from docs/benchmarks.json
+    python scripts/bench_all.py --report-only      # rewrite the report from docs/benchmarks.json
 """
 
 from __future__ import annotations
@@ -127,12 +128,18 @@ def main() -> None:
     parser.add_argument("--no-gpu", action="store_true", help="skip the GPU section even when CUDA is available")
     parser.add_argument("--merge", action="store_true", help="keep the results of the benches not rerun from the "
                                                              "existing benchmarks.json (each section keeps its own command and date)")
+    parser.add_argument("--report-only", action="store_true", help="measure nothing: rewrite benchmarks.md and the "
+                                                                   "plots from the existing benchmarks.json")
     args = parser.parse_args()
+    out = args.out or ROOT / ("outputs/bench-quick" if args.quick else "docs")
+    if args.report_only:
+        written = bench_report.write(json.loads((out / "benchmarks.json").read_text()), out)
+        print("\n".join(f"[bench_all] wrote {path}" for path in written), file=sys.stderr)
+        return
     names = args.only.split(",") if args.only else list(BENCHES)
     unknown = sorted(set(names) - set(BENCHES))
     if unknown:
         raise SystemExit(f"--only: unknown bench {unknown}; expected some of {list(BENCHES)}")
-    out = args.out or ROOT / ("outputs/bench-quick" if args.quick else "docs")
     clock = mem.RunClock(__file__)
     results = {"quick": args.quick, "benches": names, "cpu": section("cpu", names, args.quick)}
     gpu_names = [n for n in names if n not in CPU_ONLY]

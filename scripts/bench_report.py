@@ -126,12 +126,13 @@ def _other_rows(r: dict) -> list[str]:
     return rows
 
 
-def _why_step(kind: str, p: dict, n_params: Optional[int], bytes_per_weight: int) -> list[str]:
+def _why_step(kind: str, p: dict, n_params: Optional[int], bytes_per_weight: int, setting: str = "") -> list[str]:
     """What the profiles of one training-step comparison say about its speed and memory."""
     ours, peer = p["ours"].get("profile"), p["peer"].get("profile")
     if not (ours and peer):
         return []
-    name, other = f"{KIND_NAMES[kind]}, seq {p['seq']} x {p['batch']}", "transformers" if kind == "full" else "peft"
+    name = f"{KIND_NAMES[kind]}, seq {p['seq']} x {p['batch']}{setting}"
+    other = "transformers" if kind == "full" else "peft"
     speed = (f"- {name}, speed: matmul and attention kernels take {ours['matmul_ms'] / 1e3:.2f} s of {ours['op_ms'] / 1e3:.2f} s "
              f"op time in ours ({ours['matmul_ms'] / ours['op_ms']:.0%}), {peer['matmul_ms'] / 1e3:.2f} s of "
              f"{peer['op_ms'] / 1e3:.2f} s in {other} ({peer['matmul_ms'] / peer['op_ms']:.0%}). Both run the same "
@@ -144,9 +145,10 @@ def _why_step(kind: str, p: dict, n_params: Optional[int], bytes_per_weight: int
         fixed = n_params * bytes_per_weight / 2**20
         memory += (f"; both peaks include {fixed:.0f} MiB of gradients and AdamW moments ({bytes_per_weight} bytes x "
                    f"{n_params / 1e6:.1f} M weights), which only sharding or an 8-bit optimizer removes; without them "
-                   f"the ratio is {(p['ours']['peak_mib'] - fixed) / (p['peer']['peak_mib'] - fixed):.2f}x. The rest is "
-                   "the activations saved for backward and transient buffers; activation checkpointing "
-                   "(model.gradient_checkpointing) trades the activations for recomputation")
+                   f"the ratio is {(p['ours']['peak_mib'] - fixed) / (p['peer']['peak_mib'] - fixed):.2f}x. Beyond those "
+                   f"and the saved activations, {p['ours']['peak_mib'] - fixed - ours['saved_mib']:.0f} MiB (ours) and "
+                   f"{p['peer']['peak_mib'] - fixed - peer['saved_mib']:.0f} MiB ({other}) are transient buffers and freed "
+                   "memory the C allocator keeps, which RSS counts")
     return [speed, memory + "."]
 
 
@@ -158,6 +160,9 @@ def why_missed(section: dict) -> list[str]:
     for kind, points in step_series(section).items():
         for p in points:
             lines += _why_step(kind, p, n_params, bytes_per_weight)
+            if p.get("ours_ckpt") and p.get("peer_ckpt"):
+                lines += _why_step(kind, {**p, "ours": p["ours_ckpt"], "peer": p["peer_ckpt"]}, n_params,
+                                   bytes_per_weight, ", activation checkpointing on both sides")
     for r in section.values():
         if _ok(r) and r.get("bench") == "model" and r.get("decode") and r["run"].get("gemv_floor_s"):
             floor = 1 / r["run"]["gemv_floor_s"]

@@ -18,8 +18,8 @@ Batches (`collate_pairs`): the B chosen sequences, then the B rejected ones (trl
 order), as sequence k = 0..2B-1, each `input_ids` = prompt + answer with `labels` -100 on the
 prompt, so `labels != -100` marks exactly the completion tokens. Padded: one sequence per row.
 Packed: sequences are documents of rows (data/packing.py: positions restart, no attention_mask).
-Either way `sequence_index` says which sequence each token belongs to (-1 on padding), and
-`sequence_sums` turns per-token log-probs into per-sequence sums.
+Either way `sequence_index` says which sequence each token belongs to (-1 on padding); the model
+sums each sequence's log-probs from it (`reduction="sequence"`, losses/logps.py).
 """
 
 from __future__ import annotations
@@ -260,23 +260,3 @@ def _pack_or_pad(sequences: list[SFTExample], pad_id: int, packing: bool, max_se
             t += length
     batch["sequence_index"] = index
     return batch
-
-
-def sequence_sums(token_values: torch.Tensor, batch: Batch, n_sequences: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sequence sums over completion tokens of a collated pair batch.
-
-    Args:
-        token_values: (N, T-1), the value for predicting token t+1 at [:, t], as the model's shifted loss
-            reads logits[:, :-1] against labels[:, 1:]; e.g. log_softmax(logits[:, :-1]) gathered at labels[:, 1:].
-        batch: from `collate_pairs` ("labels", "sequence_index": (N, T)).
-        n_sequences: 2B.
-    Returns:
-        sums (2B,) in token_values' dtype, and counts (2B,) int64 of completion tokens; the first B are
-        the chosen sequences, the last B the rejected ones.
-    """
-    labels, index = batch["labels"][:, 1:], batch["sequence_index"][:, 1:]  # (N, T-1): the predicted tokens
-    keep = labels != IGNORE_INDEX
-    owner = index[keep]
-    sums = torch.zeros(n_sequences, dtype=token_values.dtype, device=token_values.device)
-    sums = sums.index_add(0, owner.to(token_values.device), token_values[keep])
-    return sums, torch.bincount(owner, minlength=n_sequences)

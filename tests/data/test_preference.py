@@ -17,7 +17,7 @@ from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 from mistral_train.config import DataSpec
 from mistral_train.data.audit import AuditError
 from mistral_train.data.formats import detect_format, to_canonical
-from mistral_train.data.preference import PreferencePair, collate_pairs, sequence_sums, tokenize_pair, tokenize_pairs
+from mistral_train.data.preference import PreferencePair, collate_pairs, tokenize_pair, tokenize_pairs
 from mistral_train.data.preference_audit import audit_pairs, format_pair_report
 from mistral_train.data.sources import load_rows, load_splits
 from mistral_train.tokenizer import bundled_tokenizer_path, load_tokenizer
@@ -287,8 +287,9 @@ def _token_logps(logits, labels):
 
 
 def test_packed_and_padded_batches_give_each_sequence_the_same_summed_logps(v1, our_model, tiny):
-    """What the DPO step does with a batch: per-token log-probs, then `sequence_sums`. Both layouts give
-    each sequence the sums and completion lengths of running it alone."""
+    """What the DPO step does with a batch: the model's per-sequence log-probs (`reduction="sequence"`,
+    `sequence_index` from the collated batch). Both layouts give each sequence the sums and completion
+    lengths of running it alone through full logits."""
     model = our_model(tiny(vocab_size=32000), seed=0)
     pairs = _pairs(v1)
     alone = []
@@ -298,11 +299,13 @@ def test_packed_and_padded_batches_give_each_sequence_the_same_summed_logps(v1, 
             keep = labels[:, 1:] != IGNORE
             alone.append(float(_token_logps(model(ids), labels)[keep].sum()))
         padded = collate_pairs(pairs, v1.eos_id, packing=False, max_seq_len=128)
-        logits = model(padded["input_ids"], attention_mask=padded["attention_mask"])
-        sums_padded, counts_padded = sequence_sums(_token_logps(logits, padded["labels"]), padded, 6)
+        sums_padded, counts_padded = model(padded["input_ids"], attention_mask=padded["attention_mask"],
+                                           labels=padded["labels"], reduction="sequence",
+                                           sequence_index=padded["sequence_index"], num_sequences=6)
         packed = collate_pairs(pairs, v1.eos_id, packing=True, max_seq_len=64)
-        logits = model(packed["input_ids"], position_ids=packed["position_ids"])
-        sums_packed, counts_packed = sequence_sums(_token_logps(logits, packed["labels"]), packed, 6)
+        sums_packed, counts_packed = model(packed["input_ids"], position_ids=packed["position_ids"],
+                                           labels=packed["labels"], reduction="sequence",
+                                           sequence_index=packed["sequence_index"], num_sequences=6)
     expected_counts = [len(p.chosen_ids) for p in pairs] + [len(p.rejected_ids) for p in pairs]
     assert counts_padded.tolist() == counts_packed.tolist() == expected_counts
     torch.testing.assert_close(sums_padded, torch.tensor(alone), rtol=1e-5, atol=1e-4)

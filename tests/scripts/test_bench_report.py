@@ -35,6 +35,7 @@ def test_profile_notes_carry_the_measured_shares_and_the_fixed_optimizer_state()
     assert "at most 1.38x transformers" in text  # their 1.1 s over our 0.8 s of matmuls: the most a faster rest could give
     # 2^20 weights x 12 bytes = 12 MiB of gradients and moments; (300 - 12) / (400 - 12)
     assert "12 MiB of gradients" in text and f"{288 / 388:.2f}x" in text
+    assert "198 MiB (ours) and 238 MiB (transformers) are transient" in text  # 300 - 12 - 90, 400 - 12 - 150
     assert "100 new tokens/s" in text and "2.00x transformers' 50 tokens/s; ours reaches 60, 60% of the cap" in text
     assert "room for 2x" in text
 
