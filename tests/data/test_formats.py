@@ -3,20 +3,9 @@
 import pytest
 
 from mistral_train.data.formats import FORMATS, check_field_map, detect_format, to_canonical
+from tests._chat import A, S, U
 
 WHERE = "data/train.jsonl line 12"
-
-
-def U(text):
-    return {"role": "user", "content": text}
-
-
-def A(text):
-    return {"role": "assistant", "content": text}
-
-
-def S(text):
-    return {"role": "system", "content": text}
 
 
 def test_text_keeps_only_the_text():

@@ -21,21 +21,10 @@ from mistral_train.data.preference import PreferencePair, collate_pairs, tokeniz
 from mistral_train.data.preference_audit import audit_pairs, format_pair_report
 from mistral_train.data.sources import load_rows, load_splits
 from mistral_train.tokenizer import bundled_tokenizer_path, load_tokenizer
+from tests._chat import A, S, U
 
 IGNORE = -100
 WHERE = "prefs.jsonl line 3"
-
-
-def U(text):
-    return {"role": "user", "content": text}
-
-
-def A(text):
-    return {"role": "assistant", "content": text}
-
-
-def S(text):
-    return {"role": "system", "content": text}
 
 
 STRING_ROW = {"prompt": "What colour is the sky?", "chosen": "Blue, on a clear day.", "rejected": "Green."}

@@ -22,13 +22,7 @@ TOL = 1e-5
 PACKED = [[6, 8], [14], [4, 4, 6]]  # documents of each packed row (T=14)
 
 
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    """Each test starts with empty compile caches, so graph counts are its own."""
-    torch._dynamo.reset()
-    counters.clear()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")  # tests/model/conftest.py
 
 
 def _graphs() -> int:

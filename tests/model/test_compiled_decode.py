@@ -15,12 +15,7 @@ TOL = 1e-5
 WINDOW = 4
 
 
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    torch._dynamo.reset()
-    counters.clear()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")  # tests/model/conftest.py
 
 
 def _model(tiny, our_model, window):

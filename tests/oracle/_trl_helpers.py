@@ -19,7 +19,8 @@ import transformers
 from mistral_train.data.preference import PreferencePair, tokenize_pairs
 from mistral_train.data.sources import bundled_pairs_path
 from mistral_train.tokenizer import bundled_tokenizer_path, load_tokenizer
-from tests.oracle.test_preference_trl_parity import A, S, U, canonical
+from tests._chat import A, S, U
+from tests.oracle.test_preference_trl_parity import canonical
 from tests.oracle.test_sft_trl_parity import tiny_folder
 
 __all__ = ["TRL_ON_CPU", "ROWS", "canonical", "hf_tokenizer", "our_tokenizer", "pairs_of", "preference_rows",

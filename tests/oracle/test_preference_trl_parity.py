@@ -38,6 +38,7 @@ from mistral_common.tokens.tokenizers.mistral import MistralTokenizer  # noqa: E
 from mistral_train.data.formats import to_canonical  # noqa: E402
 from mistral_train.data.preference import collate_pairs, tokenize_pairs  # noqa: E402
 from mistral_train.tokenizer import bundled_tokenizer_path, load_tokenizer  # noqa: E402
+from tests._chat import A, S, U  # noqa: E402
 
 # Mistral's v1 [INST] format as a Jinja template: BOS, "[INST] user [/INST]" per user turn (the system
 # prompt joins the first one, as mistral-common v1 does), " answer" + EOS per assistant turn.
@@ -52,18 +53,6 @@ V1_TEMPLATE = (
     "{%- else %}{{- '[INST] ' + message['content'] + ' [/INST]' }}{%- endif %}"
     "{%- else %}{{- ' ' + message['content'] + eos_token }}{%- endif %}{%- endfor %}"
 )
-
-
-def U(text):
-    return {"role": "user", "content": text}
-
-
-def A(text):
-    return {"role": "assistant", "content": text}
-
-
-def S(text):
-    return {"role": "system", "content": text}
 
 
 EXPLICIT = [

@@ -5,7 +5,8 @@
 Only the test's child process runs this; the package is patched here, never in the tests'
 own process. Environment:
     MT_TEST_STALL_AFTER_STEP=k      after logging step k, sleep until killed, so a parent that
-                                    kills "somewhere after step j < k" never finds the run over
+                                    kills "somewhere after step j < k" never finds the run over;
+                                    gives up when its parent dies, or after 10 minutes
     MT_TEST_KILL_IN_WRITE=MODE:N    SIGKILL this process while checkpoint `step_N` is written:
         weights  inside the safetensors write: the file is written, cut to half its length
                  (what a kill in the middle of the write leaves), then the process dies
@@ -73,10 +74,10 @@ def _stall_after(step: int) -> None:
     def log(self, at_step, metrics):
         row = real_log(self, at_step, metrics)
         if int(at_step) == step:
-            parent = os.getppid()
-            while os.getppid() == parent:  # stop waiting if the test process is gone
+            parent, deadline = os.getppid(), time.monotonic() + 600
+            while os.getppid() == parent and time.monotonic() < deadline:  # gone with the test or the launcher
                 time.sleep(0.05)
-            raise SystemExit(f"_killable_run: parent {parent} exited while step {step} was stalled")
+            raise SystemExit(f"_killable_run: nobody killed this process while step {step} was stalled")
         return row
 
     MetricsLogger.log = log
