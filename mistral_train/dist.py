@@ -18,7 +18,6 @@ from __future__ import annotations
 import atexit
 import contextlib
 import functools
-import json
 import os
 import warnings
 from pathlib import Path
@@ -33,6 +32,7 @@ from accelerate.utils import DeepSpeedPlugin, DistributedDataParallelKwargs, Dis
 from mistral_train.config import TrainerSpec, config_root
 from mistral_train.config_checks import ConfigError
 from mistral_train.dist_config import ACCELERATE_PRECISION, Strategy, launcher_engine, resolve_strategy
+from mistral_train.jsonfile import read_json_object
 
 MIXED_PRECISION = ACCELERATE_PRECISION  # trainer.precision -> Accelerate's name
 DEVICES = ("auto", "cpu", "cuda")
@@ -67,7 +67,7 @@ def _own_deepspeed(spec: TrainerSpec) -> Optional[dict[str, Any]]:
     path = Path(spec.deepspeed_config) if spec.deepspeed_config else config_root() / "configs" / "deepspeed" / f"{spec.strategy}.json"
     if not path.is_file():
         raise ConfigError(f"trainer.deepspeed_config {path}: no such file")
-    return json.loads(path.read_text())
+    return read_json_object(path)
 
 
 def _start_processes(strategy: Strategy, on_cpu: bool) -> None:

@@ -9,13 +9,14 @@ boundaries, never from searching the ids.
 
 from __future__ import annotations
 
-import json
 from importlib import resources
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
 import sentencepiece
 import tokenizers
+
+from mistral_train.jsonfile import read_json_object
 
 KINDS = ("sentencepiece", "hf_json")
 CHAT_FORMATS = ("v1", "v2", "v3")
@@ -146,12 +147,7 @@ def _config_tokens(folder: Path) -> dict[str, tuple[Optional[str], Path]]:
         file = folder / name
         if not file.is_file():
             continue
-        try:
-            data = json.loads(file.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ValueError(f"{file}: not valid JSON ({err})") from None
-        if not isinstance(data, dict):
-            raise ValueError(f"{file}: expected a JSON object, got {type(data).__name__}")
+        data = read_json_object(file)
         for key in ("bos", "eos", "pad"):
             if f"{key}_token" not in data:
                 continue

@@ -19,6 +19,7 @@ from torch import nn
 
 from mistral_train.adapters.inject import TrainableCopy, apply_lora, find_targets
 from mistral_train.adapters.lora import ALL_LINEAR, PEFT_INIT, LoraConfig, LoRALinear
+from mistral_train.jsonfile import read_json_object
 from mistral_train.checkpoint.atomic import atomic_directory
 
 CONFIG_FILE = "adapter_config.json"
@@ -164,11 +165,7 @@ def read_adapter_config(folder: Union[str, Path]) -> LoraConfig:
     path = Path(folder) / CONFIG_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{Path(folder)}: no {CONFIG_FILE} (not a PEFT adapter folder)")
-    try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from e
-    return config_from_peft(raw, str(path))
+    return config_from_peft(read_json_object(path), str(path))
 
 
 def _expected_shapes(model: nn.Module, cfg: LoraConfig) -> dict[str, tuple[str, tuple[int, ...]]]:

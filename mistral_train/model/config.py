@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
 
+from mistral_train.jsonfile import read_json_object
+
 # Keys transformers writes that describe the file, not the architecture: dropped on read,
 # regenerated on write, so a round trip does not accumulate stale metadata.
 _HF_BOOKKEEPING = {"architectures", "model_type", "transformers_version", "torch_dtype", "dtype"}
@@ -110,13 +112,7 @@ class MistralConfig:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no config.json there")
-        try:
-            d = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from e
-        if not isinstance(d, dict):
-            raise ValueError(f"{path}: expected a JSON object")
-        return cls.from_hf_dict(d, source=str(path))
+        return cls.from_hf_dict(read_json_object(path), source=str(path))
 
     def to_hf_dict(self, architecture: str = "MistralForCausalLM") -> dict[str, Any]:
         """The dict transformers writes for this model, plus the unknown keys we were given."""

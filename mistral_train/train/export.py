@@ -3,7 +3,6 @@ adapter merged into its base, and a sample."""
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 from typing import Callable, Optional
@@ -13,6 +12,7 @@ import torch
 from mistral_train.checkpoint.atomic import atomic_directory
 from mistral_train.config import RunConfig
 from mistral_train.generate import generate
+from mistral_train.jsonfile import read_json_object
 from mistral_train.adapters import load_adapter, merge_and_unload
 from mistral_train.model import Mistral
 from mistral_train.train.model_setup import BASE_NOTE, one_label_head, torch_dtype
@@ -55,8 +55,8 @@ def merge_adapter_folder(adapter_folder: Path, out: Path, base: Optional[str] = 
     """
     adapter_folder = Path(adapter_folder)
     note_path = adapter_folder / BASE_NOTE
-    note = json.loads(note_path.read_text()) if note_path.is_file() else {}
-    base = base or note.get("base") or json.loads((adapter_folder / "adapter_config.json").read_text()).get(
+    note = read_json_object(note_path) if note_path.is_file() else {}
+    base = base or note.get("base") or read_json_object(adapter_folder / "adapter_config.json").get(
         "base_model_name_or_path")
     if not base or not (Path(base) / "config.json").is_file():
         raise FileNotFoundError(f"{adapter_folder}: the base model folder {base!r} is not an HF folder; pass the base")
