@@ -19,8 +19,8 @@ from torch import nn
 
 from mistral_train.adapters.inject import TrainableCopy, apply_lora, find_targets
 from mistral_train.adapters.lora import ALL_LINEAR, PEFT_INIT, LoraConfig, LoRALinear
-from mistral_train.jsonfile import read_json_object
 from mistral_train.checkpoint.atomic import atomic_directory
+from mistral_train.jsonfile import read_json_object
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
