@@ -118,7 +118,7 @@ class TrainerSpec:
     beta2: float = 0.95
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
     loss_chunk_size: int = 1024  # tokens per cross-entropy chunk
-    compile: str = "auto"  # torch.compile each decoder block: auto (on CUDA, off on CPU, where it gained ~5%) | true | false
+    compile: str = "auto"  # torch.compile each decoder block: auto (on CUDA, off on CPU, where it gains ~7%: docs/benchmarks.md) | true | false
     precision: str = "fp32"  # fp32 | bf16 (autocast)
     device: str = "auto"  # auto | cpu | cuda
     # auto (what the launcher set up: an Accelerate DeepSpeed/FSDP config, else ddp over several processes)
