@@ -105,7 +105,10 @@ def merged(new: dict, previous_json: Path) -> dict:
         raise SystemExit(f"--merge: {previous_json} is {'a quick' if old.get('quick') else 'a full'} run; merge like with like")
     rerun = {label for name in new["benches"] for label, _ in runs(name, new["quick"])}
     for device in ("cpu", "cuda"):
-        if "not_run" in old.get(device, {"not_run": True}) or "not_run" in new[device]:
+        if "not_run" in old.get(device, {"not_run": True}):
+            continue
+        if "not_run" in new[device]:  # e.g. rerun on a machine without a GPU: the earlier GPU figures stay
+            new[device] = old[device]
             continue
         kept = {label: r for label, r in old[device].items() if label not in ("peaks", "peak_gflops") and label not in rerun}
         peaks = old[device]["peaks"] + new[device]["peaks"]

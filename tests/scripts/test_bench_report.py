@@ -78,3 +78,15 @@ def test_merge_refuses_a_missing_file_and_a_quick_run_into_a_full_one(tmp_path):
     (tmp_path / "benchmarks.json").write_text(json.dumps({"quick": False}))
     with pytest.raises(SystemExit, match="merge like with like"):
         bench_all.merged(new, tmp_path / "benchmarks.json")
+
+
+def test_merge_on_a_machine_without_a_gpu_keeps_the_earlier_gpu_section(tmp_path):
+    gpu = {"peaks": [{"gflops": 900.0}], "peak_gflops": 900.0, "model-512": {"bench": "model"}}
+    old = {"quick": False, "benches": ["model"], "run": {"command": "c", "date": "d0"},
+           "cpu": {"peaks": [{"gflops": 150.0}], "peak_gflops": 150.0, "model-512": {"bench": "model"}}, "cuda": gpu}
+    (tmp_path / "benchmarks.json").write_text(json.dumps(old))
+    new = {"quick": False, "benches": ["dist"], "run": {"command": "x", "date": "d1"},
+           "cpu": {"peaks": [{"gflops": 140.0}], "peak_gflops": 140.0, "dist": {"bench": "dist"}},
+           "cuda": {"not_run": "no GPU"}}
+    out = bench_all.merged(new, tmp_path / "benchmarks.json")
+    assert out["cuda"] == gpu and set(out["cpu"]) == {"peaks", "peak_gflops", "model-512", "dist"}
