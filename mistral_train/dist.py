@@ -34,7 +34,6 @@ from mistral_train.config_checks import ConfigError
 from mistral_train.dist_config import ACCELERATE_PRECISION, Strategy, launcher_engine, resolve_strategy
 from mistral_train.jsonfile import read_json_object
 
-MIXED_PRECISION = ACCELERATE_PRECISION  # trainer.precision -> Accelerate's name
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -103,8 +102,8 @@ def build_accelerator(spec: TrainerSpec) -> Accelerator:
         ValueError: an unknown precision or device; RuntimeError: device=cuda without CUDA;
         ConfigError: a launch that cannot run as asked (dist_config.py).
     """
-    if spec.precision not in MIXED_PRECISION:
-        raise ValueError(f"trainer.precision must be one of {sorted(MIXED_PRECISION)}, got {spec.precision!r}")
+    if spec.precision not in ACCELERATE_PRECISION:
+        raise ValueError(f"trainer.precision must be one of {sorted(ACCELERATE_PRECISION)}, got {spec.precision!r}")
     if spec.device not in DEVICES:
         raise ValueError(f"trainer.device must be one of {DEVICES}, got {spec.device!r}")
     if spec.device == "cuda" and not torch.cuda.is_available():
@@ -127,7 +126,7 @@ def build_accelerator(spec: TrainerSpec) -> Accelerator:
         _start_processes(strategy, on_cpu)
         accelerator = Accelerator(
             cpu=cpu,
-            mixed_precision=MIXED_PRECISION[spec.precision],
+            mixed_precision=ACCELERATE_PRECISION[spec.precision],
             # Accelerate would step the scheduler once per process (it assumes per-process schedules);
             # ours counts optimizer steps.
             step_scheduler_with_optimizer=False,

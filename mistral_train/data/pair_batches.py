@@ -93,9 +93,10 @@ def attach_reference(data: TrainData, table: dict[PairKey, torch.Tensor], packin
     collate = pair_collator(packing, max_seq_len, pad_id, table)
     data.train.collate = collate
     if data.eval_batches:
-        size, items = _pairs_in(data.eval_batches[0]), data.eval_items
+        size, items = num_pairs(data.eval_batches[0]), data.eval_items
         data.eval_batches = [collate(items[i : i + size]) for i in range(0, len(items), size)]
 
 
-def _pairs_in(batch: Batch) -> int:
+def num_pairs(batch: Batch) -> int:
+    """B, the pairs of a collated batch (its 2B sequences are numbered by sequence_index)."""
     return (int(batch["sequence_index"].max()) + 1) // 2

@@ -25,7 +25,6 @@ if TYPE_CHECKING:  # typing only: mistral.py imports this module
     from mistral_train.model.mistral import AttentionInputs, Mistral
 
 CHECKPOINT_POLICIES = ("none", "block", "attention", "mlp", "every_k")
-BLOCK_PARTS = ("block", "attention", "mlp")  # what a block recomputes (Block.recompute)
 
 
 def checkpoint_plan(policy: Union[str, bool, None], every: int, num_layers: int) -> tuple[Optional[str], list[Optional[str]]]:

@@ -38,7 +38,7 @@ import torch
 from mistral_train.adapters import disable_adapters, peft_state_dict
 from mistral_train.adapters.peft_format import load_adapter_weights_from_tensors
 from mistral_train.config import AdapterSpec, DPOSpec, RewardSpec
-from mistral_train.data.pair_batches import attach_reference
+from mistral_train.data.pair_batches import attach_reference, num_pairs
 from mistral_train.losses.dpo import dpo_loss
 from mistral_train.losses.reward import reward_loss
 from mistral_train.train.reference_cache import load_or_compute
@@ -47,10 +47,6 @@ from mistral_train.train.steps import Batch, Objective, StepOutput
 REFERENCES = ("auto", "copy", "adapter_off", "initial_adapter", "none")
 REFERENCE_FREE = ("simpo", "orpo")
 Reference = Callable[[torch.nn.Module, Batch], torch.Tensor]  # (model, batch) -> (2B,) reference log-probs
-
-
-def num_pairs(batch: Batch) -> int:
-    return (int(batch["sequence_index"].max()) + 1) // 2
 
 
 def sequence_logprobs(model: torch.nn.Module, batch: Batch, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
