@@ -16,6 +16,9 @@ from matplotlib.figure import Figure
 
 import _bench_common as mem
 
+from mistral_train.model.config import MistralConfig
+from mistral_train.plan import linear_shapes
+
 KIND_NAMES = {"full": "full step (fwd+bwd+AdamW)", "lora": "LoRA step", "qlora": "QLoRA (NF4) step"}
 FLOPS_FORMULA = ("model FLOPs per token = 6·N + 12·L·T·d for a full training step (PaLM appendix B, nanoGPT's "
                  "estimate_mfu); 4·N + 6·N_A + 12·L·T·d with frozen base weights (LoRA: a frozen weight has no "
@@ -24,22 +27,15 @@ FLOPS_FORMULA = ("model FLOPs per token = 6·N + 12·L·T·d for a full training
                  "counted in full, causal masking not discounted")
 
 
-def linear_shapes(arch: dict) -> list[tuple[int, int]]:
-    """(in, out) of one decoder layer's linears: q, k, v, o, gate, up, down."""
-    d, i = arch["hidden_size"], arch["intermediate_size"]
-    head_dim = arch.get("head_dim") or d // arch["num_attention_heads"]
-    q, kv = arch["num_attention_heads"] * head_dim, arch["num_key_value_heads"] * head_dim
-    return [(d, q), (d, kv), (d, kv), (q, d), (d, i), (d, i), (i, d)]
-
-
 def flops_per_token(arch: dict, seq: int, lora_r: int | None = None) -> float:
     """Model FLOPs per trained token (FLOPS_FORMULA); `lora_r`: frozen base with rank-r adapters on every linear."""
-    layers, shapes = arch["num_hidden_layers"], linear_shapes(arch)
-    n = layers * sum(a * b for a, b in shapes) + arch["hidden_size"] * arch["vocab_size"]
-    attention = 12 * layers * seq * shapes[0][1]  # shapes[0][1] = heads x head_dim
+    cfg = MistralConfig(**arch)
+    shapes = linear_shapes(cfg).values()  # (in, out) of every decoder linear, as the planner counts them
+    n = sum(a * b for a, b in shapes) + cfg.hidden_size * cfg.vocab_size
+    attention = 12 * cfg.num_hidden_layers * seq * cfg.num_attention_heads * cfg.head_dim
     if lora_r is None:
         return 6 * n + attention
-    adapters = layers * sum(lora_r * (a + b) for a, b in shapes)
+    adapters = sum(lora_r * (a + b) for a, b in shapes)
     return 4 * n + 6 * adapters + attention
 
 
