@@ -12,3 +12,16 @@ def fresh_dynamo():
     counters.clear()
     yield
     torch._dynamo.reset()
+
+
+def _train_step(model, ids, mask, labels):
+    model.zero_grad(set_to_none=True)
+    loss = model(ids, attention_mask=mask, labels=labels)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.fixture
+def train_step():
+    """(model, ids, mask, labels) -> (loss, {name: gradient}) of one forward and backward from zero gradients."""
+    return _train_step

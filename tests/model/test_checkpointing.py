@@ -34,23 +34,16 @@ def _count_calls(model) -> dict[str, list[int]]:
     return calls
 
 
-def _train_step(model, ids, mask, labels):
-    model.zero_grad(set_to_none=True)
-    loss = model(ids, attention_mask=mask, labels=labels)
-    loss.backward()
-    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
-
-
 def _expected_recomputes(policy: str, every: int) -> dict[str, list[int]]:
     parts = {"block": ("attention", "mlp"), "every_k": ("attention", "mlp"), "attention": ("attention",), "mlp": ("mlp",)}
     return {part: [int(part in parts[policy] and i % every == 0) for i in range(LAYERS)] for part in ("attention", "mlp")}
 
 
 @pytest.mark.parametrize("policy,every", POLICIES, ids=[f"{p}-{e}" for p, e in POLICIES])
-def test_policy_gives_the_gradients_of_no_checkpointing(policy, every, tiny, our_model, padded_batch):
+def test_policy_gives_the_gradients_of_no_checkpointing(policy, every, tiny, our_model, padded_batch, train_step):
     ids, mask, labels = _batch(padded_batch)
     reference = our_model(_kwargs(tiny), seed=3).train()
-    expected_loss, expected = _train_step(reference, ids, mask, labels)
+    expected_loss, expected = train_step(reference, ids, mask, labels)
 
     model = our_model(_kwargs(tiny), seed=3).train()
     model.set_gradient_checkpointing(policy, every=every)

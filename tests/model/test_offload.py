@@ -18,13 +18,6 @@ def _kwargs(tiny):
     return tiny(num_key_value_heads=2, sliding_window=5, num_hidden_layers=3)
 
 
-def _train_step(model, ids, mask, labels):
-    model.zero_grad(set_to_none=True)
-    loss = model(ids, attention_mask=mask, labels=labels)
-    loss.backward()
-    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
-
-
 def test_pack_and_unpack_round_trip_a_copy():
     hooks = OffloadActivations(min_bytes=64, copy_on_cpu=True)
     t = torch.randn(4, 6, 8).transpose(1, 2)  # non-contiguous: strides must survive
@@ -65,18 +58,18 @@ def test_a_tensor_saved_by_several_ops_is_copied_once():
 
 
 @pytest.mark.parametrize("policy", ["none", "attention", "block"])
-def test_training_gradients_are_unchanged(policy, tiny, our_model, padded_batch):
+def test_training_gradients_are_unchanged(policy, tiny, our_model, padded_batch, train_step):
     ids, mask = padded_batch([16, 9, 12], 128, pad_id=0, side="right", seed=1)
     labels = ids.masked_fill(mask == 0, -100)
     reference = our_model(_kwargs(tiny), seed=2).train()
     reference.set_gradient_checkpointing(policy)
-    expected_loss, expected = _train_step(reference, ids, mask, labels)
+    expected_loss, expected = train_step(reference, ids, mask, labels)
 
     model = our_model(_kwargs(tiny), seed=2).train()
     model.set_gradient_checkpointing(policy)
     model.set_activation_offloading(True, min_bytes=1024)
     model.activation_offload.copy_on_cpu = True
-    loss, grads = _train_step(model, ids, mask, labels)
+    loss, grads = train_step(model, ids, mask, labels)
     stats = model.activation_offload.stats
     assert stats.offloaded_bytes > 0, f"nothing was offloaded: {stats}"
     if policy != "block":  # a recomputed block keeps only its input, which is large
@@ -102,10 +95,10 @@ def test_offloading_is_off_outside_training(tiny, our_model, random_ids):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: pinned host memory and streams")
-def test_cuda_activations_go_to_pinned_cpu_memory(tiny, our_model, random_ids):
+def test_cuda_activations_go_to_pinned_cpu_memory(tiny, our_model, random_ids, train_step):
     model = our_model(_kwargs(tiny), seed=4).cuda().train()
     ids = random_ids(2, 16, 128).cuda()
-    _, expected = _train_step(model, ids, None, ids)
+    _, expected = train_step(model, ids, None, ids)
     model.set_activation_offloading(True, min_bytes=1024)
     seen = []
     original = OffloadActivations._pack
@@ -118,7 +111,7 @@ def test_cuda_activations_go_to_pinned_cpu_memory(tiny, our_model, random_ids):
 
     OffloadActivations._pack = spy
     try:
-        _, grads = _train_step(model, ids, None, ids)
+        _, grads = train_step(model, ids, None, ids)
     finally:
         OffloadActivations._pack = original
     assert seen and all(seen), "offloaded tensors must sit in pinned CPU memory"
