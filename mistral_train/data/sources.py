@@ -5,8 +5,9 @@
 other and hidden files are not read; `RowSource.sources` lists what was), or a list of those. None:
 the bundled `tiny_chat.jsonl` (eval `tiny_chat_eval.jsonl`) for chat formats, `tiny_pairs.jsonl` (eval
 `tiny_pairs_eval.jsonl`) for preference pairs, the tiny corpus for
-text. Rows pass through `formats.to_canonical` and gain "source" (file or saved folder) and "row"
-(1-based line in JSON Lines, else the 0-based row index; document index in .txt).
+text. Rows pass through `formats.to_canonical` and gain "source" (file or saved folder) and "row",
+numbered from 1 in every file type, as a user counts them: the line in JSON Lines, the element of
+a JSON array, the row of Parquet, CSV (the header not counted) and saved datasets, the document in .txt.
 JSON(L) is parsed here with `json`, line by line, for "FILE line N: malformed JSON (...)" and exact
 JSON types; Parquet, CSV and saved datasets go through `datasets` (load_dataset, load_from_disk).
 
@@ -119,6 +120,13 @@ def load_rows(spec: Any, split: str = "train", seed: int = 0) -> Optional[RowSou
     return load_splits(spec, seed)[split == "eval"]
 
 
+def source_formats(spec: Any) -> tuple[str, dict[str, str]]:
+    """(name, {source: format}) of the training data as `load_splits` would read it (the `auto` decision
+    per source), reading one row per source: what a staged recipe checks and reports before training."""
+    spec, name = _resolve(spec)
+    return name, {u.name: _format(u, spec) for p in _as_list(spec.path) for u in _units(p, ("train",))}
+
+
 def load_splits(spec: Any, seed: int = 0) -> tuple[RowSource, Optional[RowSource]]:
     """(train, eval or None) from a DataSpec (fields path, format, weights, field_map, streaming,
     eval_path, eval_fraction); without streaming each file is read once. See the module docstring."""
@@ -213,7 +221,8 @@ def _raw(unit: _Unit, streaming: bool) -> Iterator[tuple[int, str, Any]]:
     if unit.kind in ("jsonl", "json"):
         yield from (_json_array(unit.path) if unit.kind == "json" and _starts_with(unit.path, b"[") else _jsonl(unit.path))
     elif unit.kind == "txt":
-        yield from ((i, f"{unit.name} document {i}", {"text": doc}) for i, doc in enumerate(read_txt(unit.path)))
+        docs = enumerate(read_txt(unit.path), start=1)
+        yield from ((i, f"{unit.name} document {i}", {"text": doc}) for i, doc in docs)
     else:
         import datasets  # imported here: loading the package should not pay for it
 
@@ -225,7 +234,7 @@ def _raw(unit: _Unit, streaming: bool) -> Iterator[tuple[int, str, Any]]:
                 ds = ds.to_iterable_dataset() if streaming else ds
             else:
                 ds = datasets.load_dataset(unit.kind, data_files=unit.name, split="train", streaming=streaming)
-            for i, row in enumerate(ds):
+            for i, row in enumerate(ds, start=1):
                 yield i, f"{unit.name} row {i}", row
         except (datasets.exceptions.DatasetsError, ValueError, OSError) as err:  # ArrowInvalid is a ValueError
             cause = err
@@ -258,7 +267,7 @@ def _json_array(path: Path) -> Iterator[tuple[int, str, Any]]:
         raise ValueError(f"{path} line {err.lineno}: malformed JSON ({err.msg} at column {err.colno})") from None
     except UnicodeDecodeError as err:
         raise ValueError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
-    yield from ((i, f"{path} row {i}", row) for i, row in enumerate(rows))
+    yield from ((i, f"{path} row {i}", row) for i, row in enumerate(rows, start=1))
 
 
 def _starts_with(path: Path, prefix: bytes) -> bool:

@@ -74,7 +74,7 @@ def test_every_file_type_gives_the_same_rows(tmp_path):
     for name in ("a.parquet", "a.csv", "a.json", "saved", "saved_dict"):
         got = list(load_rows(spec(tmp_path / name, format="prompt_completion")))
         assert plain(got) == expected, name
-        assert [r["row"] for r in got] == list(range(6)), name  # 0-based row index outside JSON Lines
+        assert [r["row"] for r in got] == list(range(1, 7)), name  # numbered from 1, as JSON Lines lines are
     evals = load_rows(spec(tmp_path / "a.parquet", format="prompt_completion",
                            eval_path=str(tmp_path / "saved_dict")), split="eval")
     assert plain(evals) == expected[:1]  # a saved DatasetDict gives its test split for evaluation
@@ -219,11 +219,21 @@ def test_bad_jsonl_line_names_file_and_line(tmp_path, line, message, streaming):
 def test_bad_rows_in_parquet_and_csv_name_the_row(tmp_path):
     rows = [pc(0), {"prompt": "q", "completion": None}]
     datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "a.parquet"))
-    with pytest.raises(ValueError, match=f"^{tmp_path / 'a.parquet'} row 1: missing field 'completion'"):
+    with pytest.raises(ValueError, match=f"^{tmp_path / 'a.parquet'} row 2: missing field 'completion'"):
         load_rows(spec(tmp_path / "a.parquet", format="prompt_completion"))
-    (tmp_path / "a.csv").write_text("prompt,completion\nq,a\nq2,\n")
-    with pytest.raises(ValueError, match=f"^{tmp_path / 'a.csv'} row 1: missing field 'completion'"):
+    (tmp_path / "a.csv").write_text("prompt,completion\nq,a\nq2,\n")  # the second data row, below the header
+    with pytest.raises(ValueError, match=f"^{tmp_path / 'a.csv'} row 2: missing field 'completion'"):
         load_rows(spec(tmp_path / "a.csv", format="prompt_completion"))
+    (tmp_path / "a.json").write_text(json.dumps([pc(0), pc(1), {"prompt": "q"}]))
+    with pytest.raises(ValueError, match=f"^{tmp_path / 'a.json'} row 3: missing field 'completion'"):
+        load_rows(spec(tmp_path / "a.json", format="prompt_completion"))
+
+
+def test_txt_documents_are_numbered_from_1(tmp_path):
+    path = tmp_path / "a.txt"
+    path.write_text("first doc\n\nsecond\n\nthird\n")
+    assert [(r["row"], r["text"]) for r in load_rows(spec(path, format="text"))] == [
+        (1, "first doc"), (2, "second"), (3, "third")]
 
 
 def test_json_array_error_names_the_line(tmp_path):
