@@ -4,6 +4,10 @@ The folder is written under a hidden temporary name in the same parent (so the f
 `os.replace` is a rename on one filesystem, never a copy), every file is fsynced, and only
 then is it renamed into place. A process killed half-way leaves a hidden `.NAME.tmp-*`
 folder that no reader matches as a checkpoint; `remove_stale_temps` clears them.
+
+Before the rename every file and folder gets the mode the process's umask gives new files
+(0644 / 0755 under umask 022): some writers (safetensors' `save_file`, 0600) create their files
+private, and a folder we publish is read by other users and servers (vLLM) like any other.
 """
 
 from __future__ import annotations
@@ -34,6 +38,27 @@ def _fsync_tree(root: Path) -> None:
         _fsync_path(Path(folder))
 
 
+def _umask() -> int:
+    """The process's umask. Linux shows it in /proc (no change needed); elsewhere set and restore it."""
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _follow_umask(root: Path) -> None:
+    """chmod every file under `root` to 0o666 and every folder (root too) to 0o777, less the umask."""
+    mask = _umask()
+    for folder, _, files in os.walk(root):
+        os.chmod(folder, 0o777 & ~mask)
+        for name in files:
+            os.chmod(Path(folder) / name, 0o666 & ~mask)
+
+
 def temp_path_for(final_path: Path) -> Path:
     """A fresh hidden sibling of `final_path`, unique per process and call."""
     final_path = Path(final_path)
@@ -56,6 +81,7 @@ def atomic_directory(final_path: str | os.PathLike) -> Iterator[Path]:
     tmp.mkdir()
     try:
         yield tmp
+        _follow_umask(tmp)
         _fsync_tree(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

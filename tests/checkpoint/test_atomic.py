@@ -63,3 +63,21 @@ def test_killed_writer_temp_is_not_a_checkpoint(tmp_path):
     assert latest_checkpoint(tmp_path) == done
     assert remove_stale_temps(checkpoints) == [stale]
     assert sorted(os.listdir(checkpoints)) == ["step_5", "step_7"]
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o027])
+def test_published_files_follow_the_umask_whatever_mode_the_writer_chose(tmp_path, mask):
+    old = os.umask(mask)
+    try:
+        with atomic_directory(tmp_path / "ckpt") as tmp:
+            (tmp / "sub").mkdir(mode=0o700)
+            for path in (tmp / "private.bin", tmp / "sub" / "open.txt"):
+                path.write_bytes(b"x")
+            os.chmod(tmp / "private.bin", 0o600)  # as safetensors' save_file leaves its files
+            os.chmod(tmp / "sub" / "open.txt", 0o666)
+    finally:
+        os.umask(old)
+    mode = lambda p: os.stat(p).st_mode & 0o777  # noqa: E731
+    target = tmp_path / "ckpt"
+    assert [mode(target / "private.bin"), mode(target / "sub" / "open.txt")] == [0o666 & ~mask] * 2
+    assert [mode(target), mode(target / "sub")] == [0o777 & ~mask] * 2
