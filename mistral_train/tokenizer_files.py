@@ -1,0 +1,102 @@
+"""The tokenizer files of every folder we write (final/, merged/, checkpoints), complete for transformers
+and vLLM: `AutoTokenizer.from_pretrained(folder)` encodes text with BOS as we do, and its
+`apply_chat_template` gives our `encode_chat` ids for the folder's chat format.
+
+`write_tokenizer_files` is the one writer; every place that puts a tokenizer into a folder calls it.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import tokenizers
+
+from mistral_train.chat_templates import CHAT_TEMPLATES
+from mistral_train.jsonfile import read_json_object
+from mistral_train.sentencepiece_json import sentencepiece_to_tokenizers
+from mistral_train.tokenizer import Tokenizer
+
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "generation_config.json")
+# our own key in tokenizer_config.json: the chat format the template was written for, so that a folder
+# rewritten from this one (merge) keeps it; transformers keeps unknown keys as init kwargs
+CHAT_FORMAT_KEY = "mistral_train_chat_format"
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def _special_tokens(tokenizer: Tokenizer, unk: Optional[str]) -> dict[str, Optional[str]]:
+    """bos/eos/unk/pad as token strings (None where the tokenizer has none)."""
+    def piece(i: Optional[int]) -> Optional[str]:
+        return None if i is None else tokenizer.id_to_piece(i)
+
+    return {"bos_token": piece(tokenizer.bos_id), "eos_token": piece(tokenizer.eos_id), "unk_token": unk,
+            "pad_token": piece(tokenizer.pad_id)}
+
+
+def generation_config(tokenizer: Tokenizer) -> dict[str, int]:
+    """generation_config.json as transformers writes it from a model config: the special ids it sets."""
+    config = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id}
+    if tokenizer.pad_id is not None:
+        config["pad_token_id"] = tokenizer.pad_id
+    return config
+
+
+def write_tokenizer_files(tokenizer: Tokenizer, folder: Union[str, Path], chat_format: Optional[str] = None) -> None:
+    """Write tokenizer.model (a SentencePiece tokenizer), tokenizer.json (equal to it, built by
+    sentencepiece_json; or the HF tokenizer's own), tokenizer_config.json (special tokens, BOS added,
+    the Jinja chat template of `chat_format`), special_tokens_map.json and generation_config.json.
+
+    Args:
+        tokenizer: the run's tokenizer (`load_tokenizer`).
+        folder: an existing folder (usually the hidden temp folder of an atomic write).
+        chat_format: v1 | v2 | v3, or None for the tokenizer's default (`Tokenizer.chat_format`).
+    """
+    folder = Path(folder)
+    fmt = tokenizer.chat_format(chat_format)
+    if tokenizer.kind == "tekken":  # transformers reads tekken.json only through mistral-common's backend
+        shutil.copyfile(tokenizer.path, folder / "tekken.json")
+        _write_json(folder / "generation_config.json", generation_config(tokenizer))
+        return
+    if tokenizer.kind == "sentencepiece":
+        shutil.copyfile(tokenizer.path, folder / "tokenizer.model")  # copyfile: the new file follows the umask
+        hf = sentencepiece_to_tokenizers(tokenizer.path)
+        hf.save(str(folder / "tokenizer.json"))
+    else:
+        shutil.copyfile(tokenizer.path, folder / "tokenizer.json")
+        hf = tokenizers.Tokenizer.from_file(str(tokenizer.path))
+    special = _special_tokens(tokenizer, getattr(hf.model, "unk_token", None))
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",  # loads tokenizer.json as written (transformers 4 and 5)
+        "add_bos_token": True,
+        "add_eos_token": False,
+        **special,
+        "clean_up_tokenization_spaces": False,
+        CHAT_FORMAT_KEY: fmt,
+    }
+    if fmt in CHAT_TEMPLATES:
+        config["chat_template"] = CHAT_TEMPLATES[fmt]
+    else:  # the format's template is not written yet (chat_templates.py): the folder still loads and encodes text
+        warnings.warn(f"{folder}: no chat template for chat format {fmt!r} (mistral_train/chat_templates.py has "
+                      f"{sorted(CHAT_TEMPLATES)}); transformers' apply_chat_template will refuse this folder",
+                      stacklevel=2)
+    _write_json(folder / "tokenizer_config.json", config)
+    _write_json(folder / "special_tokens_map.json", {k: v for k, v in special.items() if v is not None})
+    _write_json(folder / "generation_config.json", generation_config(tokenizer))
+
+
+def folder_chat_format(folder: Union[str, Path]) -> Optional[str]:
+    """The chat format a folder's tokenizer files were written for (None: not written by us)."""
+    config = Path(folder) / "tokenizer_config.json"
+    if not config.is_file():
+        return None
+    fmt = read_json_object(config).get(CHAT_FORMAT_KEY)
+    if fmt is not None and not isinstance(fmt, str):
+        raise ValueError(f"{config}: {CHAT_FORMAT_KEY} must be a chat format name (v1, v2, v3), got {fmt!r}")
+    return fmt
