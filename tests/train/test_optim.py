@@ -7,6 +7,7 @@ import torch
 
 from mistral_train import Mistral, MistralConfig
 from mistral_train.config import TrainerSpec
+from mistral_train.config_checks import ConfigError
 from mistral_train.train.optim import build_optimizer, build_scheduler, lr_at, lr_factor, param_groups
 
 
@@ -123,3 +124,153 @@ def test_paged_optimizers_need_cuda_and_unknown_names_are_refused():
         build_optimizer(model, TrainerSpec(optimizer="paged_adamw"))
     with pytest.raises(ValueError, match="trainer.optimizer must be one of"):
         build_optimizer(model, TrainerSpec(optimizer="sgd"))
+
+
+# --- bf16 updates (trainer.bf16_update) ---------------------------------------------------------------------
+
+class _Weight(torch.nn.Module):
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(weight.clone())
+
+
+@pytest.fixture
+def eager_torchao(monkeypatch):
+    """torchao compiles its AdamW step per parameter shape (~15 s for the first on a CPU): run the same
+    function eagerly here (the rounding draws from torch.rand_like instead of the compiled kernel's stream)."""
+    monkeypatch.setattr(torch, "compile", lambda fn, **_: fn)
+
+
+def _bf16_run(mode: str, dtype: torch.dtype, weights: torch.Tensor, grads: list[torch.Tensor]):
+    """`len(grads)` AdamW steps at lr 1e-5 from `weights` with the given gradients; (weight, optimizer)."""
+    module = _Weight(weights.to(dtype))
+    optimizer = build_optimizer(module, TrainerSpec(lr=1e-5, weight_decay=0.0, bf16_update=mode))
+    for grad in grads:
+        module.weight.grad = grad.to(dtype)
+        optimizer.step()
+    return module.weight.detach(), optimizer
+
+
+def _weights_and_grads(steps: int = 20) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """bf16-representable weights ~N(0, 0.02) and gradients (so every run starts from the same values and
+    sees the same gradients); each weight's gradient keeps its direction over the steps (correlation 0.9
+    with a fixed one), as on a fine-tuning set, with fresh noise on top."""
+    gen = torch.Generator().manual_seed(0)
+    weights = (torch.randn(256, 256, generator=gen) * 0.02).bfloat16().float()
+    direction = torch.randn(256, 256, generator=gen)
+    grads = [0.9 * direction + 0.19**0.5 * torch.randn(256, 256, generator=gen) for _ in range(steps)]
+    return weights, [g.bfloat16().float() for g in grads]
+
+
+def test_bf16_remedies_track_fp32_where_plain_bf16_loses_most_updates(eager_torchao):
+    """20 steps at lr 1e-5 (the issue's measurement): plain bf16 AdamW leaves most weights unchanged, each
+    remedy moves most of them with a mean |update| within 10% of the fp32 run's."""
+    weights, grads = _weights_and_grads()
+    fp32, _ = _bf16_run("plain", torch.float32, weights, grads)
+    fp32_update = (fp32 - weights).abs().mean()
+
+    def moved_and_ratio(mode: str) -> tuple[float, float]:
+        trained, optimizer = _bf16_run(mode, torch.bfloat16, weights, grads)
+        assert trained.dtype == torch.bfloat16
+        update = trained.float() - weights
+        return float((update != 0).float().mean()), float(update.abs().mean() / fp32_update)
+
+    moved, ratio = moved_and_ratio("plain")
+    assert moved < 0.2 and ratio < 0.25  # measured 0.155 and 0.17: the updates below half an ulp are lost
+    for mode in ("fp32_master", "kahan", "stochastic_rounding"):
+        moved, ratio = moved_and_ratio(mode)
+        assert moved > 0.75, (mode, moved)  # measured 0.91, 0.91, 0.80
+        assert abs(ratio - 1) < 0.1, (mode, ratio)  # measured 1.03, 1.03, 1.02
+
+
+def test_fp32_master_is_fp32_adamw_and_kahan_carries_the_rounding_residual():
+    """What each remedy keeps: fp32_master's masters are torch AdamW's fp32 run (the same maths), and the
+    bf16 weights their nearest bf16; kahan's weight + compensation is within 1% of the fp32 update."""
+    weights, grads = _weights_and_grads()
+    fp32, _ = _bf16_run("plain", torch.float32, weights, grads)
+    trained, optimizer = _bf16_run("fp32_master", torch.bfloat16, weights, grads)
+    state = next(iter(optimizer.state.values()))
+    assert state["master"].dtype == state["exp_avg"].dtype == state["exp_avg_sq"].dtype == torch.float32
+    reference = _Weight(weights)  # torch's foreach AdamW, the code path the masters take (fused differs by an ulp)
+    adamw = torch.optim.AdamW(reference.parameters(), lr=1e-5, betas=(0.9, 0.95), weight_decay=0.0, foreach=True)
+    for grad in grads:
+        reference.weight.grad = grad
+        adamw.step()
+    assert torch.equal(state["master"], reference.weight.detach())
+    assert torch.equal(trained, state["master"].bfloat16())
+    trained, optimizer = _bf16_run("kahan", torch.bfloat16, weights, grads)
+    state = next(iter(optimizer.state.values()))
+    assert type(optimizer).__module__.startswith("optimi") and state["kahan_comp"].dtype == torch.bfloat16
+    effective = trained.float() + state["kahan_comp"].float()
+    assert float((effective - fp32).abs().mean() / (fp32 - weights).abs().mean()) < 0.01  # measured 0.002
+
+
+def _bf16_model() -> Mistral:
+    torch.manual_seed(0)
+    return _tiny_model().to(torch.bfloat16)
+
+
+@pytest.mark.parametrize("mode", ["fp32_master", "kahan", "stochastic_rounding"])
+def test_bf16_remedy_state_round_trips_a_checkpoint_bit_identically(mode, tmp_path, eager_torchao):
+    """Save after 3 steps (bf16 weights as the HF folder holds them, optimizer state through torch.save and
+    weights_only=True), restore into a fresh model and optimizer, take 3 more: bit-identical weights and
+    state to 6 uninterrupted steps (fp32 masters stay fp32 through torch's loader, which casts to bf16)."""
+    spec = TrainerSpec(lr=1e-3, weight_decay=0.1, bf16_update=mode)
+    ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1))
+
+    def steps(model, optimizer, seeds):
+        for seed in seeds:
+            torch.manual_seed(seed)  # stochastic rounding draws: the loop restores the RNG from the checkpoint
+            model(ids, labels=ids).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+    model = _bf16_model()
+    optimizer = build_optimizer(model, spec)
+    steps(model, optimizer, range(6))
+
+    first = _bf16_model()
+    optimizer1 = build_optimizer(first, spec)
+    steps(first, optimizer1, range(3))
+    torch.save(optimizer1.state_dict(), tmp_path / "optimizer.pt")
+    resumed = _bf16_model()
+    resumed.load_state_dict(first.state_dict())
+    optimizer2 = build_optimizer(resumed, spec)
+    optimizer2.load_state_dict(torch.load(tmp_path / "optimizer.pt", weights_only=True))
+    steps(resumed, optimizer2, range(3, 6))
+
+    for (name, a), b in zip(model.named_parameters(), resumed.parameters()):
+        assert a.dtype == torch.bfloat16 and torch.equal(a, b), name
+    for a, b in zip(optimizer.state.values(), optimizer2.state.values()):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), (mode, key)
+    if mode == "fp32_master":
+        assert all(s["master"].dtype == torch.float32 for s in optimizer2.state.values())
+
+
+def test_bf16_update_auto_picks_a_remedy_only_for_16_bit_weights_and_plain_only_by_name():
+    fp32 = _tiny_model()
+    assert type(build_optimizer(fp32, TrainerSpec())) is torch.optim.AdamW  # nothing to remedy
+    bf16 = _bf16_model()
+    assert type(build_optimizer(bf16, TrainerSpec())).__module__ == "optimi.adamw"  # auto: kahan
+    assert type(build_optimizer(bf16, TrainerSpec(bf16_update="plain"))) is torch.optim.AdamW
+    assert type(build_optimizer(bf16, TrainerSpec(bf16_update="fp32_master"))).__name__ == "MasterWeightAdamW"
+    assert type(build_optimizer(bf16, TrainerSpec(bf16_update="stochastic_rounding"))).__name__ == "_AdamW"
+    # DeepSpeed steps the optimizer on its own fp32 master partitions: plain AdamW whatever was asked
+    assert type(build_optimizer(bf16, TrainerSpec(bf16_update="kahan"), engine_masters=True)) is torch.optim.AdamW
+    # a bf16 head trained in full beside fp32 adapters still gets the remedy
+    fp32.lm_head.to(torch.bfloat16)
+    assert type(build_optimizer(fp32, TrainerSpec())).__module__ == "optimi.adamw"
+
+
+def test_bf16_update_errors_name_the_key():
+    bf16 = _bf16_model()
+    with pytest.raises(ConfigError, match=r"trainer.bf16_update=fp64_master: expected one of auto, fp32_master"):
+        build_optimizer(bf16, TrainerSpec(bf16_update="fp64_master"))
+    with pytest.raises(ConfigError, match=r"trainer.optimizer=adamw_8bit over bfloat16 trained weights: "
+                                          r"trainer.bf16_update=auto is offered by adamw only"):
+        build_optimizer(bf16, TrainerSpec(optimizer="adamw_8bit"))
+    assert type(build_optimizer(bf16, TrainerSpec(optimizer="adamw_8bit", bf16_update="plain"))).__name__ == "AdamW8bit"
+    with pytest.raises(ConfigError, match="stochastic_rounding rounds to bf16 only and the trained weights are float16"):
+        build_optimizer(_tiny_model().half(), TrainerSpec(bf16_update="stochastic_rounding"))
