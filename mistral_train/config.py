@@ -114,6 +114,10 @@ class TrainerSpec:
     warmup_steps: int = 10
     weight_decay: float = 0.1
     optimizer: str = "adamw"  # adamw | adamw_8bit | paged_adamw | paged_adamw_8bit (train/optim.py)
+    # how adamw updates bf16/fp16 trained weights (train/optim.py): auto (kahan when any trained parameter is
+    # 16-bit, else plain) | fp32_master (+12 B/param) | kahan (+2 B/param) | stochastic_rounding | plain
+    # (rounds small updates away: only by name); DeepSpeed keeps its own fp32 masters
+    bf16_update: str = "auto"
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping

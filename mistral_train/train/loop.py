@@ -30,7 +30,9 @@ from mistral_train.checkpoint.state import restore_rng_state
 from mistral_train.config import RunConfig, dump_run_config
 from mistral_train.data.batches import PAIR_OBJECTIVES, EpochBatches, TrainData, build_batches, pad_id_of
 from mistral_train.data.collate import padding_share
-from mistral_train.dist import backward, build_accelerator, clip_gradients, no_sync, prepare, release, shard_model
+from mistral_train.dist import (
+    backward, build_accelerator, clip_gradients, no_sync, prepare, release, shard_model, strategy_of,
+)
 from mistral_train.dist_gather import FullModel
 from mistral_train.model import Mistral
 from mistral_train.plots import plot_run
@@ -154,7 +156,8 @@ def _train(cfg: RunConfig, accelerator) -> Path:
         objective = get_objective(spec.objective, spec.loss_chunk_size)
     full_model = FullModel(accelerator, model)  # before sharding: the structure full weights are gathered into
     model = shard_model(accelerator, model)  # FSDP2 shards here, so the optimizer is built over the shards
-    optimizer = build_optimizer(model, spec)
+    # DeepSpeed steps our optimizer on its own fp32 master partitions: no bf16 remedy needed (train/optim.py)
+    optimizer = build_optimizer(model, spec, engine_masters=strategy_of(accelerator).is_deepspeed)
     scheduler = build_scheduler(optimizer, spec)
     model, optimizer, scheduler = prepare(accelerator, model, optimizer, scheduler)
     # the bare model; unwrapping imports DeepSpeed when it is installed (seconds): now, not at the first checkpoint
@@ -207,7 +210,7 @@ def _train(cfg: RunConfig, accelerator) -> Path:
             last_loss, stats = float(summed[0]), dict(zip(stats, summed[1:].tolist()))
         first_loss = last_loss if step == start else first_loss
         grad_norm = clip_gradients(accelerator, model, max_norm)
-        lr = optimizer.param_groups[0]["lr"]
+        lr = float(optimizer.param_groups[0]["lr"])  # torchao keeps it as a tensor
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
