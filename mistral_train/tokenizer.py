@@ -1,10 +1,12 @@
-"""Tokenizers: load a SentencePiece model or an HF `tokenizer.json`, encode/decode text, and
-encode Mistral chats ([INST] formats) with a mask over the assistant answers.
+"""Tokenizers: load a SentencePiece model, a Tekken file or an HF `tokenizer.json`, encode/decode
+text, and encode Mistral chats (formats v1 to v15, chat_formats.py) with a mask over what is trained.
 
-The chat encodings equal mistral-common 1.13's `encode_chat_completion`: the conversation is
-built piece by piece exactly as mistral-common builds it (BOS, then each user turn and each
-assistant answer + EOS tokenized on its own), so the assistant mask comes from the piece
-boundaries, never from searching the ids.
+The chat encodings equal mistral-common 1.13's `encode_chat_completion` in fine-tuning mode: the
+conversation is built piece by piece exactly as mistral-common builds it (BOS, then each message
+tokenized on its own), so the mask comes from the piece boundaries, never from searching the ids.
+A tokenizer's own format is its version: a tekken file's `config.version`, the `.vN` ending
+mistral-common gives its SentencePiece files (`tokenizer.model.v3`, `*.model.v7m1` is v7), else
+the control tokens it has ([SYSTEM_PROMPT]: v7, [INST]: v3, none: v1); `chat_format=` overrides.
 """
 
 from __future__ import annotations
@@ -13,17 +15,26 @@ from importlib import resources
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
+import json
+import re
+import warnings
+
 import sentencepiece
 import tokenizers
 
+from mistral_train import chat_formats
+from mistral_train.chat_messages import VERSIONS as CHAT_FORMATS
 from mistral_train.jsonfile import read_json_object
+from mistral_train.tekken import TEKKEN_PATTERN, Tekken, is_tekken_json
 
-KINDS = ("sentencepiece", "hf_json")
-CHAT_FORMATS = ("v1", "v2", "v3")
-ROLES = ("system", "user", "assistant")
+KINDS = ("sentencepiece", "hf_json", "tekken")
+ROLES = ("system", "user", "assistant", "tool")
+# the Llama-3 split regex some Tekken models' tokenizer.json carry instead of Tekken's (transformers#42299)
+_LLAMA3_PATTERN = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+_FILE_VERSION = re.compile(r"\.(v\d+)(m\d+)?$")  # mistral-common's names: tokenizer.model.v3, *.model.v7m1
 _BUNDLED = {"v1": "tokenizer.model.v1", "v2": "mistral_instruct_tokenizer_240216.model.v2",
             "v3": "mistral_instruct_tokenizer_240323.model.v3"}
-_FOLDER_FILES = (("tokenizer.model", "sentencepiece"), ("tokenizer.json", "hf_json"))
+_FOLDER_FILES = (("tekken.json", "tekken"), ("tokenizer.model", "sentencepiece"), ("tokenizer.json", "hf_json"))
 
 
 def bundled_tokenizer_path(version: str = "v1") -> Path:
@@ -49,9 +60,9 @@ def resolve_tokenizer_path(spec: Optional[str], model_folder: Optional[Union[str
         if model_folder is None:
             return bundled_tokenizer_path("v1")
         folder = Path(model_folder)
-        if not any((folder / name).is_file() for name in ("tokenizer.model", "tokenizer.json")):
+        if not any((folder / name).is_file() for name, _ in _FOLDER_FILES):
             raise FileNotFoundError(
-                f"{folder}: no tokenizer.model or tokenizer.json; set model.tokenizer to a tokenizer file or bundled:v1|v2|v3"
+                f"{folder}: no tokenizer.model or tokenizer.json (nor tekken.json); set model.tokenizer to a tokenizer file or bundled:v1|v2|v3"
             )
         return folder
     if spec.startswith("bundled:"):
@@ -98,8 +109,8 @@ class _SentencePiece:
 class _HFJson:
     """`tokenizers` backend; special tokens written in text stay text, as in SentencePiece."""
 
-    def __init__(self, path: Path):
-        self.tok = tokenizers.Tokenizer.from_file(str(path))
+    def __init__(self, path: Path, data: dict):
+        self.tok = tokenizers.Tokenizer.from_str(json.dumps(_fix_tekken_regex(path, data)))
         self.tok.encode_special_tokens = True
         self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
         self._special = {i for i, t in self.tok.get_added_tokens_decoder().items() if t.special}
@@ -119,6 +130,23 @@ class _HFJson:
 
     def decode(self, ids: list[int], skip_special: bool) -> str:
         return self.tok.decode(ids, skip_special_tokens=skip_special)
+
+
+def _fix_tekken_regex(path: Path, data: dict) -> dict:
+    """`data` with Tekken's split regex where a Tekken tokenizer.json (Mistral's [INST] control
+    tokens) carries the Llama-3 regex instead (transformers#42299): that regex splits digits in
+    threes and English contractions apart, so ids differ from the model's own tokenizer."""
+    pre = data.get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
+    added = {t.get("content") for t in data.get("added_tokens", [])}
+    for step in steps:
+        if (step.get("type") == "Split" and step.get("pattern", {}).get("Regex") == _LLAMA3_PATTERN
+                and {"[INST]", "[/INST]"} <= added):
+            step["pattern"]["Regex"] = TEKKEN_PATTERN
+            warnings.warn(f"{path}: the pre-tokenizer regex is the Llama-3 pattern, not Tekken's "
+                          "(transformers#42299); using Tekken's pattern so ids match the model's tokenizer",
+                          stacklevel=3)
+    return data
 
 
 def _resolve(path: Path, kind: Optional[str]) -> tuple[Path, str]:
@@ -160,19 +188,26 @@ def _config_tokens(folder: Path) -> dict[str, tuple[Optional[str], Path]]:
 
 
 def load_tokenizer(path: Union[str, Path], kind: Optional[str] = None) -> "Tokenizer":
-    """Load `path`: a folder with tokenizer.model (SentencePiece) or tokenizer.json (HF
-    tokenizers; tokenizer.model wins when both exist), or such a file under any name (e.g.
-    `bundled_tokenizer_path("v3")`). `kind` ("sentencepiece" | "hf_json") forces the loader."""
+    """Load `path`: a folder with tekken.json, tokenizer.model (SentencePiece) or tokenizer.json (HF
+    tokenizers), first found in that order, or such a file under any name (e.g. mistral-common's
+    `tokenizer.model.v3`, `tekken_240911.json`). `kind` ("sentencepiece" | "hf_json" | "tekken")
+    forces the loader."""
     if kind not in (None, *KINDS):
         raise ValueError(f"tokenizer kind {kind!r} unknown; expected one of {KINDS} or None")
     path = Path(path).expanduser()
     file, kind = _resolve(path, kind)
+    data = read_json_object(file) if kind != "sentencepiece" else {}
+    if kind == "hf_json" and is_tekken_json(data) and not path.is_dir():
+        kind = "tekken"  # a bare JSON file: its content says which
     try:
-        backend = _SentencePiece(file) if kind == "sentencepiece" else _HFJson(file)
+        if kind == "tekken":
+            backend = Tekken(file)
+        else:
+            backend = _SentencePiece(file) if kind == "sentencepiece" else _HFJson(file, data)
     # tokenizers raises a bare Exception on parse errors, sentencepiece a RuntimeError/OSError
     except Exception as err:  # noqa: BLE001 - re-raised with the path and what was expected
         raise ValueError(f"{file}: cannot parse as a {kind} tokenizer ({err}); expected a SentencePiece "
-                         "model or an HF tokenizers tokenizer.json") from err
+                         "model, a tekken file or an HF tokenizers tokenizer.json") from err
     ids = dict(backend.defaults)
     for key, (token, origin) in (_config_tokens(path) if path.is_dir() else {}).items():
         if token is None:  # an explicit null: no pad token (BOS/EOS keep the model's own)
@@ -188,47 +223,31 @@ def load_tokenizer(path: Union[str, Path], kind: Optional[str] = None) -> "Token
     return Tokenizer(backend, file, kind, ids["bos"], ids["eos"], ids["pad"])
 
 
-def _check_messages(messages: Sequence[dict], need_last_user: bool) -> None:
-    """Raise ValueError (naming the message index) unless messages are an optional leading
-    system message, then strictly alternating user/assistant turns starting with user."""
-    if not isinstance(messages, (list, tuple)) or not messages:
-        raise ValueError(f"empty conversation: expected a non-empty list of messages, got {messages!r}")
-    expected = "user"
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or "role" not in m or "content" not in m:
-            raise ValueError(f"message {i}: expected a dict with 'role' and 'content', got {m!r}")
-        role, content = m["role"], m["content"]
-        if role not in ROLES:
-            raise ValueError(f"message {i}: unknown role {role!r}; expected one of {ROLES}")
-        if not isinstance(content, str):
-            raise ValueError(f"message {i}: content must be a string, got {type(content).__name__}")
-        if role == "system" and i == 0:
-            continue
-        if role != expected:
-            raise ValueError(f"message {i}: expected role {expected!r}, got {role!r} (roles must alternate "
-                             "user/assistant, starting with user, after an optional leading system message)")
-        if role == "assistant" and not content:
-            raise ValueError(f"message {i}: assistant content is empty")
-        expected = "assistant" if role == "user" else "user"
-    last = messages[-1]["role"]
-    if last == "system":
-        raise ValueError(f"message {len(messages) - 1}: conversation has no user message after the system message")
-    if need_last_user and last != "user":
-        raise ValueError(f"message {len(messages) - 1}: conversation must end with a user message when "
-                         f"add_generation_prompt=True, got {last!r}")
-
-
 class Tokenizer:
     """Text <-> ids, plus Mistral chat encoding. `encode` adds BOS/EOS only when asked."""
 
-    def __init__(self, backend: Union[_SentencePiece, _HFJson], path: Path, kind: str,
+    def __init__(self, backend: Union[_SentencePiece, _HFJson, Tekken], path: Path, kind: str,
                  bos_id: int, eos_id: int, pad_id: Optional[int]):
         self._backend, self.path, self.kind = backend, path, kind
         self.vocab_size: int = backend.vocab_size
         self.bos_id, self.eos_id, self.pad_id = bos_id, eos_id, pad_id
-        inst, end_inst = backend.token_id("[INST]"), backend.token_id("[/INST]")
-        has_controls = None not in (inst, end_inst) and backend.is_special(inst) and backend.is_special(end_inst)
-        self._inst = (inst, end_inst) if has_controls else None
+        self._vocab = chat_formats.Vocab(backend.encode, self.control_id, bos_id, eos_id,
+                                         getattr(backend, "model_settings_builder", None))
+        self.version = self._own_version()
+
+    def control_id(self, token: str) -> Optional[int]:
+        """Id of the control token `token` ("[INST]"), None when the vocabulary has it only as text or not at all."""
+        i = self._backend.token_id(token)
+        return i if i is not None and self._backend.is_special(i) else None
+
+    def _own_version(self) -> str:
+        if isinstance(self._backend, Tekken):
+            return self._backend.version
+        named = _FILE_VERSION.search(self.path.name)
+        if named and named.group(1) in CHAT_FORMATS:
+            return named.group(1)
+        controls = {t for t in ("[INST]", "[/INST]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]") if self.control_id(t) is not None}
+        return "v1" if len(controls) < 2 or "[INST]" not in controls else "v7" if len(controls) == 4 else "v3"
 
     def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
         if not isinstance(text, str):
@@ -249,48 +268,33 @@ class Tokenizer:
         return self._backend.id_to_piece(self._check_ids([token_id])[0])
 
     def chat_format(self, chat_format: Optional[str] = None) -> str:
-        """`chat_format`, checked; None picks v3 when [INST]/[/INST] are control tokens, else v1."""
+        """`chat_format`, checked; None is the tokenizer's own version (see the module docstring)."""
         if chat_format is None:
-            return "v3" if self._inst else "v1"
+            return self.version
         if chat_format not in CHAT_FORMATS:
             raise ValueError(f"chat_format {chat_format!r} unknown; expected one of {CHAT_FORMATS} or None")
-        if chat_format != "v1" and not self._inst:
-            raise ValueError(f"chat_format {chat_format!r} needs [INST]/[/INST] control tokens, which the "
+        missing = [t for t in chat_formats.NEEDS[chat_format][:2] if self.control_id(t) is None]
+        if missing:
+            raise ValueError(f"chat_format {chat_format!r} needs {', '.join(missing)} control tokens, which the "
                              f"tokenizer {self.path} lacks; use 'v1'")
         return chat_format
 
-    def encode_chat(self, messages: Sequence[dict], chat_format: Optional[str] = None) -> tuple[list[int], list[bool]]:
-        """(ids, assistant_mask) of a chat `[{"role": "system"|"user"|"assistant", "content": str}, ...]`;
-        `mask[t]` is True exactly on the tokens of each assistant answer and the EOS closing it.
-        v1: `<s>[INST] u [/INST] a</s>` with [INST] as text; v2/v3 (identical without tools):
-        [INST]/[/INST] control ids around each user turn."""
-        return self._encode_chat(messages, chat_format, need_last_user=False)
-
-    def _encode_chat(self, messages: Sequence[dict], chat_format: Optional[str],
-                     need_last_user: bool) -> tuple[list[int], list[bool]]:
-        fmt = self.chat_format(chat_format)
-        _check_messages(messages, need_last_user)
-        system = messages[0]["content"] if messages[0]["role"] == "system" else ""
-        turns = messages[1:] if messages[0]["role"] == "system" else messages
-        users = [i for i, m in enumerate(turns) if m["role"] == "user"]
-        # mistral-common 1.13 puts the system prompt in the FIRST user turn in v1, the LAST in v2/v3
-        system_turn = users[0] if fmt == "v1" else users[-1]
-        ids, mask = [self.bos_id], [False]
-        for i, m in enumerate(turns):
-            text = m["content"]
-            if m["role"] == "user":
-                if system and i == system_turn:
-                    text = system + "\n\n" + text
-                piece = (self._backend.encode(f"[INST] {text} [/INST]") if fmt == "v1"
-                         else [self._inst[0], *self._backend.encode(text), self._inst[1]])
-            else:  # v2/v3 drop trailing spaces of answers, v1 keeps them (as mistral-common)
-                piece = self._backend.encode(text if fmt == "v1" else text.rstrip(" ")) + [self.eos_id]
-            ids += piece
-            mask += [m["role"] == "assistant"] * len(piece)
-        return ids, mask
+    def encode_chat(self, messages: Sequence[dict], chat_format: Optional[str] = None, tools: Optional[list] = None,
+                    reasoning_effort: Optional[str] = None) -> tuple[list[int], list[bool]]:
+        """(ids, trained_mask) of OpenAI-form `messages` (system, user, assistant with content and/or
+        tool_calls, tool with tool_call_id; see chat_messages.py) and tool definitions `tools`.
+        `mask[t]` is True on the assistant tokens: answers, reasoning, tool calls and the EOS closing
+        them, except for messages with weight 0. `reasoning_effort` is a v15 model setting."""
+        return chat_formats.encode_chat(self._vocab, self.chat_format(chat_format), messages, tools, reasoning_effort)
 
     def apply_chat_template(self, messages: Sequence[dict], chat_format: Optional[str] = None,
-                            add_generation_prompt: bool = False) -> list[int]:
+                            add_generation_prompt: bool = False, tools: Optional[list] = None,
+                            reasoning_effort: Optional[str] = None) -> list[int]:
         """Ids of a chat. Mistral formats have no separate generation prompt (a prompt ends with
-        [/INST]), so add_generation_prompt=True only insists the chat ends with a user turn."""
-        return self._encode_chat(messages, chat_format, need_last_user=add_generation_prompt)[0]
+        [/INST] or [/TOOL_RESULTS]), so add_generation_prompt=True only insists the chat ends with a
+        user message or tool results."""
+        if add_generation_prompt and messages and isinstance(messages[-1], dict) \
+                and messages[-1].get("role") not in ("user", "tool"):
+            raise ValueError(f"message {len(messages) - 1}: conversation must end with a user message (or tool "
+                             f"results) when add_generation_prompt=True, got {messages[-1].get('role')!r}")
+        return self.encode_chat(messages, chat_format, tools, reasoning_effort)[0]

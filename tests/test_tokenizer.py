@@ -159,7 +159,7 @@ BAD_CHATS = [
     ([{"role": "user", "content": "a"}, {"role": "bot", "content": "b"}], "message 1: unknown role 'bot'"),
     ([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}], "message 1: expected role 'assistant'"),
     ([{"role": "assistant", "content": "a"}], "message 0: expected role 'user'"),
-    ([{"role": "user", "content": "a"}, {"role": "system", "content": "s"}], "message 1: expected role 'assistant'"),
+    ([{"role": "user", "content": "a"}, {"role": "system", "content": "s"}], "message 1: conversation ends with a system"),
     ([{"role": "system", "content": "s"}, {"role": "assistant", "content": "a"}], "message 1: expected role 'user'"),
     ([{"role": "user", "content": ["a"]}], "message 0: content must be a string"),
     ([{"role": "user", "content": "a"}, {"role": "assistant", "content": ""}], "message 1: assistant content is empty"),
