@@ -4,6 +4,9 @@ Optimizer states per trainable parameter, b the weights' bytes (4 fp32, 2 bf16/f
 weights' dtype, as our loop keeps them (train/optim.py, torch AdamW); adamw_mixed 8 (fp32 m, v) + 4 (an fp32 master
 of 16-bit weights), DeepSpeed's ZeRO optimizer under bf16, where a replica holds 16 bytes/param (its ZeRO-0
 figure); adamw8bit 2 + 8/256, bitsandbytes' AdamW8bit (8-bit m and v, an fp32 absmax per 256 values each).
+Our loop over 16-bit trained weights (trainer.bf16_update, train/optim.py): fp32_master is adamw_mixed (fp32
+master, m and v), kahan is adamw_kahan (2b + a 2-byte compensation per 16-bit parameter), stochastic_rounding
+is adamw_sr (2b: nothing stored), plain is adamw.
 Model states per device, N processes. Wt trainable weights; F a frozen float base (LoRA); Q an NF4 base (uint8
 buffers: neither FSDP2 nor ZeRO shards them); O optimizer states; G the gradient partition ZeRO steps on: an fp32
 copy (4 bytes/param) beside 16-bit weights, else the gradients Wt themselves (G32: the copy only, else 0).
@@ -26,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
-from mistral_train.config import AdapterSpec, ModelSpec, RunConfig
+from mistral_train.config import AdapterSpec, ModelSpec, RunConfig, TrainerSpec
 from mistral_train.config_checks import ConfigError
 from mistral_train.model.config import MistralConfig
 from mistral_train.tokenizer import load_tokenizer, resolve_tokenizer_path
@@ -40,7 +43,11 @@ BUNDLED_VOCAB = {None: 32000, "bundled:v1": 32000, "bundled:v2": 32768, "bundled
 # ddp also stands for one process; *_offload: DeepSpeed's offload_optimizer to the CPU; *_params: offload_param too
 STRATEGIES = ("ddp", "fsdp2", "zero1", "zero2", "zero2_offload", "zero3", "zero3_offload", "zero3_offload_params")
 DEEPSPEED, SHARDING_ONLY = STRATEGIES[2:], ("fsdp2", "zero1", "zero2", "zero3")  # the latter: left out for 1 process
-OPTIMIZERS = ("auto", "adamw", "adamw_mixed", "adamw8bit")
+OPTIMIZERS = ("auto", "adamw", "adamw_mixed", "adamw8bit", "adamw_kahan", "adamw_sr")
+NOT_DEEPSPEED = ("adamw", "adamw8bit", "adamw_kahan", "adamw_sr")  # DeepSpeed's ZeRO optimizer keeps fp32 masters
+# the states our loop's adamw keeps over 16-bit trained weights, by trainer.bf16_update (auto: kahan)
+BF16_UPDATE_STATES = {"auto": "adamw_kahan", "kahan": "adamw_kahan", "fp32_master": "adamw_mixed",
+                      "stochastic_rounding": "adamw_sr", "plain": "adamw"}
 
 
 def linear_shapes(cfg: MistralConfig) -> dict[str, tuple[int, int]]:
@@ -178,7 +185,8 @@ def model_states(strategy: str, n: int, w: Weights, optimizer: str, largest: int
     """(weights, grads, optimizer states, host) bytes per device: the module docstring's table."""
     Wt, F, Q, P16, zero = w.trainable_bytes, w.frozen_bytes, w.nf4_bytes, w.sixteen_bit, strategy in DEEPSPEED
     # (states, the fp32 gradient copy ZeRO's optimizer steps on beside 16-bit weights)
-    O, G32 = {"adamw": (2 * Wt, 0.0), "adamw8bit": (ADAMW8BIT_BYTES * w.trainable, 0.0),
+    O, G32 = {"adamw": (2 * Wt, 0.0), "adamw_sr": (2 * Wt, 0.0), "adamw_kahan": (2 * Wt + 2 * P16, 0.0),
+              "adamw8bit": (ADAMW8BIT_BYTES * w.trainable, 0.0),
               "adamw_mixed": (8 * w.trainable + 4 * P16, 4 * P16 if zero else 0.0)}[optimizer]
     G = G32 or Wt  # the gradient partition the optimizer reads
     per_w, per_g = (Wt + F) / w.float_params, Wt / w.float_params  # bytes per gathered parameter
@@ -199,7 +207,9 @@ class PlanOptions:
     num_processes: int = 1
     device_gib: float = 80.0
     strategy: Optional[str] = None  # None: every strategy that means something for num_processes
-    optimizer: str = "auto"  # auto: adamw (our loop) outside DeepSpeed, adamw_mixed under it with 16-bit weights
+    # auto: our loop's outside DeepSpeed (trainer.optimizer, and trainer.bf16_update over 16-bit trained weights:
+    # `loop_optimizer`), adamw_mixed under it with 16-bit weights
+    optimizer: str = "auto"
 
 
 PLAN_KEYS = {"num_processes": "must be a whole number >= 1 (processes, one per GPU)",
@@ -235,6 +245,17 @@ def model_shape(spec: ModelSpec) -> MistralConfig:
         raise ConfigError(f"model.path={spec.path}: {err}" if spec.path else f"model: {err}") from err
 
 
+def loop_optimizer(trainer: TrainerSpec, w: Weights) -> str:
+    """The plan's name for the optimizer states our loop keeps (outside DeepSpeed) for `trainer` over `w`."""
+    if trainer.optimizer in ("adamw_8bit", "paged_adamw_8bit"):
+        return "adamw8bit"
+    if not w.sixteen_bit:
+        return "adamw"  # fp32 trained weights: every bf16_update is plain AdamW
+    if trainer.bf16_update not in BF16_UPDATE_STATES:
+        raise ConfigError(f"trainer.bf16_update={trainer.bf16_update}: expected one of {', '.join(BF16_UPDATE_STATES)}")
+    return BF16_UPDATE_STATES[trainer.bf16_update]
+
+
 @dataclass
 class Plan:
     """What `format_plan` prints: the run, its architecture, and one Row per strategy."""
@@ -253,7 +274,7 @@ def plan_run(cfg: RunConfig, options: Optional[PlanOptions] = None) -> Plan:
                                 ("trainer.precision", t.precision, ("fp32", "bf16"))):
         if value not in allowed:
             raise ConfigError(f"{key}={value}: expected one of {', '.join(allowed)}")
-    if opts.strategy in DEEPSPEED and opts.optimizer in ("adamw", "adamw8bit"):
+    if opts.strategy in DEEPSPEED and opts.optimizer in NOT_DEEPSPEED:
         raise ConfigError(f"optimizer={opts.optimizer} with strategy={opts.strategy}: DeepSpeed's ZeRO optimizer keeps "
                           "fp32 master weights and moments; use optimizer=auto or adamw_mixed")
     shape, b, autocast, n = model_shape(cfg.model), DTYPE_BYTES[cfg.model.dtype], t.precision == "bf16", opts.num_processes
@@ -262,13 +283,14 @@ def plan_run(cfg: RunConfig, options: Optional[PlanOptions] = None) -> Plan:
     root = sum(sizes.values()) - shape.num_hidden_layers * block
     strategies = [opts.strategy] if opts.strategy else [  # DeepSpeed rows only with an optimizer DeepSpeed runs
         s for s in STRATEGIES if not (n == 1 and s in SHARDING_ONLY) and not (s in DEEPSPEED and opts.optimizer
-                                                                              in ("adamw", "adamw8bit"))]
+                                                                              in NOT_DEEPSPEED)]
     plan = Plan(cfg, shape, run_weights(shape, cfg.adapter, b), opts)
     for s in strategies:
         ds16 = s in DEEPSPEED and (b == 2 or autocast)  # DeepSpeed's bf16 casts every float weight, adapters too
         wb = 2 if ds16 else b
-        optimizer = opts.optimizer if opts.optimizer != "auto" else ("adamw_mixed" if ds16 else "adamw")
         w = run_weights(shape, cfg.adapter, wb, adapter_bytes=2 if ds16 else 4)
+        optimizer = opts.optimizer if opts.optimizer != "auto" else (
+            "adamw_mixed" if ds16 else "adamw" if s in DEEPSPEED else loop_optimizer(t, w))
         # bf16 autocast over fp32 weights keeps a 16-bit copy of each (float) linear weight until the backward
         casts = (sum(sizes[k] for k in linear_shapes(shape) if cfg.adapter.kind != "qlora")
                  + shape.vocab_size * shape.hidden_size) if autocast and wb == 4 else 0
@@ -299,4 +321,6 @@ def format_plan(plan: Plan) -> str:
         *(f"{a:<22}{b:<13}" + "".join(f"{c:>8}" for c in cells) + f"  {fits}" for a, b, *cells, fits in rows), "",
         f"fits: total + {RESERVE_GIB:g} GiB (CUDA context, NCCL) <= {o.device_gib:g} GiB; host: the node's CPU memory for "
         "offloaded states (DeepSpeed pins ~1.5x that)",
-        "adamw: our loop, m and v in the weights' dtype; adamw_mixed: fp32 master, m and v (DeepSpeed)"])
+        "adamw: m and v in the weights' dtype; adamw_mixed: fp32 master, m and v (DeepSpeed, or trainer.bf16_update="
+        "fp32_master); adamw_kahan: adamw + a 16-bit compensation (bf16_update=kahan, auto); adamw_sr: adamw's bytes "
+        "(stochastic_rounding)"])

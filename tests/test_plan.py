@@ -33,6 +33,12 @@ def _run(shape: dict, adapter: str = "none", **trainer) -> RunConfig:
     return cfg
 
 
+@pytest.fixture
+def eager_torchao(monkeypatch):
+    """torchao compiles its AdamW step per parameter shape (~15 s on a CPU): the same function, eagerly."""
+    monkeypatch.setattr(torch, "compile", lambda fn, **_: fn)
+
+
 def _own_params(model: torch.nn.Module, trainable: bool | None = None) -> dict[str, int]:
     """Parameter count per module name, each shared tensor once (named_parameters drops duplicates)."""
     sizes: dict[str, int] = {}
@@ -113,6 +119,36 @@ def test_model_states_per_parameter_on_one_replica(dtype, optimizer, per_param):
     plan = plan_run(cfg, PlanOptions(strategy="ddp", optimizer=optimizer))
     row, n = plan.rows[0], plan.weights.total
     assert (row.weights + row.grads + row.optimizer_states) / n == pytest.approx(per_param)
+
+
+@pytest.mark.parametrize("bf16_update, optimizer", [
+    ("auto", "adamw_kahan"), ("kahan", "adamw_kahan"), ("fp32_master", "adamw_mixed"),
+    ("stochastic_rounding", "adamw_sr"), ("plain", "adamw"),
+])
+def test_plan_counts_the_bf16_update_our_optimizer_keeps(bf16_update, optimizer, eager_torchao):
+    """The plan's optimizer states for a bf16 full fine-tune equal the bytes of the state build_optimizer's
+    optimizer holds after one step (fp32 master: +4 B/param and fp32 moments; kahan: +2 B/param)."""
+    from mistral_train.train.optim import build_optimizer
+
+    cfg = _run(SMALL, bf16_update=bf16_update)
+    plan = plan_run(cfg, PlanOptions(strategy="ddp"))
+    row = plan.rows[0]
+    assert row.optimizer == optimizer
+    model = Mistral(plan.model).to(torch.bfloat16)  # the architecture the plan counted
+    torch_optimizer = build_optimizer(model, cfg.trainer)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    torch_optimizer.step()
+    held = sum(t.numel() * t.element_size() for state in torch_optimizer.state.values() for t in state.values()
+               if torch.is_tensor(t) and t.ndim > 0)  # the per-parameter buffers, not the step counters
+    assert held == row.optimizer_states
+    assert plan_run(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, dtype="float32")),
+                    PlanOptions(strategy="ddp")).rows[0].optimizer == "adamw"  # fp32 weights need no remedy
+
+
+def test_plan_counts_the_8bit_optimizer_a_recipe_names():
+    cfg = _run(SMALL, "qlora", optimizer="adamw_8bit")
+    assert plan_run(cfg, PlanOptions(strategy="ddp")).rows[0].optimizer == "adamw8bit"
 
 
 def test_sharding_divides_model_states_and_zero3_beats_zero2():
