@@ -6,32 +6,52 @@ stretch of text between two special tokens gets its own leading `▁`, as mistra
 turn on its own. So v2/v3 put a turn's text right after `[INST]`/`[/INST]` with no space, and v1,
 where `[INST]` is plain text, writes `[INST] user [/INST] answer` as one stretch after BOS/EOS.
 
-What mistral-common 1.13 does, and the templates repeat: the system message joins a user turn as
-`system + "\n\n" + user`, the FIRST user turn in v1, the LAST in v2/v3; v2/v3 drop trailing spaces of
-answers; every answer ends with EOS. A prompt ends with `[/INST]`: there is no separate generation
-prompt, so `add_generation_prompt` only insists that the chat ends with a user turn.
+What mistral-common 1.13 does, and the templates repeat: the system messages, wherever they are
+(joined by a blank line), go into one user turn as `system + "\n\n" + user`: the FIRST user turn in
+v1, the LAST in v2/v3; v2/v3 drop trailing spaces of answers; every answer ends with EOS. A prompt
+ends with `[/INST]`: there is no separate generation prompt, so `add_generation_prompt` only insists
+that the chat ends with a user turn. Tool definitions, tool calls and tool results are not templated
+(the template refuses them): our encoder and mistral-common encode those.
 
-A new format (Tekken v3, v7+) adds its entry to CHAT_TEMPLATES, the one place a folder's template comes from.
+A new format (Tekken v3, v7+) adds its entry to CHAT_TEMPLATES, the one place a folder's template
+comes from.
 """
 
 from __future__ import annotations
 
-# Checks the roles (optional leading system, then user/assistant alternating from user) and finds the
-# system text and the first and last user turns among `turns` (the messages after the system one).
+# Checks the conversation as our encoder does (chat_messages.check, for text conversations: system, user
+# and assistant messages with string content; tools are refused), joins the non-empty system messages
+# with a blank line, and finds the first and last user messages. ns.prev: the previous message's role;
+# ns.turn: the previous user or assistant message's role.
 _PREAMBLE = (
-    "{%- if messages[0]['role'] == 'system' %}"
-    "{%- set system = messages[0]['content'] %}{%- set turns = messages[1:] %}"
-    "{%- else %}{%- set system = '' %}{%- set turns = messages %}{%- endif %}"
-    "{%- set ns = namespace(first=-1, last=-1) %}"
-    "{%- for message in turns %}"
-    "{%- if message['role'] != ['user', 'assistant'][loop.index0 % 2] %}"
-    "{{- raise_exception('roles must alternate user/assistant, starting with user, after an optional system message') }}"
+    "{%- if tools %}{{- raise_exception('tool definitions are not in this chat template: encode tool "
+    "conversations with mistral-train or mistral-common') }}{%- endif %}"
+    "{%- set ns = namespace(system='', first=-1, last=-1, prev='', turn='') %}"
+    "{%- for message in messages %}"
+    "{%- if message['role'] not in ['system', 'user', 'assistant'] or message['tool_calls'] is defined and "
+    "message['tool_calls'] %}"
+    "{{- raise_exception('only system, user and assistant messages without tool calls are in this chat template') }}"
+    "{%- endif %}"
+    "{%- if message['content'] is not string %}{{- raise_exception('message content must be a string') }}{%- endif %}"
+    "{%- if message['role'] == 'system' %}"
+    "{%- if ns.prev == 'assistant' %}{{- raise_exception('a system message cannot follow an assistant message') }}"
+    "{%- endif %}"
+    "{%- if message['content'] %}"
+    "{%- set ns.system = ns.system + '\\n\\n' + message['content'] if ns.system else message['content'] %}"
+    "{%- endif %}"
+    "{%- else %}"
+    "{%- if message['role'] != ('assistant' if ns.turn == 'user' else 'user') %}"
+    "{{- raise_exception('roles must alternate user/assistant, starting with user (system messages aside)') }}"
     "{%- endif %}"
     "{%- if message['role'] == 'user' %}{%- if ns.first < 0 %}{%- set ns.first = loop.index0 %}{%- endif %}"
     "{%- set ns.last = loop.index0 %}{%- endif %}"
+    "{%- set ns.turn = message['role'] %}"
+    "{%- endif %}"
+    "{%- set ns.prev = message['role'] %}"
     "{%- endfor %}"
     "{%- if ns.last < 0 %}{{- raise_exception('the conversation has no user message') }}{%- endif %}"
-    "{%- if add_generation_prompt and turns[-1]['role'] != 'user' %}"
+    "{%- if ns.prev == 'system' %}{{- raise_exception('the conversation ends with a system message') }}{%- endif %}"
+    "{%- if add_generation_prompt and ns.turn != 'user' %}"
     "{{- raise_exception('add_generation_prompt needs a conversation that ends with a user message') }}"
     "{%- endif %}"
     "{{- bos_token }}"
@@ -39,14 +59,15 @@ _PREAMBLE = (
 
 
 def _turns(system_turn: str, user: str, assistant: str) -> str:
-    """The loop over turns; `user` and `assistant` are Jinja expressions over `text` / `message`."""
+    """The loop over messages; `user` and `assistant` are Jinja expressions over `text` / `message`."""
     return (
-        "{%- for message in turns %}"
+        "{%- for message in messages %}"
         "{%- if message['role'] == 'user' %}"
         "{%- set text = message['content'] %}"
-        f"{{%- if system and loop.index0 == ns.{system_turn} %}}{{%- set text = system + '\\n\\n' + text %}}{{%- endif %}}"
+        f"{{%- if ns.system and loop.index0 == ns.{system_turn} %}}{{%- set text = ns.system + '\\n\\n' + text %}}"
+        "{%- endif %}"
         f"{{{{- {user} }}}}"
-        "{%- else %}"
+        "{%- elif message['role'] == 'assistant' %}"
         f"{{{{- {assistant} + eos_token }}}}"
         "{%- endif %}"
         "{%- endfor %}"

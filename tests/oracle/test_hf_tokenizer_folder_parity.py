@@ -31,6 +31,7 @@ CHATS = {  # each ends with an assistant answer; its prompt (without the last an
     "multi-turn-system": [SYSTEM, U("What colour is grass?"), A("Green.  "), U("  와 한국어?\n\tcode: `x  = 1`"),
                           A("네 🎉🚀 👩‍👩‍👧\nok"), U(CODE), A(" spaced answer ")],
     "code-answer": [U("Write f."), A(CODE), U("Again, in 한국어 🎉"), A("좋아요 " + CODE)],
+    "systems-anywhere": [S("First rule."), S(""), U("Hi"), S("Second rule."), A("Hello!"), U("Bye"), A("Bye.")],
 }
 TEXTS = ["Hello world", "  와 한국어?\n\tcode", "emoji 🎉🚀 👩‍👩‍👧 🇰🇷", CODE, "a  b   c", ""]
 
@@ -91,6 +92,12 @@ def test_template_refuses_what_our_encoder_refuses(folder):
         hf.apply_chat_template([U("a"), U("b")])
     with pytest.raises(jinja2.TemplateError, match="ends with a user message"):
         hf.apply_chat_template([U("a"), A("b")], add_generation_prompt=True)
+    with pytest.raises(jinja2.TemplateError, match="cannot follow an assistant"):
+        hf.apply_chat_template([U("a"), A("b"), S("c"), U("d")])
+    with pytest.raises(jinja2.TemplateError, match="tool definitions are not in this chat template"):
+        hf.apply_chat_template([U("a")], tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}])
+    with pytest.raises(jinja2.TemplateError, match="without tool calls"):
+        hf.apply_chat_template([U("a"), {"role": "tool", "content": "1", "tool_call_id": "abcdefghi"}])
 
 
 def test_config_files_name_the_special_tokens_and_load_as_generation_config(folder):
