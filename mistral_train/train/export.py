@@ -3,7 +3,6 @@ adapter merged into its base, and a sample."""
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -12,24 +11,12 @@ import torch
 from mistral_train.checkpoint.atomic import atomic_directory
 from mistral_train.config import RunConfig
 from mistral_train.generate import generate
-from mistral_train.jsonfile import read_json_object
 from mistral_train.adapters import load_adapter, merge_and_unload
+from mistral_train.folders import adapter_base
 from mistral_train.model import Mistral
-from mistral_train.train.model_setup import BASE_NOTE, one_label_head, torch_dtype
-
-
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
-
-
-def copy_tokenizer(tokenizer, source: Path, folder: Path) -> None:
-    """Put the tokenizer next to the weights so the folder is usable on its own: its file
-    under the name `load_tokenizer` looks for, plus the special-token files of a source folder."""
-    name = "tokenizer.model" if tokenizer.kind == "sentencepiece" else "tokenizer.json"
-    shutil.copy2(tokenizer.path, folder / name)
-    if source.is_dir():
-        for extra in TOKENIZER_FILES[2:]:
-            if (source / extra).is_file():
-                shutil.copy2(source / extra, folder / extra)
+from mistral_train.tokenizer import load_tokenizer
+from mistral_train.tokenizer_files import folder_chat_format, write_tokenizer_files
+from mistral_train.train.model_setup import one_label_head, torch_dtype
 
 
 def export_final(write_folder: Callable[[Path], None], folder: Path) -> Path:
@@ -54,12 +41,7 @@ def merge_adapter_folder(adapter_folder: Path, out: Path, base: Optional[str] = 
         dtype: the merged weights' dtype (float32 | bfloat16 | float16); default: the run's model.dtype.
     """
     adapter_folder = Path(adapter_folder)
-    note_path = adapter_folder / BASE_NOTE
-    note = read_json_object(note_path) if note_path.is_file() else {}
-    base = base or note.get("base") or read_json_object(adapter_folder / "adapter_config.json").get(
-        "base_model_name_or_path")
-    if not base or not (Path(base) / "config.json").is_file():
-        raise FileNotFoundError(f"{adapter_folder}: the base model folder {base!r} is not an HF folder; pass the base")
+    base, note = adapter_base(adapter_folder, base)  # ConfigError when the base is not here
     task = note.get("task", "causal_lm")
     model = Mistral.from_pretrained(base, dtype=torch.float32, quantize=note.get("quantize"), task=task)
     if task == "sequence_classification":  # a reward model: the one-label head the run trained on
@@ -75,9 +57,9 @@ def merge_adapter_folder(adapter_folder: Path, out: Path, base: Optional[str] = 
     model.to(torch_dtype(dtype or note.get("dtype") or "float32"))
     with atomic_directory(out) as tmp:
         model.save_pretrained(tmp)
-        for name in TOKENIZER_FILES:  # the run's tokenizer, when the adapter folder carries it
-            if (adapter_folder / name).is_file():
-                shutil.copy2(adapter_folder / name, tmp / name)
+        if any((adapter_folder / name).is_file() for name in ("tekken.json", "tokenizer.model", "tokenizer.json")):
+            # the run's tokenizer, rewritten whole for the chat format it was written for
+            write_tokenizer_files(load_tokenizer(adapter_folder), tmp, folder_chat_format(adapter_folder))
     print(f"merged {adapter_folder} into {base} -> {out}; max |logit difference| merged vs adapter "
           f"(fp32, {ids.numel()} tokens): {difference:.2e}")
     return difference

@@ -37,10 +37,11 @@ from mistral_train.dist_gather import FullModel
 from mistral_train.model import Mistral
 from mistral_train.plots import plot_run
 from mistral_train.tokenizer import load_tokenizer, resolve_tokenizer_path
+from mistral_train.tokenizer_files import write_tokenizer_files
 from mistral_train.tracking import MetricsLogger, progress_bar
 from mistral_train.train.checkpointing import load_checkpoint, resolve_resume, save_checkpoint
 from mistral_train.train.evaluate import evaluate_loss, exact_match
-from mistral_train.train.export import copy_tokenizer, export_final, merge_adapter_folder, write_sample
+from mistral_train.train.export import export_final, merge_adapter_folder, write_sample
 from mistral_train.train.model_setup import build_model, compile_enabled, load_model_weights, save_model_folder
 from mistral_train.train.neftune import NEFTune
 from mistral_train.train.optim import build_optimizer, build_scheduler
@@ -169,7 +170,7 @@ def _train(cfg: RunConfig, accelerator) -> Path:
         train_objective = neftune.wrap(objective)
     def write_folder(trained: Mistral, folder: Path) -> None:  # a checkpoint's or final/'s weights + tokenizer
         save_model_folder(trained, folder, cfg.model, cfg.adapter)
-        copy_tokenizer(tokenizer, tokenizer_path, folder)
+        write_tokenizer_files(tokenizer, folder, cfg.data.chat_format)
 
     start = 0
     if resume_from is not None:
