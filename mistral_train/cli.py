@@ -93,7 +93,9 @@ def cmd_audit(args: argparse.Namespace) -> int:
         if name:
             print(f"== stage {name}")
         try:
-            print("\n".join(run_audit(stage).summary))
+            data = run_audit(stage)
+            print("\n".join(data.summary))  # first: the table shows why the data may not fill a batch
+            data.check_batch_size()
         except ValueError as err:  # AuditError, unreadable rows: the data, not the code, is at fault
             raise ConfigError(f"{'stage ' + name + ': ' if name else ''}{err}") from err
     return 0

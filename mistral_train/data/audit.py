@@ -24,8 +24,10 @@ from typing import Callable, Iterable, Mapping, Optional, Sequence
 
 import torch
 
+from mistral_train.data.epochs import WARNING
 from mistral_train.data.sft import SFTExample, SFTStats, SourceStats, assistant_spans, tokenize_rows
 from mistral_train.losses.ce import IGNORE_INDEX
+from mistral_train.wording import counted
 
 Collate = Callable[[list[SFTExample]], Mapping[str, torch.Tensor]]
 MARK = ("«", "»")  # wraps trained text in the decoded samples
@@ -59,7 +61,8 @@ def dropped_eos_labels(input_ids: torch.Tensor, labels: torch.Tensor, eos_id: in
 def check_labels(ex: SFTExample, tokenizer) -> None:
     where, ids, labels = _where(ex), ex.input_ids, ex.labels
     if len(ids) != len(labels) or not ids:
-        raise AuditError(f"{where}: {len(ids)} input ids but {len(labels)} labels; expected equal, non-zero lengths")
+        raise AuditError(f"{where}: {counted(len(ids), 'input id')} but {counted(len(labels), 'label')}; expected "
+                         "equal, non-zero lengths")
     bos = [t for t, i in enumerate(ids) if i == tokenizer.bos_id]
     if bos != [0]:
         raise AuditError(f"{where}: BOS (id {tokenizer.bos_id}) at positions {bos[:5]}; expected exactly one BOS, "
@@ -102,8 +105,8 @@ def check_round_trip(ex: SFTExample, row: Mapping, tokenizer, train_on: str) -> 
             cursor = found + len(text)
         return
     if len(decoded) > len(expected) or (not ex.truncated and len(decoded) != len(expected)):
-        raise AuditError(f"{_where(ex)}: round trip failed: {len(decoded)} trained spans for {len(expected)} "
-                         f"texts to train on (train_on={train_on})")
+        raise AuditError(f"{_where(ex)}: round trip failed: {counted(len(decoded), 'trained span')} for "
+                         f"{counted(len(expected), 'text')} to train on (train_on={train_on})")
     for k, (got, want) in enumerate(zip(decoded, expected)):
         if got != want:
             raise AuditError(f"{_where(ex)}: round trip failed: trained span {k} decodes to {got[:120]!r}, "
@@ -153,7 +156,7 @@ def audit(examples: Sequence[SFTExample], stats: SFTStats, tokenizer, pad_id: Op
     if not examples:
         raise AuditError(f"no examples left to train on: {_describe_drops(stats)}")
     if all(all(y == IGNORE_INDEX for y in ex.labels[1:]) for ex in examples):
-        raise AuditError(f"every label in the dataset is masked ({len(examples)} examples, first "
+        raise AuditError(f"every label in the dataset is masked ({counted(len(examples), 'example')}, first "
                          f"{_where(examples[0])}); check data.train_on={stats.train_on} and the chat template")
     by_key = rows_by_key(rows)
     for ex in examples:
@@ -201,8 +204,28 @@ def pick_samples(items: Sequence, n: int) -> list:
 
 
 def _describe_drops(stats: SFTStats) -> str:
-    return "; ".join(f"{name}: {s.dropped} rows dropped as longer than max_seq_len={stats.max_seq_len} "
-                     f"(rows {s.dropped_rows})" for name, s in stats.sources.items()) or "no rows were read"
+    return "; ".join(f"{name}: {counted(s.dropped, 'row')} dropped as longer than trainer.max_seq_len="
+                     f"{stats.max_seq_len} (data.overlong={stats.overlong}; rows {s.dropped_rows})"
+                     for name, s in stats.sources.items()) or "no rows were read"
+
+
+def length_warnings(stats: SFTStats, name: str) -> list[str]:
+    """"warning: " lines for the examples of `name` that tokenization dropped or cut for length, each with
+    its count and the settings (trainer.max_seq_len, data.overlong) that did it; none when nothing was lost."""
+    total, limit = stats.total(), f"trainer.max_seq_len={stats.max_seq_len}"
+    read = counted(total.examples + total.dropped, "example")
+    lines = []
+    if total.dropped and stats.overlong == "drop":
+        lines.append(f"{total.dropped} of {read} dropped as longer than {limit} (data.overlong=drop); raise "
+                     f"trainer.max_seq_len, or set data.overlong=truncate to train their first tokens")
+    elif total.dropped:
+        lines.append(f"{total.dropped} of {read} dropped: cut to {limit} (data.overlong=truncate), nothing "
+                     "trained was left (the prompt fills the limit); raise trainer.max_seq_len")
+    if total.truncated:
+        lines.append(f"{total.truncated} of {read} cut to their first {stats.max_seq_len} tokens ({limit}, "
+                     "data.overlong=truncate): what follows is not trained; raise trainer.max_seq_len or set "
+                     "data.overlong=drop")
+    return [f"{WARNING}{name}: {line}" for line in lines]
 
 
 def format_report(report: AuditReport) -> str:
@@ -230,8 +253,10 @@ def format_report(report: AuditReport) -> str:
 def run_audit(cfg):
     """What a run prepares before step 1, without a model: the tokenizer of `cfg.model.tokenizer`, the
     rows, their tokenization, the audit (chat rows and preference pairs; raises AuditError on failure)
-    and the batches. Returns data/batches.py's TrainData; its `summary` lines are the printed report."""
+    and the batches. Returns data/batches.py's TrainData; its `summary` lines are the printed report. Data
+    too small for one batch is not refused here: print the summary, then call `check_batch_size()`."""
     from mistral_train.data.batches import build_batches  # here: batches imports this module
     from mistral_train.tokenizer import load_tokenizer, resolve_tokenizer_path
 
-    return build_batches(cfg, load_tokenizer(resolve_tokenizer_path(cfg.model.tokenizer, cfg.model.path)))
+    tokenizer = load_tokenizer(resolve_tokenizer_path(cfg.model.tokenizer, cfg.model.path))
+    return build_batches(cfg, tokenizer, check=False)

@@ -10,9 +10,14 @@ stops the run before step 1) -> with `data.packing`, best-fit packing once into 
 without, one example per row and `collate_padded` (right padding, attention_mask).
 
 Either way the training iterator visits its items (rows or examples) in a fresh permutation per
-epoch, `packing.epoch_order(n, seed, epoch)`, `batch_size` items per batch; the last partial
-batch of an epoch is skipped so every batch has exactly `batch_size` rows. Its position is
-(epoch, index): a resumed run rebuilds the same items and order and continues mid-epoch.
+epoch, `packing.epoch_order(n, seed, epoch)`, `batch_size` items per batch; an epoch's last partial
+batch is completed from the next epoch (data/epochs.py), so no item is skipped and every batch has
+`batch_size` rows. Its position is (epoch, index): a resumed run rebuilds the same items and order
+and continues mid-epoch.
+
+Data that does not fill one batch is refused (`TrainData.check_batch_size`, after the summary is
+shown), counting what the user gave (documents, examples, pairs), what packing made of them and the
+setting to change. Examples dropped or cut for length end the summary as "warning: " lines.
 
 Rows are padded to the longest row of their batch, never by comparing ids with the pad id (pad
 may equal EOS), so a batch's `padding_share` (collate.padding_share) is the honest share of
@@ -27,34 +32,42 @@ from typing import Callable, Optional
 import torch
 
 from mistral_train.config import RunConfig
-from mistral_train.data.audit import AuditReport, audit, format_report
+from mistral_train.data.audit import AuditReport, audit, format_report, length_warnings
 from mistral_train.data.collate import Batch, collate_packed, collate_padded
-from mistral_train.data.epochs import EpochBatches, TrainData
+from mistral_train.data.epochs import EpochBatches, TrainData, too_few
 from mistral_train.data.pair_batches import pair_data
 from mistral_train.data.packing import pack_examples, packing_efficiency
 from mistral_train.data.sft import SFTExample, SFTStats, tokenize_conversation, tokenize_rows
 from mistral_train.data.sources import RowSource, load_splits
 from mistral_train.data.stream import StreamBatches, text_pieces
 from mistral_train.data.text import pack_rows, tokenize_documents
+from mistral_train.wording import counted
 
-def build_batches(cfg: RunConfig, tokenizer) -> TrainData:
+def build_batches(cfg: RunConfig, tokenizer, check: bool = True) -> TrainData:
     """Read, tokenize, audit and batch the run's data (see the module docstring).
 
+    check: refuse data that does not fill one batch here; False leaves it to the caller, who shows
+        the summary first and then calls `TrainData.check_batch_size()`.
     Raises:
         AuditError: the chat data fails the pre-flight audit (names the source and row).
-        ValueError: unreadable or empty data, fewer rows than a batch.
+        SmallDataError: (with `check`) the training data does not fill one batch.
+        ValueError: unreadable or empty data.
     """
     train_rows, eval_rows = load_splits(cfg.data, cfg.trainer.seed)
     if train_rows.kind == "preference":
-        return pair_data(cfg, tokenizer, train_rows, eval_rows, pad_id_of(tokenizer))
-    if cfg.trainer.objective in PAIR_OBJECTIVES:
+        data = pair_data(cfg, tokenizer, train_rows, eval_rows, pad_id_of(tokenizer))
+    elif cfg.trainer.objective in PAIR_OBJECTIVES:
         raise ValueError(f"trainer.objective={cfg.trainer.objective} trains on preference pairs, but {train_rows.name} "
                          f"holds {train_rows.kind} rows; set data.format=preference (prompt/chosen/rejected rows)")
-    if cfg.data.streaming:
-        return _stream_data(cfg, tokenizer, train_rows, eval_rows)
-    if train_rows.kind == "text":
-        return _text_data(cfg, tokenizer, train_rows, eval_rows)
-    return _chat_data(cfg, tokenizer, train_rows, eval_rows)
+    elif cfg.data.streaming:
+        data = _stream_data(cfg, tokenizer, train_rows, eval_rows)
+    elif train_rows.kind == "text":
+        data = _text_data(cfg, tokenizer, train_rows, eval_rows)
+    else:
+        data = _chat_data(cfg, tokenizer, train_rows, eval_rows)
+    if check:
+        data.check_batch_size()
+    return data
 
 
 PAIR_OBJECTIVES = ("dpo", "reward")
@@ -81,18 +94,21 @@ def _eval_chunk(cfg: RunConfig) -> int:
 
 
 def _text_data(cfg: RunConfig, tokenizer, train: RowSource, held: Optional[RowSource]) -> TrainData:
-    seq_len, name = cfg.trainer.max_seq_len, train.name
+    seq_len, name, batch_size = cfg.trainer.max_seq_len, train.name, cfg.trainer.batch_size
     rows = pack_rows(tokenize_documents((r["text"] for r in train), tokenizer), seq_len, name)
-    batches = EpochBatches(rows, _stack_text_rows, cfg.trainer.batch_size, cfg.trainer.seed, rows.numel(), name)
-    summary = [f"{name}: {len(train)} documents -> {rows.shape[0]} rows of {seq_len} tokens "
-               f"({batches.batches_per_epoch} batches per epoch)"]
+    batches = EpochBatches(rows, _stack_text_rows, batch_size, cfg.trainer.seed, rows.numel(), name)
+    made = f"{counted(len(train), 'document')} -> {counted(rows.shape[0], 'row')} of {seq_len} tokens"
+    summary = [f"{name}: {made} ({batches.per_epoch()})"]
+    short = too_few(name, rows.shape[0], batch_size, f"{made} (trainer.max_seq_len)",
+                    ["lower trainer.max_seq_len (more, shorter rows)", "add text"])
     eval_batches = None
     if held is not None:
         eval_rows = pack_rows(tokenize_documents((r["text"] for r in held), tokenizer), seq_len, held.name)
         chunk = _eval_chunk(cfg)
         eval_batches = [_stack_text_rows(list(eval_rows[i : i + chunk])) for i in range(0, eval_rows.shape[0], chunk)]
-        summary.append(f"{held.name}: {len(held)} documents -> {eval_rows.shape[0]} held-out rows")
-    return TrainData(batches, eval_batches, summary=summary)
+        summary.append(f"{held.name}: {counted(len(held), 'document')} -> "
+                       f"{counted(eval_rows.shape[0], 'held-out row')}")
+    return TrainData(batches, eval_batches, summary=summary, too_few=short)
 
 
 def _stack_text_rows(rows: list[torch.Tensor]) -> Batch:
@@ -109,26 +125,43 @@ def _chat_data(cfg: RunConfig, tokenizer, train: RowSource, held: Optional[RowSo
                    collate=chat_collator(data.packing, max_len, pad_id, pad_to_max=True))
     summary = [train.describe(), format_report(report)]
     tokens = sum(len(ex.input_ids) for ex in examples)
+    limit = f"(trainer.max_seq_len{_dropped_note(stats.total().dropped)})"
     if data.packing:
         packed = pack_examples(examples, max_len)
         batches = EpochBatches(packed, _item_collator(True, max_len, pad_id), spec.batch_size, spec.seed,
                                tokens, train.name)
-        summary.append(f"packed {len(examples)} examples into {len(packed)} rows of at most {max_len} tokens "
-                       f"({packing_efficiency(packed, max_len):.1%} full; {batches.batches_per_epoch} batches per epoch)")
+        made = (f"packed {counted(len(examples), 'example')} into {counted(len(packed), 'row')} of at most "
+                f"{max_len} tokens")
+        summary.append(f"{made} ({packing_efficiency(packed, max_len):.1%} full; {batches.per_epoch()})")
+        unpacked = ([f"set data.packing=false (one example per row: {counted(len(examples), 'row')})"]
+                    if len(examples) >= spec.batch_size else [])
+        short = too_few(train.name, len(packed), spec.batch_size, f"{made} {limit}",
+                        [*unpacked, "add data"])
     else:
         batches = EpochBatches(examples, _item_collator(False, max_len, pad_id), spec.batch_size,
-                               spec.seed, tokens, train.name)
-        summary.append(f"{len(examples)} examples, one per row, padded per batch "
-                       f"({batches.batches_per_epoch} batches per epoch)")
-    if held is None:
-        return TrainData(batches, None, stats, None, report, summary)
-    eval_rows = list(held)
-    eval_examples, eval_stats = tokenize_rows(eval_rows, tokenizer, max_len, data.train_on, data.overlong,
-                                              data.chat_format)
-    total = eval_stats.total()
-    summary.append(f"{held.name}: {total.examples} held-out examples, {total.label_tokens} label tokens "
-                   f"({total.truncated} truncated, {total.dropped} dropped)")
-    return TrainData(batches, _eval_batches(cfg, eval_examples, pad_id, held.name), stats, eval_rows, report, summary)
+                               spec.seed, tokens, train.name, unit="example")
+        summary.append(f"{counted(len(examples), 'example')}, one per row, padded per batch ({batches.per_epoch()})")
+        short = too_few(train.name, len(examples), spec.batch_size,
+                        f"{counted(len(examples), 'example')} of at most {max_len} tokens {limit}, one per row",
+                        ["add data"])
+    warnings = length_warnings(stats, train.name)
+    eval_batches = eval_rows = None
+    if held is not None:
+        eval_rows = list(held)
+        eval_examples, eval_stats = tokenize_rows(eval_rows, tokenizer, max_len, data.train_on, data.overlong,
+                                                  data.chat_format)
+        total = eval_stats.total()
+        summary.append(f"{held.name}: {counted(total.examples, 'held-out example')}, "
+                       f"{counted(total.label_tokens, 'label token')} ({total.truncated} truncated, "
+                       f"{total.dropped} dropped)")
+        warnings += length_warnings(eval_stats, held.name)
+        eval_batches = _eval_batches(cfg, eval_examples, pad_id, held.name)
+    return TrainData(batches, eval_batches, stats, eval_rows, report, summary + warnings, too_few=short)
+
+
+def _dropped_note(dropped: int) -> str:
+    """How many more rows tokenization dropped for length (said after the limit that dropped them)."""
+    return f"; {counted(dropped, 'more row')} dropped for length" if dropped else ""
 
 
 def _item_collator(packing: bool, max_seq_len: int, pad_id: int) -> Callable[[list], Batch]:
@@ -163,20 +196,23 @@ def _stream_data(cfg: RunConfig, tokenizer, train: RowSource, held: Optional[Row
 
     batches = StreamBatches(train, tokenize, _item_collator(data.packing, max_len, pad_id), spec.batch_size,
                             spec.seed, max_len, data.packing, data.stream_buffer)
-    summary = [f"{train.name}: streamed in buffers of {data.stream_buffer} rows"
+    summary = [f"{train.name}: streamed in buffers of {counted(data.stream_buffer, 'row')}"
                + ("; text documents cut into pieces of max_seq_len and packed per document" if text else "")]
     report = stats = None
+    warnings: list[str] = []
     if not text:
         first = list(islice(train, data.stream_buffer))
         examples, stats = tokenize_rows(first, tokenizer, max_len, data.train_on, data.overlong, data.chat_format)
         report = audit(examples, stats, tokenizer, pad_id=pad_id, rows=first,
                        collate=chat_collator(data.packing, max_len, pad_id, pad_to_max=True))
-        report.notes.append(f"streaming: audited the first {len(first)} rows; later rows are checked as they are read")
+        report.notes.append(f"streaming: audited the first {counted(len(first), 'row')}; later rows are checked as "
+                            "they are read")
         summary.append(format_report(report))
+        warnings = length_warnings(stats, f"{train.name} (the first {counted(len(first), 'row')})")
     if held is None:
-        return TrainData(batches, None, stats, None, report, summary)
+        return TrainData(batches, None, stats, None, report, summary + warnings)
     eval_rows = list(held)
     eval_examples = [ex for row in eval_rows for ex in tokenize(row)]
-    summary.append(f"{held.name}: {len(eval_examples)} held-out examples")
+    summary.append(f"{held.name}: {counted(len(eval_examples), 'held-out example')}")
     return TrainData(batches, _eval_batches(cfg, eval_examples, pad_id, held.name), stats,
-                     None if text else eval_rows, report, summary)
+                     None if text else eval_rows, report, summary + warnings)

@@ -1,8 +1,9 @@
 """Preference pairs as fit()'s batches: rows -> pairs (data/preference.py) -> audit -> EpochBatches.
 
-Every batch holds `batch_size` pairs: their 2B sequences padded one per row, or packed as documents
-into rows (`data.packing`; attention stays inside each sequence). A reward model pools the last token
-of each row, so its batches are always padded.
+Every batch holds `batch_size` pairs (an epoch's last partial batch is completed from the next epoch):
+their 2B sequences padded one per row, or packed as documents into rows (`data.packing`; attention stays
+inside each sequence). A reward model pools the last token of each row, so its batches are always padded.
+Lost pairs (dropped or cut for length) end the summary as "warning: " lines.
 
 Pairs are items with a stable identity (source, row), so precomputed reference log-probs can ride
 along: `attach_reference(data, table)` makes every batch (training and held-out) carry `ref_logps`
@@ -17,10 +18,11 @@ import torch
 
 from mistral_train.config import RunConfig
 from mistral_train.data.collate import Batch
-from mistral_train.data.epochs import EpochBatches, TrainData
+from mistral_train.data.epochs import EpochBatches, TrainData, too_few
 from mistral_train.data.preference import PreferencePair, collate_pairs, tokenize_pairs
-from mistral_train.data.preference_audit import audit_pairs, format_pair_report
+from mistral_train.data.preference_audit import audit_pairs, format_pair_report, pair_length_warnings
 from mistral_train.data.sources import RowSource
+from mistral_train.wording import counted
 
 PairKey = tuple[str, int]
 
@@ -63,19 +65,26 @@ def pair_data(cfg: RunConfig, tokenizer, train: RowSource, held: Optional[RowSou
     report = audit_pairs(pairs, stats, tokenizer, data.identical_pairs, rows=rows,
                          collate=lambda p: collate_pairs(p, pad_id, packing, max_len, pad_to_max=True))
     tokens = sum(len(p.prompt_ids) * 2 + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)
-    batches = EpochBatches(pairs, pair_collator(packing, max_len, pad_id), spec.batch_size, spec.seed, tokens, train.name)
+    batches = EpochBatches(pairs, pair_collator(packing, max_len, pad_id), spec.batch_size, spec.seed, tokens,
+                           train.name, unit="pair")
     summary = [train.describe(), format_pair_report(report),
-               f"{len(pairs)} pairs, {spec.batch_size} per batch ({'packed' if packing else 'padded'}; "
-               f"{batches.batches_per_epoch} batches per epoch)"]
-    data_out = TrainData(batches, None, stats, None, report, summary)
+               f"{counted(len(pairs), 'pair')}, {spec.batch_size} per batch ({'packed' if packing else 'padded'}; "
+               f"{batches.per_epoch()})"]
+    dropped = stats.total().dropped
+    lost = f" ({counted(dropped, 'more row')} dropped for length)" if dropped else ""
+    short = too_few(train.name, len(pairs), spec.batch_size, f"{counted(len(pairs), 'preference pair')}{lost}",
+                    ["add pairs"])
+    warnings = pair_length_warnings(stats, train.name)
+    data_out = TrainData(batches, None, stats, None, report, summary, too_few=short)
     if held is None:
+        summary += warnings
         return data_out
     eval_rows = list(held)
     eval_pairs, eval_stats = tokenize_pairs(eval_rows, tokenizer, max_len, data.max_prompt_len, data.overlong,
                                             data.chat_format)
     if not eval_pairs:
-        raise ValueError(f"{held.name}: no held-out pair is left after tokenization "
-                         f"({eval_stats.total().dropped} dropped as longer than max_seq_len={max_len})")
+        raise ValueError(f"{held.name}: no held-out pair is left after tokenization ({eval_stats.total().dropped} "
+                         f"dropped as longer than trainer.max_seq_len={max_len}, data.overlong={data.overlong})")
     chunk = spec.batch_size * spec.grad_accum_steps
     data_out.eval_items = eval_pairs
     data_out.eval_batches = [pair_collator(packing, max_len, pad_id)(eval_pairs[i : i + chunk])
@@ -83,7 +92,8 @@ def pair_data(cfg: RunConfig, tokenizer, train: RowSource, held: Optional[RowSou
     # held-out pairs with an "answer" also score exact match of greedy replies to their prompt
     data_out.eval_rows = [{"messages": r["prompt"] + r["chosen"], "answer": r["answer"], "source": r["source"],
                            "row": r["row"]} for r in eval_rows if "answer" in r] or None
-    summary.append(f"{held.name}: {len(eval_pairs)} held-out pairs")
+    summary.append(f"{held.name}: {counted(len(eval_pairs), 'held-out pair')}")
+    summary += warnings + pair_length_warnings(eval_stats, held.name)
     return data_out
 
 

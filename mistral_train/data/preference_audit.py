@@ -23,8 +23,10 @@ from typing import Callable, Iterable, Mapping, Optional, Sequence
 from mistral_train.data.audit import (MARK, AuditError, check_labels, check_round_trip, dropped_eos_labels,
                                       mark_trained, pick_samples, rows_by_key, source_row)
 from mistral_train.data.collate import Batch
+from mistral_train.data.epochs import WARNING
 from mistral_train.data.preference import ANSWERS, PairSourceStats, PreferencePair, PreferenceStats
 from mistral_train.losses.ce import IGNORE_INDEX
+from mistral_train.wording import counted
 
 IDENTICAL = ("error", "warn")
 PairCollate = Callable[[list[PreferencePair]], Batch]
@@ -73,9 +75,10 @@ def _check_row(pair: PreferencePair, row: Mapping, tokenizer, chat_format: str) 
     if not pair.prompt_truncated:
         alone = tokenizer.apply_chat_template(row["prompt"], chat_format, add_generation_prompt=True)
         if alone != pair.prompt_ids:
-            raise AuditError(f"{_where(pair)}: the prompt encoded alone (as at generation) gives {len(alone)} tokens "
-                             f"that differ from the {len(pair.prompt_ids)} prompt tokens in the pair; the model would "
-                             "be trained on a context it is never given")
+            raise AuditError(f"{_where(pair)}: the prompt encoded alone (as at generation) gives "
+                             f"{counted(len(alone), 'token')} that differ from the pair's "
+                             f"{counted(len(pair.prompt_ids), 'prompt token')}; the model would be trained on a "
+                             "context it is never given")
 
 
 def _check_collated(pair: PreferencePair, collate: PairCollate, eos_id: int) -> None:
@@ -109,7 +112,7 @@ def audit_pairs(pairs: Sequence[PreferencePair], stats: PreferenceStats, tokeniz
     if identical not in IDENTICAL:
         raise ValueError(f"identical {identical!r} unknown; expected one of {IDENTICAL}")
     if not pairs:
-        drops = "; ".join(f"{name}: {s.dropped} pairs dropped (rows {s.dropped_rows})"
+        drops = "; ".join(f"{name}: {counted(s.dropped, 'pair')} dropped (rows {s.dropped_rows})"
                           for name, s in stats.sources.items() if s.dropped)
         raise AuditError(f"no preference pairs left to train on: {drops or 'no rows were read'} "
                          f"(max_seq_len={stats.max_seq_len}, max_prompt_len={stats.max_prompt_len})")
@@ -123,7 +126,8 @@ def audit_pairs(pairs: Sequence[PreferencePair], stats: PreferenceStats, tokeniz
             _check_collated(pair, collate, tokenizer.eos_id)
         if pair.identical:
             if identical == "error":
-                raise AuditError(f"{_where(pair)}: chosen and rejected are identical ({len(pair.chosen_ids)} tokens"
+                raise AuditError(f"{_where(pair)}: chosen and rejected are identical "
+                                 f"({counted(len(pair.chosen_ids), 'token')}"
                                  f"{' after truncation' if pair.truncated else ''}): the pair teaches nothing; "
                                  "fix the data, or set identical='warn' to keep such pairs")
             same.append((pair.source, pair.row))
@@ -138,13 +142,34 @@ def audit_pairs(pairs: Sequence[PreferencePair], stats: PreferenceStats, tokeniz
     if collate is not None:
         checks.append("collation keeps every label")
     if same:
-        notes.append(f"{len(same)} identical pairs (chosen == rejected, no DPO gradient), first: "
+        notes.append(f"{counted(len(same), 'identical pair')} (chosen == rejected, no DPO gradient), first: "
                      + ", ".join(f"{s} row {r}" for s, r in same[:5]))
     else:
         checks.append("no identical pairs")
     samples = [(p.source, p.row, mark_trained(p.sequence("chosen"), tokenizer),
                 mark_trained(p.sequence("rejected"), tokenizer)) for p in pick_samples(pairs, n_show)]
     return PairAuditReport(stats, checks, notes, same, samples)
+
+
+def pair_length_warnings(stats: PreferenceStats, name: str) -> list[str]:
+    """"warning: " lines for the pairs of `name` dropped or cut for length, each with its count and the settings
+    (trainer.max_seq_len, data.max_prompt_len, data.overlong) that did it; none when nothing was lost."""
+    total = stats.total()
+    limits = f"trainer.max_seq_len={stats.max_seq_len}" + (
+        f" or data.max_prompt_len={stats.max_prompt_len}" if stats.max_prompt_len is not None else "")
+    read = counted(total.examples + total.dropped, "pair")
+    lines = []
+    if total.dropped:
+        lines.append(f"{total.dropped} of {read} dropped as longer than {limits} (data.overlong={stats.overlong}); "
+                     "raise the limit, or set data.overlong=truncate to cut them instead")
+    if total.prompt_truncated:
+        lines.append(f"{total.prompt_truncated} of {read} had the start of their prompt cut to fit {limits} "
+                     "(data.overlong=truncate); raise the limit or set data.overlong=drop")
+    if total.answer_truncated:
+        lines.append(f"{total.answer_truncated} of {read} had an answer cut at trainer.max_seq_len="
+                     f"{stats.max_seq_len} (data.overlong=truncate): a cut answer has no trained EOS; raise "
+                     "trainer.max_seq_len or set data.overlong=drop")
+    return [f"{WARNING}{name}: {line}" for line in lines]
 
 
 def format_pair_report(report: PairAuditReport) -> str:

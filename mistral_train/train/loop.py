@@ -145,8 +145,9 @@ def _train(cfg: RunConfig, accelerator) -> Path:
     seed_everything(spec.seed)
     tokenizer_path = resolve_tokenizer_path(cfg.model.tokenizer, cfg.model.path)
     tokenizer = load_tokenizer(tokenizer_path)
-    data = build_batches(cfg, tokenizer)  # reads, tokenizes and audits: bad data stops here, before the model loads
-    say("\n".join(data.summary))
+    data = build_batches(cfg, tokenizer, check=False)  # reads, tokenizes, audits: bad data stops before the model loads
+    say("\n".join(data.summary))  # counts, audit table and "warning: " lines (examples dropped or cut for length)
+    data.check_batch_size()  # after the summary, which shows why the data may not fill one batch
     pad_id = pad_id_of(tokenizer)
     task = "sequence_classification" if spec.objective == "reward" else "causal_lm"
     model = build_model(cfg.model, tokenizer, cfg.adapter, task, pad_id).to(accelerator.device)
@@ -227,7 +228,7 @@ def _train(cfg: RunConfig, accelerator) -> Path:
             metrics = log_eval(done, metrics)
         if evaluating or done == 1 or done % spec.log_every == 0:
             metrics["tokens_per_s"] = tokens_since / seconds_since
-            metrics["epoch"] = data.train.progress
+            metrics["epoch"] = data.train.progress  # epochs done: items served / items per epoch (1.0: one pass)
             if shares:
                 metrics["padding_share"] = sum(shares) / len(shares)
             logger.log(done, metrics)

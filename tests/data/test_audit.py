@@ -73,7 +73,8 @@ def test_dropped_rows_are_listed_and_an_empty_dataset_fails(tokenizer):
     text = format_report(audit(examples, stats, tokenizer, rows=ROWS))
     assert "dropped rows in a.jsonl: [2]" in text
     examples, stats = tokenize_rows(ROWS[2:3], tokenizer, MAX_LEN, overlong="drop")
-    with pytest.raises(AuditError, match=r"no examples left to train on: a\.jsonl: 1 rows dropped .*\[2\]"):
+    with pytest.raises(AuditError, match=r"no examples left to train on: a\.jsonl: 1 row dropped as longer than "
+                                          r"trainer\.max_seq_len=48 \(data\.overlong=drop; rows \[2\]\)"):
         audit(examples, stats, tokenizer)
 
 
@@ -196,6 +197,7 @@ def test_run_audit_reads_tokenizes_collates_and_audits(tmp_path, packing):
     path.write_text("".join(json.dumps({"messages": r["messages"]}) + "\n" for r in ROWS if "messages" in r))
     cfg = RunConfig()
     cfg.model.tokenizer, cfg.trainer.max_seq_len, cfg.trainer.batch_size = "bundled:v3", MAX_LEN, 1
+    cfg.trainer.objective = "sft"
     cfg.data.path, cfg.data.format, cfg.data.packing = str(path), "messages", packing
     cfg.data.train_on = "last_assistant"
     report = run_audit(cfg).report

@@ -12,7 +12,8 @@ import torch
 
 from mistral_train.config import DataSpec, RunConfig, TrainerSpec
 from mistral_train.data.audit import AuditError
-from mistral_train.data.batches import EpochBatches, build_batches
+from mistral_train.data.batches import build_batches
+from mistral_train.data.epochs import SmallDataError
 from mistral_train.data.collate import padding_share
 from mistral_train.data.sft import tokenize_rows
 from mistral_train.data.sources import bundled_chat_path, load_rows
@@ -35,7 +36,7 @@ def small_chat(folder, n=40):
 
 def chat_config(path, packing, batch_size=4, max_seq_len=64, **data) -> RunConfig:
     return RunConfig(data=DataSpec(path=str(path), format="messages", packing=packing, **data),
-                     trainer=TrainerSpec(max_seq_len=max_seq_len, batch_size=batch_size, seed=3))
+                     trainer=TrainerSpec(objective="sft", max_seq_len=max_seq_len, batch_size=batch_size, seed=3))
 
 
 def same(a: dict, b: dict) -> bool:
@@ -60,13 +61,14 @@ def test_chat_batches_have_fixed_rows_and_the_run_collators_shape(tmp_path, toke
     if not packing:  # one example per row, padded to the batch's longest: lengths differ, so padding exists
         assert max(shares) > 0.0
         # every example of an epoch appears once: the first epoch's batches hold distinct rows
-        first_epoch = [tuple(row.tolist()) for b in seen[: data.train.batches_per_epoch] for row in b["input_ids"]]
+        first_epoch = [tuple(row.tolist()) for b in seen[: int(data.train.batches_per_epoch)] for row in b["input_ids"]]
         assert len(set(first_epoch)) == len(first_epoch)
 
 
 @pytest.mark.parametrize("packing", [True, False])
 def test_bundled_chat_holds_out_the_eval_file_with_answers(tokenizer, packing):
-    cfg = RunConfig(data=DataSpec(format="messages", packing=packing), trainer=TrainerSpec(max_seq_len=128, batch_size=8))
+    cfg = RunConfig(data=DataSpec(format="messages", packing=packing),
+                    trainer=TrainerSpec(objective="sft", max_seq_len=128, batch_size=8))
     data = build_batches(cfg, tokenizer)
     assert len(data.eval_rows) == 100 and all("answer" in row for row in data.eval_rows)
     # each held-out answer and its EOS are the labels (the template encodes the answer on its own)
@@ -85,7 +87,7 @@ def test_restored_position_gives_the_same_next_batches_mid_epoch(tmp_path, token
     else:
         cfg = chat_config(small_chat(tmp_path), kind == "packed", batch_size=3)
     first = build_batches(cfg, tokenizer).train
-    per_epoch = first.batches_per_epoch
+    per_epoch = int(first.batches_per_epoch)
     assert per_epoch >= 2
     for _ in range(per_epoch + 1):  # into the second epoch, one batch past its start
         next(first)
@@ -109,9 +111,102 @@ def test_position_saved_for_other_data_is_refused(tmp_path, tokenizer):
         other.load_state_dict(state)
 
 
-def test_fewer_rows_than_a_batch_is_an_error_naming_the_data():
-    with pytest.raises(ValueError, match="mine: 3 training rows are fewer than trainer.batch_size=4"):
-        EpochBatches([1, 2, 3], list, 4, seed=0, tokens=3, source="mine")
+def test_packed_chat_too_small_for_a_batch_counts_examples_and_names_the_settings(tmp_path, tokenizer):
+    """40 conversations packed into a few rows of 256 tokens: the message counts the 40 examples, says
+    what packing made of them, and which settings to change."""
+    cfg = chat_config(small_chat(tmp_path), True, batch_size=8, max_seq_len=256)
+    rows = len(build_batches(cfg, tokenizer, check=False).train.items)
+    assert rows < 8
+    with pytest.raises(SmallDataError) as caught:
+        build_batches(cfg, tokenizer)
+    assert str(caught.value) == (
+        f"data.path {tmp_path / 'chat.jsonl'}: packed 40 examples into {rows} rows of at most 256 tokens "
+        f"(trainer.max_seq_len), fewer than trainer.batch_size=8; lower trainer.batch_size to {rows}, "
+        "set data.packing=false (one example per row: 40 rows) or add data")
+
+
+def test_padded_text_and_pair_data_too_small_for_a_batch_count_the_users_units(tmp_path, tokenizer):
+    long_prompt = "Please answer this question. " * 30  # about 180 tokens: over max_seq_len=64
+    path = tmp_path / "few.jsonl"
+    rows = [{"messages": [{"role": "user", "content": f"Hi {i}"}, {"role": "assistant", "content": "yes"}]}
+            for i in range(3)]
+    rows.append({"messages": [{"role": "user", "content": long_prompt}, {"role": "assistant", "content": "no"}]})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(SmallDataError, match=r"few.jsonl: 3 examples of at most 64 tokens \(trainer.max_seq_len; "
+                                             r"1 more row dropped for length\), one per row, fewer than "
+                                             r"trainer.batch_size=4; lower trainer.batch_size to 3 or add data$"):
+        build_batches(chat_config(path, False), tokenizer)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(f"Document {i} says the number {i} is here." for i in range(3)))
+    cfg = RunConfig(data=DataSpec(path=str(corpus)), trainer=TrainerSpec(max_seq_len=16, batch_size=8))
+    with pytest.raises(SmallDataError, match=r"corpus.txt: 3 documents -> \d rows of 16 tokens "
+                                             r"\(trainer.max_seq_len\), fewer than trainer.batch_size=8; lower trainer.batch_size to \d, "
+                                             r"lower trainer.max_seq_len \(more, shorter rows\) or add text$"):
+        build_batches(cfg, tokenizer)
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": f"Say {i}.", "chosen": "yes", "rejected": "no"}) + "\n"
+                             for i in range(3)))
+    cfg = RunConfig(data=DataSpec(path=str(pairs), format="preference"),
+                    trainer=TrainerSpec(objective="dpo", max_seq_len=64, batch_size=4))
+    with pytest.raises(SmallDataError, match=r"pairs.jsonl: 3 preference pairs, fewer than trainer.batch_size=4; "
+                                             r"lower trainer.batch_size to 3 or add pairs$"):
+        build_batches(cfg, tokenizer)
+
+
+def test_examples_lost_or_cut_for_length_end_the_summary_as_warnings(tmp_path, tokenizer):
+    long_prompt = "Please answer this question. " * 30  # about 180 tokens, over max_seq_len=64
+    long_answer = "This answer goes on and on. " * 30
+    path = tmp_path / "long.jsonl"
+    rows = [{"messages": [{"role": "user", "content": f"Hi {i}"}, {"role": "assistant", "content": "yes"}]}
+            for i in range(6)]
+    rows += [{"messages": [{"role": "user", "content": long_prompt}, {"role": "assistant", "content": "no"}]}] * 2
+    rows += [{"messages": [{"role": "user", "content": "Talk."}, {"role": "assistant", "content": long_answer}]}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    name = f"data.path {path}"
+    cut = build_batches(chat_config(path, True, batch_size=1), tokenizer)
+    assert cut.warnings == [
+        f"warning: {name}: 2 of 9 examples dropped: cut to trainer.max_seq_len=64 (data.overlong=truncate), nothing "
+        "trained was left (the prompt fills the limit); raise trainer.max_seq_len",
+        f"warning: {name}: 1 of 9 examples cut to their first 64 tokens (trainer.max_seq_len=64, "
+        "data.overlong=truncate): what follows is not trained; raise trainer.max_seq_len or set data.overlong=drop"]
+    assert cut.summary[-2:] == cut.warnings  # last, after the audit table: the run and the audit print them
+    dropped = build_batches(chat_config(path, True, batch_size=1, overlong="drop"), tokenizer)
+    assert dropped.warnings == [f"warning: {name}: 3 of 9 examples dropped as longer than trainer.max_seq_len=64 "
+                                "(data.overlong=drop); raise trainer.max_seq_len, or set data.overlong=truncate to "
+                                "train their first tokens"]
+    assert build_batches(chat_config(small_chat(tmp_path, n=8), True, batch_size=1, max_seq_len=256),
+                         tokenizer).warnings == []  # nothing lost: no warning
+
+
+def test_pairs_lost_or_cut_for_length_are_warned_with_the_settings(tmp_path, tokenizer):
+    long_prompt = "Please answer this question. " * 30
+    path = tmp_path / "pairs.jsonl"
+    rows = [{"prompt": f"Say {i}.", "chosen": "yes", "rejected": "no"} for i in range(3)]
+    rows.append({"prompt": long_prompt, "chosen": "yes", "rejected": "no"})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    def warnings(**data):
+        cfg = RunConfig(data=DataSpec(path=str(path), format="preference", **data),
+                        trainer=TrainerSpec(objective="dpo", max_seq_len=64, batch_size=2))
+        return build_batches(cfg, tokenizer).warnings
+
+    name = f"data.path {path}"
+    assert warnings(overlong="drop", max_prompt_len=40) == [
+        f"warning: {name}: 1 of 4 pairs dropped as longer than trainer.max_seq_len=64 or data.max_prompt_len=40 "
+        "(data.overlong=drop); raise the limit, or set data.overlong=truncate to cut them instead"]
+    assert warnings() == [f"warning: {name}: 1 of 4 pairs had the start of their prompt cut to fit "
+                          "trainer.max_seq_len=64 (data.overlong=truncate); raise the limit or set data.overlong=drop"]
+
+
+def test_audit_command_prints_its_table_before_the_batch_size_error(tmp_path, capsys):
+    from mistral_train.cli import main
+
+    path = small_chat(tmp_path)
+    status = main(["audit", "recipe=tiny_sft", f"data.path={path}", "data.eval_fraction=0", "data.eval_path=null"])
+    out, err = capsys.readouterr()
+    assert status == 2
+    assert "SFT data audit" in out and f"{path}" in out and "packed 40 examples into" in out
+    assert "fewer than trainer.batch_size=8" in err and "packed 40 examples" in err and "Traceback" not in err
 
 
 def test_prompts_longer_than_max_seq_len_leave_nothing_to_train_and_stop_before_training(tmp_path, tokenizer):
