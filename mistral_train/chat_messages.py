@@ -163,7 +163,8 @@ def check(msgs: list[Message], version: str, tools: Optional[list]) -> None:
             raise ValueError(f"{where}: a system message cannot follow an {prev} message (mistral-common refuses it)")
         if m.role == prev and m.role in ("user", "assistant"):
             other = "assistant" if m.role == "user" else "user"
-            raise ValueError(f"{where}: expected role {other!r} (two {m.role} messages in a row: write them as one)")
+            raise ValueError(f"{where}: expected role {other!r}: roles must alternate (two {m.role} messages in a "
+                             "row: write them as one)")
         if m.role in ("assistant", "tool") and not seen_user:
             raise ValueError(f"{where}: expected role 'user' first (after optional system messages), got {m.role!r}")
         seen_user |= m.role == "user"

@@ -6,8 +6,11 @@ assistant answer + its EOS). Nothing is tokenized piece by piece and matched up 
 is how completion masks silently come out empty with SentencePiece tokenizers.
 
 Labels are aligned with input_ids (-100 where not trained); the model shifts them. Rows are the
-canonical rows of `data/sources.py`: `{"messages": [{"role", "content"}, ...], "source", "row"}`,
-or `{"text": ..., "source", "row"}` for pretraining-style documents inside SFT data.
+canonical rows of `data/sources.py`: `{"messages": [{"role", "content"}, ...], "source", "row"}`
+(optionally `"tools"`: OpenAI tool definitions; messages as chat_messages.py reads them: tool calls,
+tool results, reasoning, `weight`), or `{"text": ..., "source", "row"}` for documents inside SFT
+data. Trained: assistant answers, their reasoning and tool calls; never system prompts, user turns,
+tool results or tool definitions, nor an answer with weight 0.
 """
 
 from __future__ import annotations
@@ -43,6 +46,8 @@ class SourceStats:
     truncated: int = 0  # kept, cut to max_seq_len
     dropped: int = 0  # over-long rows removed (overlong=drop, or nothing trained left after the cut)
     dropped_rows: list[int] = field(default_factory=list)  # the first few, for the report
+    tool_calls: int = 0  # trained [TOOL_CALLS] tokens (one per call from v11, one per answer before)
+    reasoning: int = 0  # trained [THINK] tokens (one per reasoning chunk)
 
     def drop(self, row: int) -> None:
         """Count a dropped row, keeping the first few row numbers for the report."""
@@ -56,6 +61,8 @@ class SourceStats:
         self.label_tokens += other.label_tokens
         self.truncated += other.truncated
         self.dropped += other.dropped
+        self.tool_calls += other.tool_calls
+        self.reasoning += other.reasoning
 
 
 @dataclass
@@ -95,16 +102,18 @@ def assistant_spans(mask: list[bool]) -> list[tuple[int, int]]:
     return spans
 
 
-def _chat(messages, tokenizer, train_on: str, chat_format: Optional[str], where: str) -> tuple[list[int], list[int]]:
+def _chat(messages, tokenizer, train_on: str, chat_format: Optional[str], where: str,
+          tools: Optional[list] = None) -> tuple[list[int], list[int]]:
     try:
-        ids, mask = tokenizer.encode_chat(messages, chat_format)
+        ids, mask = tokenizer.encode_chat(messages, chat_format, **({"tools": tools} if tools else {}))
     except ValueError as err:  # malformed conversation: say which row
         raise ValueError(f"{where}: {err}") from err
     spans = assistant_spans(mask)
-    n_answers = sum(m["role"] == "assistant" for m in messages)
-    if len(spans) != n_answers:
+    # weight 0 answers are not trained; v2 also writes no tool calls before the last user turn
+    n_answers = sum(m.get("role") == "assistant" and m.get("weight", 1) != 0 for m in messages)
+    if len(spans) > n_answers or (n_answers and not spans):
         raise ValueError(f"{where}: the chat template marked {len(spans)} assistant spans for {n_answers} "
-                         "assistant messages; expected one span per answer")
+                         "trained assistant messages; expected one span per answer")
     for k, (start, end) in enumerate(spans):
         if ids[end - 1] != tokenizer.eos_id:
             raise ValueError(f"{where}: assistant turn {k} is not closed by EOS (id {tokenizer.eos_id}); its "
@@ -147,7 +156,7 @@ def tokenize_conversation(row: Mapping, tokenizer, max_seq_len: int, train_on: s
         raise ValueError(f"max_seq_len must be at least 2 (BOS and one trained token), got {max_seq_len}")
     source, index, where = row_where(row)
     if "messages" in row:
-        ids, labels = _chat(row["messages"], tokenizer, train_on, chat_format, where)
+        ids, labels = _chat(row["messages"], tokenizer, train_on, chat_format, where, row.get("tools"))
     elif "text" in row:
         ids, labels = _text(row["text"], tokenizer, where)
     else:
@@ -167,6 +176,8 @@ def tokenize_rows(rows: Iterable[Mapping], tokenizer, max_seq_len: int, train_on
     """Tokenize every row (see `tokenize_conversation`); return the kept examples and the counts
     per source, so truncated and dropped rows are always reported, never silent."""
     stats = SFTStats(train_on, overlong, max_seq_len, tokenizer.chat_format(chat_format))
+    control = getattr(tokenizer, "control_id", lambda token: None)
+    tool_call, think = control("[TOOL_CALLS]"), control("[THINK]")  # None: never equal to a label
     examples = []
     for row in rows:
         example = tokenize_conversation(row, tokenizer, max_seq_len, train_on, overlong, chat_format)
@@ -180,4 +191,6 @@ def tokenize_rows(rows: Iterable[Mapping], tokenizer, max_seq_len: int, train_on
         counts.tokens += len(example.input_ids)
         counts.label_tokens += sum(label != IGNORE_INDEX for label in example.labels)
         counts.truncated += example.truncated
+        counts.tool_calls += sum(label == tool_call for label in example.labels)
+        counts.reasoning += sum(label == think for label in example.labels)
     return examples, stats

@@ -62,8 +62,8 @@ def test_clean_dataset_passes_and_reports_counts(tokenizer, clean):
     text = format_report(report)
     table = {line.split()[0]: [int(x) for x in line.split()[1:]] for line in text.splitlines()
              if line.split() and line.split()[0] in ("a.jsonl", "b.jsonl", "total")}
-    assert table["a.jsonl"] == [3, a.tokens, a.label_tokens, 1, 0]
-    assert table["total"] == [5, a.tokens + b.tokens, a.label_tokens + b.label_tokens, 1, 0]
+    assert table["a.jsonl"] == [3, a.tokens, a.label_tokens, 1, 0, 0, 0]  # no tool calls, no reasoning
+    assert table["total"] == [5, a.tokens + b.tokens, a.label_tokens + b.label_tokens, 1, 0, 0, 0]
     assert "«Two plus two is four.</s>»" in text and "«Hello there, friend.</s>»" in text  # one sample per source
     assert "[INST]What is two plus two?[/INST]«" in text  # the prompt is shown outside the marks
 
