@@ -82,35 +82,61 @@ def check_labels(ex: SFTExample, tokenizer) -> None:
                          "must end with a trained EOS")
 
 
-def _expected_texts(row: Mapping, train_on: str) -> list[str]:
+def _expected_texts(row: Mapping, train_on: str, chat_format: str) -> list[tuple[bool, tuple[str, ...]]]:
+    """What each trained span decodes to: (True, (answer,)) for a plain answer, compared whole; else
+    (False, fragments): its reasoning, text and tool names, to be found in that order (the call's
+    JSON or [ARGS] surround them). Weight-0 answers are not trained, nor v2's tool calls before the
+    last user turn."""
     if "text" in row:
-        return [row["text"]]
-    answers = [m["content"] for m in row["messages"] if m["role"] == "assistant"]
-    return answers[-1:] if train_on == "last_assistant" else answers
+        return [(True, (row["text"].strip(),))]
+    msgs = row["messages"]
+    last_user = max((i for i, m in enumerate(msgs) if m.get("role") == "user"), default=-1)
+    out = []
+    for i, m in enumerate(msgs):
+        if m.get("role") != "assistant" or m.get("weight", 1) == 0 or (
+                chat_format == "v2" and m.get("tool_calls") and i < last_user):
+            continue
+        content, reasoning = m.get("content"), m.get("reasoning_content", m.get("reasoning"))
+        if isinstance(content, str) and not m.get("tool_calls") and reasoning is None:
+            out.append((True, (content.strip(),)))
+            continue
+        parts = [reasoning] + ([c.get("thinking") or c.get("text") for c in content] if isinstance(content, list)
+                               else [content]) + [c["function"]["name"] for c in m.get("tool_calls") or []]
+        out.append((False, tuple(p.strip() for p in parts if p and p.strip())))
+    return out[-1:] if train_on == "last_assistant" else out
 
 
-def check_round_trip(ex: SFTExample, row: Mapping, tokenizer, train_on: str) -> None:
+def _find_in_order(text: str, fragments: Sequence[str]) -> Optional[str]:
+    """The first fragment not found in `text` after the previous one, None when all are."""
+    cursor = 0
+    for fragment in fragments:
+        found = text.find(fragment, cursor)
+        if found < 0:
+            return fragment
+        cursor = found + len(fragment)
+    return None
+
+
+def check_round_trip(ex: SFTExample, row: Mapping, tokenizer, train_on: str, chat_format: Optional[str] = None) -> None:
     runs = assistant_spans([y != IGNORE_INDEX for y in ex.labels])
     if ex.truncated:  # the cut run is partial by design; check the complete ones
         runs = [(s, e) for s, e in runs if ex.input_ids[e - 1] == tokenizer.eos_id]
     decoded = [tokenizer.decode(ex.input_ids[s:e]).strip() for s, e in runs]
-    expected = [text.strip() for text in _expected_texts(row, train_on)]
+    expected = _expected_texts(row, train_on, chat_format or tokenizer.chat_format())
     if "messages" in row and train_on == "all":  # one run: the answers must appear in it, in order
-        cursor = 0
-        for k, text in enumerate(expected if decoded else []):
-            found = decoded[0].find(text, cursor)
-            if found < 0:
-                raise AuditError(f"{_where(ex)}: round trip failed: answer {k} {text[:60]!r} is not in the decoded "
-                                 f"trained text {decoded[0][:200]!r}")
-            cursor = found + len(text)
+        missing = _find_in_order(decoded[0], [f for _, frags in expected for f in frags]) if decoded else None
+        if missing is not None:
+            raise AuditError(f"{_where(ex)}: round trip failed: answer text {missing[:60]!r} is not in the decoded "
+                             f"trained text {decoded[0][:200]!r}")
         return
     if len(decoded) > len(expected) or (not ex.truncated and len(decoded) != len(expected)):
         raise AuditError(f"{_where(ex)}: round trip failed: {counted(len(decoded), 'trained span')} for "
                          f"{counted(len(expected), 'text')} to train on (train_on={train_on})")
-    for k, (got, want) in enumerate(zip(decoded, expected)):
-        if got != want:
+    for k, (got, (whole, want)) in enumerate(zip(decoded, expected)):
+        if (got != want[0]) if whole else _find_in_order(got, want) is not None:
+            wanted = repr(want[0][:120]) if whole else f"to hold {list(want)!r} in order"
             raise AuditError(f"{_where(ex)}: round trip failed: trained span {k} decodes to {got[:120]!r}, "
-                             f"expected {want[:120]!r}; the template's turn boundaries or the tokenizer are wrong")
+                             f"expected {wanted}; the template's turn boundaries or the tokenizer are wrong")
 
 
 def _check_collated(ex: SFTExample, collate: Collate, eos_id: int, pad_id: Optional[int]) -> None:
@@ -162,7 +188,7 @@ def audit(examples: Sequence[SFTExample], stats: SFTStats, tokenizer, pad_id: Op
     for ex in examples:
         check_labels(ex, tokenizer)
         if by_key is not None:
-            check_round_trip(ex, source_row(ex, by_key), tokenizer, stats.train_on)
+            check_round_trip(ex, source_row(ex, by_key), tokenizer, stats.train_on, stats.chat_format)
         if collate is not None:
             _check_collated(ex, collate, tokenizer.eos_id, pad_id)
     checks = ["at least one label token per example", "exactly one BOS, at position 0",
@@ -234,11 +260,11 @@ def format_report(report: AuditReport) -> str:
     lines = [f"SFT data audit: train_on={s.train_on} chat_format={s.chat_format} max_seq_len={s.max_seq_len} "
              f"overlong={s.overlong}"]
     width = max([len(n) for n in s.sources] + [6])
-    header = ("examples", "tokens", "label tokens", "truncated", "dropped")
+    header = ("examples", "tokens", "label tokens", "truncated", "dropped", "tool calls", "reasoning")
     lines.append(f"{'source':<{width}}  " + "  ".join(f"{h:>12}" for h in header))
 
     def row(name: str, c: SourceStats) -> str:
-        values = (c.examples, c.tokens, c.label_tokens, c.truncated, c.dropped)
+        values = (c.examples, c.tokens, c.label_tokens, c.truncated, c.dropped, c.tool_calls, c.reasoning)
         return f"{name:<{width}}  " + "  ".join(f"{v:>12}" for v in values)
 
     lines += [row(name, c) for name, c in s.sources.items()] + [row("total", s.total())]
