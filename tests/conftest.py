@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import os
 
+# tests/serving needs vLLM, which lives in its own venv (.venv-vllm, scripts/setup_vllm.sh);
+# scripts/test.sh runs that folder there, so the main venv never collects it.
+collect_ignore = ["serving"]
+
 # No test may reach the Hugging Face Hub; set before transformers is imported anywhere.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
