@@ -26,6 +26,7 @@ wasted token slots; the loop logs its average.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from itertools import islice
 from typing import Callable, Optional
 
@@ -37,6 +38,7 @@ from mistral_train.data.collate import Batch, collate_packed, collate_padded
 from mistral_train.data.epochs import EpochBatches, TrainData, too_few
 from mistral_train.data.pair_batches import pair_data
 from mistral_train.data.packing import pack_examples, packing_efficiency
+from mistral_train.data.formats import check_kind, resolve_format
 from mistral_train.data.sft import SFTExample, SFTStats, tokenize_conversation, tokenize_rows
 from mistral_train.data.sources import RowSource, load_splits
 from mistral_train.data.stream import StreamBatches, text_pieces
@@ -53,12 +55,11 @@ def build_batches(cfg: RunConfig, tokenizer, check: bool = True) -> TrainData:
         SmallDataError: (with `check`) the training data does not fill one batch.
         ValueError: unreadable or empty data.
     """
-    train_rows, eval_rows = load_splits(cfg.data, cfg.trainer.seed)
+    fmt = resolve_format(cfg.data.format, cfg.data.path, cfg.trainer.objective)  # auto + bundled: the objective's kind
+    train_rows, eval_rows = load_splits(replace(cfg.data, format=fmt), cfg.trainer.seed)
+    check_kind(cfg.trainer.objective, train_rows.kind, train_rows.name)  # data of another kind is refused, never half-used
     if train_rows.kind == "preference":
         data = pair_data(cfg, tokenizer, train_rows, eval_rows, pad_id_of(tokenizer))
-    elif cfg.trainer.objective in PAIR_OBJECTIVES:
-        raise ValueError(f"trainer.objective={cfg.trainer.objective} trains on preference pairs, but {train_rows.name} "
-                         f"holds {train_rows.kind} rows; set data.format=preference (prompt/chosen/rejected rows)")
     elif cfg.data.streaming:
         data = _stream_data(cfg, tokenizer, train_rows, eval_rows)
     elif train_rows.kind == "text":

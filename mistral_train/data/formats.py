@@ -21,6 +21,13 @@ Formats and the fields they read (our names; `field_map` renames them, e.g.
                        it) or three message lists (trl's conversational form: the prompt's turns, then
                        one assistant message each); or, without `prompt`, two whole conversations
                        (trl's implicit prompt) that must share every turn before their last, the answer
+- `chosen_only`:       a preference row read as one chat row, the prompt and its chosen answer (the rejected
+                       answer is dropped): the explicit opt-in to fine-tune (SFT) on a pairs file; never
+                       chosen by `auto`, which reads such a row as `preference`
+
+Data kinds: every format yields one kind of example, "text", "chat" or "preference" (`format_kind`),
+and every objective trains on one kind (`OBJECTIVE_KINDS`, the one place that says so);
+`check_kind` refuses data of another kind, so nothing is half-used.
 
 A null value counts as a missing field (Parquet and CSV store absent values as nulls). Every
 problem raises ValueError starting with `where` (e.g. "data/train.jsonl line 12"); nothing is
@@ -33,8 +40,13 @@ from typing import Any, Callable, Optional
 
 from mistral_train.tokenizer import ROLES
 
-FORMATS = ("text", "alpaca", "messages", "sharegpt", "prompt_completion", "preference")
-CHAT_FORMATS = ("alpaca", "messages", "sharegpt", "prompt_completion")
+FORMATS = ("text", "alpaca", "messages", "sharegpt", "prompt_completion", "preference", "chosen_only")
+CHAT_FORMATS = ("alpaca", "messages", "sharegpt", "prompt_completion", "chosen_only")
+# What each objective trains on. Kept here, beside the formats, until objectives become one table.
+OBJECTIVE_KINDS = {"pretrain": "text", "sft": "chat", "dpo": "preference", "reward": "preference"}
+KIND_NAMES = {"text": "plain text", "chat": "chat rows", "preference": "preference pairs"}
+# The format of the bundled data of each kind (data.path: null), which data.format=auto stands for there.
+BUNDLED_FORMATS = {"text": "text", "chat": "messages", "preference": "preference"}
 # Field names `field_map` may rename: top-level fields, then the keys inside one message.
 TOP_FIELDS = ("text", "instruction", "input", "output", "system", "messages", "conversations",
               "prompt", "completion", "answer", "chosen", "rejected", "margin")
@@ -48,12 +60,44 @@ _EXPECTS = {
     "prompt_completion": "'prompt' and 'completion' (strings or message lists)",
     "preference": "'prompt', 'chosen' and 'rejected' (strings or message lists), or 'chosen' and 'rejected' "
                   "conversations that share their prompt turns",
+    "chosen_only": "a preference row ('prompt', 'chosen', 'rejected'), of which the prompt and chosen answer are read",
 }
 
 
 def format_kind(fmt: str) -> str:
     """What rows of format `fmt` are for: "text" (pretraining), "preference" (pairs) or "chat" (SFT)."""
     return fmt if fmt in ("text", "preference") else "chat"
+
+
+def objective_kind(objective: str) -> Optional[str]:
+    """The kind of data `objective` trains on; None for an objective this table does not know."""
+    return OBJECTIVE_KINDS.get(objective)
+
+
+def resolve_format(fmt: str, path: Any, objective: str) -> str:
+    """`data.format` as the data will be read: `auto` with no path (the bundled data) is the bundled
+    data of the kind the objective trains on; otherwise `fmt` (auto then decides per file)."""
+    kind = objective_kind(objective)
+    return BUNDLED_FORMATS[kind] if fmt == "auto" and path is None and kind is not None else fmt
+
+
+def check_kind(objective: str, kind: str, where: str) -> None:
+    """Raise ValueError when `where` (e.g. "data.path prefs.jsonl") holds `kind` rows and `objective`
+    trains on another kind: one line naming the data, what it holds, what the objective reads and the
+    way out (data.format=chosen_only for SFT on pairs)."""
+    wanted = objective_kind(objective)
+    if wanted is None or wanted == kind:
+        return
+    what = f"{where} holds {KIND_NAMES[kind]}, but trainer.objective={objective} trains on {KIND_NAMES[wanted]}"
+    if wanted == "chat" and kind == "preference":
+        raise ValueError(f"{what}, and would learn the rejected answers as well as the chosen ones; set "
+                         "data.format=chosen_only to fine-tune on the prompts and chosen answers only, or train on "
+                         "the pairs with trainer.objective=dpo or reward (recipe=tiny_dpo, recipe=tiny_reward)")
+    fix = {"text": "plain text: a .txt file, or rows with a 'text' field (data.format=text)",
+           "chat": "chat rows: messages, sharegpt, alpaca or prompt_completion (data.format=auto detects them)",
+           "preference": "preference pairs: prompt/chosen/rejected rows (data.format=preference)"}[wanted]
+    others = ", ".join(f"trainer.objective={o}" for o, k in OBJECTIVE_KINDS.items() if k == kind)
+    raise ValueError(f"{what}; give it {fix}, or train on this data with {others}")
 
 
 def check_field_map(field_map: dict[str, str], origin: str = "data.field_map") -> None:
@@ -116,7 +160,10 @@ def to_canonical(row: Any, fmt: str, field_map: dict[str, str], where: str) -> d
         if margin is not None:
             pair["margin"] = float(margin)
         return pair
-    if fmt == "alpaca":
+    if fmt == "chosen_only":  # the opt-in to SFT on pairs: prompt + chosen answer, a checked conversation
+        pair = _preference(row, fm, where)
+        messages, label = pair["prompt"] + pair["chosen"], "turns (prompt, then chosen)"
+    elif fmt == "alpaca":
         messages, label = _alpaca(row, fm, where), "turns (from instruction/input/output)"
     elif fmt == "messages":
         messages = _message_list(row, "messages", fm, where, fmt, "role", "content", None)

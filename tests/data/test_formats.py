@@ -2,7 +2,8 @@
 
 import pytest
 
-from mistral_train.data.formats import FORMATS, check_field_map, detect_format, to_canonical
+from mistral_train.data.formats import (FORMATS, KIND_NAMES, OBJECTIVE_KINDS, check_field_map, check_kind, detect_format,
+                                         format_kind, resolve_format, to_canonical)
 from tests._chat import A, S, U
 
 WHERE = "data/train.jsonl line 12"
@@ -120,3 +121,50 @@ def test_bad_rows_raise_naming_where_and_what(fmt, row, message):
     with pytest.raises(ValueError, match=message) as info:
         to_canonical(row, fmt, {}, WHERE)
     assert str(info.value).startswith(WHERE + ": ")
+
+
+def test_chosen_only_reads_a_pair_as_its_prompt_and_chosen_answer():
+    # The opt-in to SFT on a pairs file: the rejected answer never reaches the conversation.
+    row = {"prompt": "2+2?", "chosen": "4", "rejected": "5", "answer": "4"}
+    assert to_canonical(row, "chosen_only", {}, WHERE) == {"messages": [U("2+2?"), A("4")], "answer": "4"}
+    implicit = {"chosen": [S("sys"), U("q"), A("yes")], "rejected": [S("sys"), U("q"), A("no")]}
+    assert to_canonical(implicit, "chosen_only", {}, WHERE)["messages"] == [S("sys"), U("q"), A("yes")]
+    assert format_kind("chosen_only") == "chat"
+    with pytest.raises(ValueError, match="line 12: missing field 'rejected'"):
+        to_canonical({"prompt": "2+2?", "chosen": "4"}, "chosen_only", {}, WHERE)
+
+
+def test_auto_never_picks_chosen_only_a_pairs_row_is_preference():
+    assert detect_format({"prompt": "2+2?", "chosen": "4", "rejected": "5"}) == "preference"
+
+
+@pytest.mark.parametrize("objective, fmt", [("pretrain", "text"), ("sft", "messages"), ("dpo", "preference"),
+                                            ("reward", "preference")])
+def test_auto_without_a_path_is_the_bundled_data_of_the_objectives_kind(objective, fmt):
+    assert resolve_format("auto", None, objective) == fmt
+    assert resolve_format("auto", "my.jsonl", objective) == "auto"  # a file: decided from its first row
+    assert resolve_format("sharegpt", None, objective) == "sharegpt"
+
+
+def test_each_objective_accepts_its_own_kind():
+    for objective, kind in OBJECTIVE_KINDS.items():
+        check_kind(objective, kind, "data.path x.jsonl")  # raises nothing
+
+
+def test_sft_on_pairs_is_refused_naming_the_file_and_the_opt_in():
+    with pytest.raises(ValueError) as err:
+        check_kind("sft", "preference", "data.path prefs.jsonl")
+    message = str(err.value)
+    assert message.startswith("data.path prefs.jsonl holds preference pairs, but trainer.objective=sft")
+    assert "data.format=chosen_only" in message and "rejected answers" in message
+
+
+@pytest.mark.parametrize("objective, kind, needs, other", [
+    ("dpo", "chat", "preference pairs", "trainer.objective=sft"),
+    ("reward", "text", "preference pairs", "trainer.objective=pretrain"),
+    ("pretrain", "preference", "plain text", "trainer.objective=dpo, trainer.objective=reward"),
+    ("sft", "text", "chat rows", "trainer.objective=pretrain")])
+def test_every_other_mismatch_is_refused_naming_both_kinds(objective, kind, needs, other):
+    with pytest.raises(ValueError, match=f"holds {KIND_NAMES[kind]}, but trainer.objective={objective} trains on "
+                                         f"{needs}.*train on this data with {other}$"):
+        check_kind(objective, kind, "data.path x")
