@@ -24,9 +24,9 @@ MAX_NEW = 8
 def tiny_model(vocab_size: int, seed: int, task: str = "causal_lm", **overrides: Any) -> Mistral:
     """A tiny random Mistral with order-one weights (greedy picks are then far from ties).
     head_dim 64: vLLM's CPU attention has no kernel for the 16 of our usual tiny configs."""
-    config = MistralConfig(vocab_size=vocab_size, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                           num_attention_heads=2, num_key_value_heads=1, sliding_window=None,
-                           tie_word_embeddings=False, max_position_embeddings=256, **overrides)
+    config = MistralConfig(**{**dict(vocab_size=vocab_size, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                                     num_attention_heads=2, num_key_value_heads=1, sliding_window=None,
+                                     tie_word_embeddings=False, max_position_embeddings=256), **overrides})
     torch.manual_seed(seed)
     return randomize_(Mistral(config, task=task), seed).eval()
 

@@ -38,7 +38,8 @@ def full(request, tmp_path_factory):
     """A full fine-tune's final/ folder in one chat format, and vLLM serving it in fp32."""
     fmt = request.param
     tokenizer = bundled(fmt)
-    model = tiny_model(tokenizer.vocab_size, seed=1)
+    # v1 ties the output head to the embedding, as the default recipe's tiny model does
+    model = tiny_model(tokenizer.vocab_size, seed=1, tie_word_embeddings=fmt == "v1")
     folder = write_full_folder(model, tokenizer, tmp_path_factory.mktemp(f"full_{fmt}") / "final", fmt)
     llm = start_engine(folder)
     yield types.SimpleNamespace(fmt=fmt, tokenizer=tokenizer, model=model, llm=llm)
