@@ -26,6 +26,7 @@ import torch
 
 from mistral_train.data.epochs import WARNING
 from mistral_train.data.sft import SFTExample, SFTStats, SourceStats, assistant_spans, tokenize_rows
+from mistral_train.errors import UserError
 from mistral_train.losses.ce import IGNORE_INDEX
 from mistral_train.wording import counted
 
@@ -34,8 +35,8 @@ MARK = ("«", "»")  # wraps trained text in the decoded samples
 _SHOW_CHARS = 1200
 
 
-class AuditError(ValueError):
-    """A check failed; the message names the source and row."""
+class AuditError(UserError):
+    """A check failed; the message names the source and row (a user error: cli.py prints it as one line)."""
 
 
 @dataclass
