@@ -8,7 +8,7 @@ import torch
 from mistral_train import Mistral, MistralConfig
 from mistral_train.config import TrainerSpec
 from mistral_train.config_checks import ConfigError
-from mistral_train.train.optim import build_optimizer, build_scheduler, lr_at, lr_factor, param_groups
+from mistral_train.train.optim import BF16_UPDATES, build_optimizer, build_scheduler, lr_at, lr_factor, param_groups
 
 
 def _tiny_model() -> Mistral:
@@ -274,3 +274,19 @@ def test_bf16_update_errors_name_the_key():
     assert type(build_optimizer(bf16, TrainerSpec(optimizer="adamw_8bit", bf16_update="plain"))).__name__ == "AdamW8bit"
     with pytest.raises(ConfigError, match="stochastic_rounding rounds to bf16 only and the trained weights are float16"):
         build_optimizer(_tiny_model().half(), TrainerSpec(bf16_update="stochastic_rounding"))
+
+
+def test_no_recipe_takes_plain_bf16_updates():
+    """Every Mistral-7B recipe (bf16 weights) leaves bf16_update to auto (a remedy over 16-bit trained weights:
+    LoRA's fp32 adapters need none, a trained bf16 score head gets one) or names a remedy; the full fine-tunes
+    name theirs (the ZeRO-3 recipe keeps DeepSpeed's fp32 masters)."""
+    from mistral_train.config import list_recipes, load_run_config
+
+    chosen = {}
+    for recipe in (r for r in list_recipes() if r.startswith("mistral7b_")):
+        cfg = load_run_config(recipe, ["model.path=/models/m", "data.path=rows.jsonl"])
+        assert cfg.model.dtype == "bfloat16", recipe
+        chosen[recipe] = cfg.trainer.bf16_update
+    assert "plain" not in chosen.values() and set(chosen.values()) <= set(BF16_UPDATES)
+    assert {r: chosen[r] for r in ("mistral7b_full_sft", "mistral7b_continued_pretrain", "mistral7b_full_sft_fsdp2")} \
+        == {"mistral7b_full_sft": "kahan", "mistral7b_continued_pretrain": "kahan", "mistral7b_full_sft_fsdp2": "fp32_master"}
