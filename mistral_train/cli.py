@@ -37,7 +37,8 @@ plan keys (taken out before the overrides are composed):
   num_processes=N          processes, one per GPU (default 1)
   device_gib=G             memory of one device, GiB (default 80)
   strategy=S               ddp fsdp2 zero1 zero2 zero2_offload zero3 zero3_offload zero3_offload_params (default: all)
-  optimizer=O              auto adamw adamw_mixed adamw8bit (auto: adamw, or adamw_mixed under DeepSpeed bf16)
+  optimizer=O              auto adamw adamw_mixed adamw8bit adamw_kahan adamw_sr (auto: what trainer.optimizer and
+                           trainer.bf16_update keep, or adamw_mixed under DeepSpeed bf16)
 """
 EXAMPLES = """\
 examples:
