@@ -5,25 +5,30 @@
     mistral-train audit [recipe=NAME] [KEY=VALUE ...]     check the run's SFT data and labels, without training
     mistral-train plan [recipe=NAME] [num_processes=N] [device_gib=80] [strategy=S] [KEY=VALUE ...]
                                                           per-device memory of the run per strategy; does it fit
-    mistral-train generate FOLDER --prompt TEXT [...]     continue a prompt with an HF Mistral folder
-    mistral-train merge ADAPTER [--base DIR] --out DIR   merge a LoRA/QLoRA adapter into a full HF folder
+    mistral-train generate FOLDER --prompt TEXT [...]     continue a prompt with an HF Mistral folder or a LoRA adapter
+    mistral-train merge ADAPTER [--base DIR] --out DIR [--overwrite]   merge a LoRA/QLoRA adapter into a full HF folder
     mistral-train plot RUN_DIR                            redraw RUN_DIR/loss.png from metrics.jsonl
 
 argparse reads the verbs and their flags; everything after `train`/`config`/`audit`/`plan` is a Hydra override
 (`trainer.max_steps=20`, `adapter=none`), composed by `mistral_train.config.load_run_config`.
 Heavy modules (torch, the loop) are imported inside the verbs, so `--help` and config errors are quick.
+A user error (bad data, config value or path, a run folder in use, no CUDA) ends with one line and exit
+status 2; `--debug` or MISTRAL_TRAIN_DEBUG=1 shows its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
 from mistral_train.config import DEFAULT_RECIPE, ConfigError, RunConfig, load_run_config, run_config_yaml
+from mistral_train.errors import UserError
 
 PROG = "mistral-train"
+DEBUG_ENV = "MISTRAL_TRAIN_DEBUG"  # set to 1: user errors keep their traceback, as with --debug
 OVERRIDES_HELP = """\
 overrides (KEY=VALUE, Hydra syntax):
   recipe=NAME              a file in recipes/ (default: tiny_pretrain_sft)
@@ -126,47 +131,48 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def cmd_merge(args: argparse.Namespace) -> int:
     from mistral_train.train.export import merge_adapter_folder
 
-    adapter = Path(args.adapter)
+    adapter, out = Path(args.adapter), Path(args.out)
+    if not adapter.is_dir():
+        raise ConfigError(f"{adapter} does not exist; give a LoRA adapter folder, e.g. runs/NAME/final of an adapter run")
     if not (adapter / "adapter_config.json").is_file():
-        raise ConfigError(f"{adapter} is not a PEFT adapter folder (no adapter_config.json); try runs/NAME/final")
-    merge_adapter_folder(adapter, Path(args.out), base=args.base, dtype=args.dtype)
+        full = " (it is a full model: nothing to merge)" if (adapter / "config.json").is_file() else ""
+        raise ConfigError(f"{adapter} is not a PEFT adapter folder (no adapter_config.json){full}; try runs/NAME/final")
+    if out.exists() and not args.overwrite:  # checked before the base loads: a slip must not cost a merged model
+        raise ConfigError(f"--out {out} exists; pass --overwrite to replace it, or name a new folder")
+    merge_adapter_folder(adapter, out, base=args.base, dtype=args.dtype)
     return 0
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
     from mistral_train.plots import plot_run
-    from mistral_train.tracking import METRICS_FILE
 
-    metrics = Path(args.run_dir) / METRICS_FILE
-    if not metrics.is_file():
-        raise ConfigError(f"{metrics} does not exist; give a run directory (runs/NAME) that holds {METRICS_FILE}")
-    try:
-        print(plot_run(args.run_dir))
-    except ValueError as err:  # plot_run's "no row has a loss": the file, not the code, is at fault
-        raise ConfigError(str(err)) from err
+    print(plot_run(args.run_dir))  # ConfigError for a folder without metrics (a staged run's: its stages)
     return 0
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    folder = Path(args.folder)
-    if not (folder / "config.json").is_file():
-        raise ConfigError(f"{folder} is not an HF model folder (no config.json); try runs/NAME/final")
     import torch
 
-    from mistral_train import Mistral
-    from mistral_train.generate import generate
+    from mistral_train.generate import generate, load_for_generation
     from mistral_train.tokenizer import load_tokenizer, resolve_tokenizer_path
 
-    try:  # the folder's own tokenizer wins; --tokenizer is the fallback
-        source = resolve_tokenizer_path(None, folder)
-    except FileNotFoundError:
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda but this machine has no CUDA device; use --device auto or cpu")
+    model, folders = load_for_generation(args.folder, args.base)  # a model folder, or an adapter + its base
+    source = None
+    for folder in folders:  # the folder's own tokenizer wins (an adapter's, then its base's)
         try:
-            source = resolve_tokenizer_path(args.tokenizer)
-        except ValueError as err:  # an unknown bundled version: a usage error, not a bug
-            raise ConfigError(f"--tokenizer {args.tokenizer}: {err}") from err
+            source = resolve_tokenizer_path(None, folder)
+            break
+        except FileNotFoundError:
+            continue
+    try:  # --tokenizer is the fallback
+        source = source or resolve_tokenizer_path(args.tokenizer)
+    except ValueError as err:  # an unknown bundled version: a usage error, not a bug
+        raise ConfigError(f"--tokenizer {args.tokenizer}: {err}") from err
     tokenizer = load_tokenizer(source)
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-    model = Mistral.from_pretrained(folder).to(device).eval()
+    model = model.to(device)
     if args.chat:  # one user turn in the tokenizer's [INST] template, ready for the answer
         prompt = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True)
     else:
@@ -182,6 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(prog=PROG, formatter_class=fmt, epilog=EXAMPLES,
                                      description="Train, sample from and inspect Mistral-architecture models.")
+    parser.add_argument("--debug", action="store_true",  # taken out of argv by main() wherever it stands
+                        help=f"show the traceback of a user error (also {DEBUG_ENV}=1)")
     verbs = parser.add_subparsers(dest="verb", metavar="COMMAND", title="commands (default: train)")
     for name, helptext, handler in (("train", "train a recipe (the default command)", cmd_train),
                                     ("config", "print the resolved configuration of a run, without running it", cmd_config),
@@ -200,8 +208,10 @@ def build_parser() -> argparse.ArgumentParser:
     plan.set_defaults(handler=cmd_plan)
 
     gen = verbs.add_parser("generate", help="continue a prompt with a saved model",
-                           description="Continue a prompt with an HF Mistral folder (e.g. runs/NAME/final).")
-    gen.add_argument("folder", help="HF folder: config.json + *.safetensors (+ tokenizer.model)")
+                           description="Continue a prompt with an HF Mistral folder (e.g. runs/NAME/final), or with "
+                                       "a LoRA adapter folder applied to the base it names (or --base).")
+    gen.add_argument("folder", help="HF folder: config.json + *.safetensors (+ tokenizer.model), or a LoRA adapter "
+                                    "folder: adapter_config.json + adapter_model.safetensors")
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--chat", action="store_true", help="send the prompt as a user turn of the chat template")
     gen.add_argument("--max-new-tokens", type=int, default=64)
@@ -212,6 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--tokenizer", default="bundled:v1",
                      help="used when FOLDER has no tokenizer: a file/folder or bundled:v1|v2|v3 (default bundled:v1)")
     gen.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto)")
+    gen.add_argument("--base", default=None, help="for an adapter FOLDER: its base HF folder (default: the one it names)")
     gen.set_defaults(handler=cmd_generate)
 
     merge = verbs.add_parser("merge", help="merge a LoRA/QLoRA adapter into its base and write a full HF folder",
@@ -224,6 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--base", default=None, help="base HF folder (default: the one the adapter names)")
     merge.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                        help="dtype of the merged weights (default: the run's model.dtype)")
+    merge.add_argument("--overwrite", action="store_true", help="replace --out when it exists (default: refuse)")
     merge.set_defaults(handler=cmd_merge)
 
     plot = verbs.add_parser("plot", help="redraw a run's loss.png from its metrics.jsonl")
@@ -233,13 +245,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Entry point; returns the exit status (2 for a usage or configuration error)."""
+    """Entry point; returns the exit status: 2 for a usage error or a user error (errors.UserError, a path that
+    is missing or already taken), printed as one line `mistral-train: error: ...`; with --debug (anywhere on
+    the line) or MISTRAL_TRAIN_DEBUG=1 a user error is raised with its traceback instead."""
     args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args or os.environ.get(DEBUG_ENV, "").strip() not in ("", "0")
+    args = [a for a in args if a != "--debug"]
     if not args or "=" in args[0] or args[0].startswith("~"):  # bare overrides mean `train`
         args.insert(0, "train")
     parsed = build_parser().parse_args(args)  # bad usage: argparse prints it and exits with 2
     try:
         return parsed.handler(parsed)
-    except (ConfigError, FileNotFoundError) as err:  # user errors: one line, no traceback
-        print(f"{PROG}: error: {err}", file=sys.stderr)
+    except (UserError, FileNotFoundError, FileExistsError) as err:  # the user's to fix: one line, no traceback
+        if debug:
+            raise
+        print(f"{PROG}: error: {one_line(err)}", file=sys.stderr)
         return 2
+
+
+def one_line(err: BaseException) -> str:
+    """The error's message on one line (a few messages quote a multi-line value)."""
+    return " ".join(line.strip() for line in str(err).splitlines() if line.strip())

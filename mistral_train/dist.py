@@ -99,17 +99,22 @@ def build_accelerator(spec: TrainerSpec) -> Accelerator:
     bf16 casts the weights and keeps fp32 masters), CPU when `spec.device` is cpu or there is no CUDA.
 
     Raises:
-        ValueError: an unknown precision or device; RuntimeError: device=cuda without CUDA;
-        ConfigError: a launch that cannot run as asked (dist_config.py).
+        ConfigError: an unknown precision or device, device=cuda without CUDA, or a launch that cannot
+            run as asked (dist_config.py).
     """
     if spec.precision not in ACCELERATE_PRECISION:
-        raise ValueError(f"trainer.precision must be one of {sorted(ACCELERATE_PRECISION)}, got {spec.precision!r}")
+        raise ConfigError(f"trainer.precision must be one of {sorted(ACCELERATE_PRECISION)}, got {spec.precision!r}")
     if spec.device not in DEVICES:
-        raise ValueError(f"trainer.device must be one of {DEVICES}, got {spec.device!r}")
+        raise ConfigError(f"trainer.device must be one of {DEVICES}, got {spec.device!r}")
     if spec.device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("trainer.device=cuda but no CUDA device is available (use auto or cpu)")
+        raise ConfigError("trainer.device=cuda but this machine has no CUDA device; use trainer.device=auto or cpu")
     strategy = resolve_strategy(spec, os.environ, torch.cuda.is_available(), _launcher_deepspeed(), _own_deepspeed(spec))
     on_cpu = spec.device == "cpu" or not torch.cuda.is_available()
+    if on_cpu and not strategy.is_deepspeed:
+        # Accelerate imports DeepSpeed whenever it is installed (unwrap_model), and DeepSpeed, finding no GPU,
+        # warns "Setting accelerator to CPU": noise in a run that does not use it. Naming the CPU silences it;
+        # a value the user set wins.
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     # Accelerate keeps one process-wide AcceleratorState and refuses a second Accelerator with other
     # settings. Anything that ran before in this process (another library's Trainer, a notebook cell)
     # may have set it; forget it, keeping PartialState (which describes the launched processes).

@@ -9,12 +9,47 @@ length varies, runs eagerly; sampling stays eager too.
 from __future__ import annotations
 
 from functools import lru_cache
+from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
 
 import torch
 
 from mistral_train.model.kv_cache import KVCache
 from mistral_train.model.mistral import Mistral
+
+
+def load_for_generation(folder: Union[str, Path], base: Optional[str] = None) -> tuple[Mistral, list[Path]]:
+    """The causal LM a folder holds, to generate with: an HF model folder, or a LoRA adapter folder applied
+    (unmerged) to its base: `base`, else the base the adapter names (folders.adapter_base).
+
+    Returns:
+        (model in eval mode, the folders to take the tokenizer from, in order: the folder, then the base).
+    Raises:
+        ConfigError: neither a model nor an adapter folder, a classification model (no language-model head),
+            or an adapter whose base is not here.
+    """
+    from mistral_train.adapters import load_adapter  # here: generation itself needs none of the folder machinery
+    from mistral_train.config_checks import ConfigError
+    from mistral_train.folders import ADAPTER_CONFIG, MODEL_CONFIG, adapter_base, folder_task, is_adapter_folder
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ConfigError(f"{folder} does not exist; give an HF model folder or a LoRA adapter folder, "
+                          "e.g. runs/NAME/final")
+    adapter = is_adapter_folder(folder)
+    if not adapter and not (folder / MODEL_CONFIG).is_file():
+        raise ConfigError(f"{folder} is not an HF model folder (no {MODEL_CONFIG}) nor a LoRA adapter folder "
+                          f"(no {ADAPTER_CONFIG}); try runs/NAME/final")
+    task = folder_task(folder)
+    if task != "causal_lm":
+        kind = "a reward model" if task == "sequence_classification" else "a token classifier"
+        raise ConfigError(f"{folder} is {kind} ({task}): a classification model has no language-model head to "
+                          "generate with; generate with a causal LM folder, e.g. the SFT or DPO run's final/")
+    base_folder, note = adapter_base(folder, base) if adapter else (str(folder), {})
+    model = Mistral.from_pretrained(base_folder, quantize=note.get("quantize"))
+    if adapter:
+        load_adapter(model, folder)
+    return model.eval(), [folder, Path(base_folder)] if adapter else [folder]
 
 
 def sample_next(

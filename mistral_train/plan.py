@@ -307,7 +307,10 @@ def plan_run(cfg: RunConfig, options: Optional[PlanOptions] = None) -> Plan:
 def format_plan(plan: Plan) -> str:
     """The plan as a text table, GiB per device."""
     m, w, o, run = plan.model, plan.weights, plan.options, plan.run
-    rows = [("GiB per device", "optimizer", "weights", "grads", "optim", "activ", "total", "host", "fits")] + [(r.strategy, r.optimizer, *(f"{c / GIB:.2f}" if c else "-" for c in (r.weights, r.grads,
+    def label(strategy: str) -> str:  # one process replicates nothing: trainer.strategy calls it single
+        return "single" if strategy == "ddp" and o.num_processes == 1 else strategy
+
+    rows = [("GiB per device", "optimizer", "weights", "grads", "optim", "activ", "total", "host", "fits")] + [(label(r.strategy), r.optimizer, *(f"{c / GIB:.2f}" if c else "-" for c in (r.weights, r.grads,
             r.optimizer_states, r.activations, r.total, r.host)), "yes" if r.fits else "NO")
             for r in plan.rows]
     return "\n".join([

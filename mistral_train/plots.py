@@ -1,7 +1,8 @@
 """Curves of a run: `metrics.jsonl` -> `loss.png`.
 
-Top panel: train loss and eval loss against step, learning rate on a second axis. A second
-panel shows held-out exact match when the run logged one. Missing keys, nulls, NaN and
+Top panel: train loss and eval loss against step, learning rate on a second axis, the loss named as
+the run's objective defines it (its config.yaml: cross-entropy, or a DPO / reward-model loss per pair).
+A second panel shows held-out exact match when the run logged one. Missing keys, nulls, NaN and
 non-numeric values (text samples) are skipped; a step logged twice keeps its last value.
 Uses matplotlib's object API with the Agg canvas directly, so plotting never needs a
 display and never changes the global pyplot backend of the process that calls it.
@@ -18,9 +19,39 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import FormatStrFormatter
 
+from mistral_train.config_checks import ConfigError
+from mistral_train.errors import DataError
 from mistral_train.tracking import METRICS_FILE, read_metrics
 
 PLOT_FILE = "loss.png"
+CONFIG_FILE = "config.yaml"  # the run's resolved configuration (config.dump_run_config)
+
+
+def loss_names(objective: str = "pretrain", dpo_loss: object = "sigmoid") -> tuple[str, str]:
+    """(curve name, y-axis label) of the loss a run with `trainer.objective` logs."""
+    if objective == "dpo":
+        kind = "+".join(dpo_loss) if isinstance(dpo_loss, list) else dpo_loss
+        return "DPO loss", f"DPO loss ({kind}), mean per pair"
+    if objective == "reward":
+        return "reward loss", "reward-model loss -log sigmoid(r_chosen - r_rejected), mean per pair"
+    return "loss", "cross-entropy (nats/token)"
+
+
+def run_objective(run_dir: Path) -> tuple[str, object]:
+    """(trainer.objective, trainer.dpo.loss_type) from the run's config.yaml; a run folder without one
+    (metrics.jsonl alone) plots as a language-model run."""
+    path = run_dir / CONFIG_FILE
+    if not path.is_file():
+        return "pretrain", "sigmoid"
+    import yaml  # here: only plotting a run folder reads its config
+
+    trainer = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("trainer") or {}
+    return str(trainer.get("objective", "pretrain")), (trainer.get("dpo") or {}).get("loss_type", "sigmoid")
+
+
+def stage_folders(run_dir: Path) -> list[str]:
+    """Names of the subfolders of a staged run's folder that hold their own metrics.jsonl."""
+    return sorted(p.name for p in run_dir.iterdir() if (p / METRICS_FILE).is_file()) if run_dir.is_dir() else []
 
 
 def series(rows: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
@@ -35,12 +66,13 @@ def series(rows: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]
     return steps, [points[s] for s in steps]
 
 
-def draw_run(rows: list[dict[str, Any]], title: str = "") -> Figure:
-    """The figure of a run's metric rows (see the module docstring).
+def draw_run(rows: list[dict[str, Any]], title: str = "", loss: tuple[str, str] = loss_names()) -> Figure:
+    """The figure of a run's metric rows (see the module docstring); `loss`: `loss_names` of its objective.
 
     Raises:
         ValueError: no row has a finite loss or eval_loss.
     """
+    name, axis_label = loss
     steps, loss = series(rows, "loss")
     eval_steps, eval_loss = series(rows, "eval_loss")
     if not steps and not eval_steps:
@@ -53,10 +85,10 @@ def draw_run(rows: list[dict[str, Any]], title: str = "") -> Figure:
     else:
         ax, match_ax = figure.add_subplot(), None
     if steps:
-        ax.plot(steps, loss, label="train loss", color="tab:blue")
+        ax.plot(steps, loss, label=f"train {name}", color="tab:blue")
     if eval_steps:
-        ax.plot(eval_steps, eval_loss, "o-", label="eval loss", color="tab:orange")
-    ax.set_ylabel("cross-entropy (nats/token)")
+        ax.plot(eval_steps, eval_loss, "o-", label=f"eval {name}", color="tab:orange")
+    ax.set_ylabel(axis_label)
     ax.grid(alpha=0.3)
     handles, labels = ax.get_legend_handles_labels()
     lr_steps, lr = series(rows, "lr")
@@ -84,17 +116,27 @@ def plot_run(run_dir: str | os.PathLike, out: Optional[str | os.PathLike] = None
     """Draw `run_dir/metrics.jsonl` (see `draw_run`) to a PNG.
 
     Args:
-        run_dir: a run folder holding metrics.jsonl.
+        run_dir: a run folder holding metrics.jsonl (and config.yaml, which names the loss).
         out: where to write the PNG; default `run_dir/loss.png`.
     Returns:
         The path of the PNG written.
+    Raises:
+        ConfigError: `run_dir` holds no metrics.jsonl (for a staged run's folder: naming its stages).
+        DataError: no row has a loss to plot.
     """
     run_dir = Path(run_dir)
+    if not (run_dir / METRICS_FILE).is_file():
+        stages = stage_folders(run_dir)
+        if stages:
+            raise ConfigError(f"{run_dir} is a staged run's folder; plot one of its stages: "
+                              + ", ".join(str(run_dir / name) for name in stages))
+        state = "has no " + METRICS_FILE if run_dir.is_dir() else "does not exist"
+        raise ConfigError(f"{run_dir} {state}; give a run directory (runs/NAME, or runs/NAME/STAGE of a staged run)")
     rows = read_metrics(run_dir / METRICS_FILE)
     try:
-        figure = draw_run(rows, title=run_dir.name)
-    except ValueError as err:
-        raise ValueError(f"{run_dir / METRICS_FILE}: {err}") from None
+        figure = draw_run(rows, title=run_dir.name, loss=loss_names(*run_objective(run_dir)))
+    except ValueError as err:  # the metrics file, not the code, is at fault
+        raise DataError(f"{run_dir / METRICS_FILE}: {err}") from None
     path = Path(out) if out is not None else run_dir / PLOT_FILE
     figure.savefig(path)
     return path

@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from mistral_train.plots import draw_run, plot_run, series
+from mistral_train.config import RunConfig, dump_run_config
+from mistral_train.plots import draw_run, loss_names, plot_run, run_objective, series
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TRAIN = [{"step": s, "loss": 5.0 / s, "lr": 1e-3 * s} for s in range(1, 11)]
@@ -64,3 +65,42 @@ def test_eval_only_runs_plot_and_empty_runs_fail(tmp_path):
     _write(tmp_path, [{"step": 1, "lr": 1e-3}])
     with pytest.raises(ValueError, match="metrics.jsonl: no row has a 'loss' or 'eval_loss'"):
         plot_run(tmp_path)
+
+
+def _ylabel(figure) -> str:
+    return figure.axes[0].get_ylabel()
+
+
+@pytest.mark.parametrize("objective, loss_type, curve, axis", [
+    ("pretrain", "sigmoid", "loss", "cross-entropy (nats/token)"),
+    ("sft", "sigmoid", "loss", "cross-entropy (nats/token)"),
+    ("dpo", "ipo", "DPO loss", "DPO loss (ipo), mean per pair"),
+    ("dpo", ["sigmoid", "bco_pair"], "DPO loss", "DPO loss (sigmoid+bco_pair), mean per pair"),
+    ("reward", "sigmoid", "reward loss", "reward-model loss -log sigmoid(r_chosen - r_rejected), mean per pair"),
+])
+def test_loss_is_labelled_as_the_runs_objective_defines_it(tmp_path, objective, loss_type, curve, axis):
+    cfg = RunConfig()
+    cfg.trainer.objective, cfg.trainer.dpo.loss_type = objective, loss_type
+    dump_run_config(cfg, tmp_path / "config.yaml")  # what a run writes next to metrics.jsonl
+    assert run_objective(tmp_path) == (objective, loss_type)
+    assert loss_names(objective, loss_type) == (curve, axis)
+    figure = draw_run(TRAIN + EVAL, loss=loss_names(*run_objective(tmp_path)))
+    assert {f"train {curve}", f"eval {curve}"} <= set(_lines(figure)) and _ylabel(figure) == axis
+
+
+def test_run_without_config_plots_as_a_language_model(tmp_path):
+    assert run_objective(tmp_path) == ("pretrain", "sigmoid")
+    assert _ylabel(draw_run(TRAIN)) == "cross-entropy (nats/token)"
+
+
+def test_plot_run_of_a_dpo_run_differs_from_the_same_rows_as_sft(tmp_path):
+    pngs = {}
+    for objective in ("sft", "dpo"):
+        run = tmp_path / objective
+        run.mkdir()
+        _write(run, TRAIN)
+        cfg = RunConfig()
+        cfg.trainer.objective = objective
+        dump_run_config(cfg, run / "config.yaml")
+        pngs[objective] = plot_run(run).read_bytes()
+    assert pngs["sft"] != pngs["dpo"]  # same curve, other labels: the file read config.yaml

@@ -34,8 +34,10 @@ from mistral_train.dist import (
     backward, build_accelerator, clip_gradients, no_sync, prepare, release, shard_model, strategy_of,
 )
 from mistral_train.dist_gather import FullModel
+from mistral_train.errors import reading_data
 from mistral_train.model import Mistral
 from mistral_train.plots import plot_run
+from mistral_train.preflight import preflight
 from mistral_train.tokenizer import load_tokenizer, resolve_tokenizer_path
 from mistral_train.tokenizer_files import write_tokenizer_files
 from mistral_train.tracking import MetricsLogger, progress_bar
@@ -128,6 +130,7 @@ def fit(cfg: RunConfig) -> Path:
     """Train as `cfg` says; return the run folder (config.yaml, metrics.jsonl, loss.png,
     checkpoints/, final/, sample.txt). A recipe with `stages` runs one fit per stage
     (train/stages.py) and returns the folder that holds them."""
+    preflight(cfg)  # paths, formats, device, run folder: before any data is read or model built
     if cfg.stages:
         return run_stages(cfg, fit)
     accelerator = build_accelerator(cfg.trainer)
@@ -145,9 +148,10 @@ def _train(cfg: RunConfig, accelerator) -> Path:
     seed_everything(spec.seed)
     tokenizer_path = resolve_tokenizer_path(cfg.model.tokenizer, cfg.model.path)
     tokenizer = load_tokenizer(tokenizer_path)
-    data = build_batches(cfg, tokenizer, check=False)  # reads, tokenizes, audits: bad data stops before the model loads
-    say("\n".join(data.summary))  # counts, audit table and "warning: " lines (examples dropped or cut for length)
-    data.check_batch_size()  # after the summary, which shows why the data may not fill one batch
+    with reading_data():  # a ValueError here is about the user's rows: a one-line DataError (errors.py)
+        data = build_batches(cfg, tokenizer, check=False)  # reads, tokenizes, audits: bad data stops before the model loads
+        say("\n".join(data.summary))  # counts, audit table and "warning: " lines (examples dropped or cut for length)
+        data.check_batch_size()  # after the summary, which shows why the data may not fill one batch
     pad_id = pad_id_of(tokenizer)
     task = "sequence_classification" if spec.objective == "reward" else "causal_lm"
     model = build_model(cfg.model, tokenizer, cfg.adapter, task, pad_id).to(accelerator.device)
