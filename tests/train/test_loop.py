@@ -163,3 +163,20 @@ def test_accumulation_over_padded_micro_batches_of_very_different_lengths_equals
     assert loss == pytest.approx(reference.item(), abs=1e-6)
     for name, param in model.named_parameters():
         torch.testing.assert_close(param.grad, expected[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_the_epoch_metric_counts_epochs_and_the_run_warns_of_examples_cut_for_length(tmp_path, capsys):
+    """7 chat examples, one per row, 4 per batch: no row is skipped at an epoch's end (the old batcher
+    dropped 3 per epoch and logged 4/7, 1 + 4/7, 2 + 4/7), so the epoch column reads rows served / 7;
+    the over-long answer is cut, and the run says so before step 1, naming the settings."""
+    path = _small_chat(tmp_path, n=6)
+    with path.open("a") as handle:
+        handle.write(json.dumps({"messages": [{"role": "user", "content": "Talk."},
+                                              {"role": "assistant", "content": "On and on. " * 40}]}) + "\n")
+    cfg = _tiny_run(tmp_path, "epochs", max_steps=3, batch_size=4, objective="sft")
+    cfg.data = DataSpec(path=str(path), format="messages", packing=False)
+    run_dir = fit(cfg)
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [row["epoch"] for row in rows] == pytest.approx([4 / 7, 8 / 7, 12 / 7])
+    assert (f"warning: data.path {path}: 1 of 7 examples cut to their first 32 tokens (trainer.max_seq_len=32, "
+            "data.overlong=truncate)") in capsys.readouterr().out
