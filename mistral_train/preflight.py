@@ -16,9 +16,16 @@ import torch
 from mistral_train.config import RunConfig
 from mistral_train.config_checks import ConfigError
 from mistral_train.data.formats import FORMATS
+from mistral_train.data.sft import OVERLONG, TRAIN_ON
+from mistral_train.dist import DEVICES
+from mistral_train.dist_config import ACCELERATE_PRECISION, STRATEGIES
 from mistral_train.folders import check_adapter_folder, check_model_folder
 from mistral_train.train.checkpointing import resolve_resume
+from mistral_train.train.model_setup import ADAPTER_KINDS, DTYPES
+from mistral_train.train.optim import OPTIMIZERS
+from mistral_train.train.preference import resolve_reference
 from mistral_train.train.stages import stage_configs
+from mistral_train.train.steps import OBJECTIVES
 
 _RESUME_FOUND = ("true", "latest")  # resume values that find their checkpoint themselves (or start afresh)
 
@@ -43,6 +50,15 @@ def preflight(cfg: RunConfig) -> None:
             raise ConfigError(f"stages.{name}: {err}") from err
 
 
+def _choices(cfg: RunConfig) -> list[tuple[str, object, tuple]]:
+    t = cfg.trainer
+    return [("trainer.objective", t.objective, OBJECTIVES), ("trainer.optimizer", t.optimizer, OPTIMIZERS),
+            ("trainer.precision", t.precision, tuple(ACCELERATE_PRECISION)), ("trainer.device", t.device, DEVICES),
+            ("trainer.strategy", t.strategy, STRATEGIES), ("trainer.compile", str(t.compile).lower(), ("auto", "true", "false")),
+            ("model.dtype", cfg.model.dtype, tuple(DTYPES)), ("adapter.kind", cfg.adapter.kind, ADAPTER_KINDS),
+            ("data.train_on", cfg.data.train_on, TRAIN_ON), ("data.overlong", cfg.data.overlong, OVERLONG)]
+
+
 def check_stage(cfg: RunConfig, written_by_run: Optional[Path] = None) -> None:
     """One run's checks (see `preflight`); paths inside `written_by_run` are left for later."""
     def later(path: str) -> bool:  # written by an earlier stage of this run: not there yet
@@ -50,6 +66,14 @@ def check_stage(cfg: RunConfig, written_by_run: Optional[Path] = None) -> None:
 
     if cfg.data.format not in (*FORMATS, "auto"):
         raise ConfigError(f"data.format={cfg.data.format} is unknown; expected one of {', '.join(FORMATS)}, auto")
+    for key, value, allowed in _choices(cfg):  # the values each consumer accepts, from the consumer itself
+        if value not in allowed:
+            raise ConfigError(f"{key}={value} is unknown; expected one of {', '.join(map(str, allowed))}")
+    if cfg.trainer.objective == "dpo":
+        try:
+            resolve_reference(cfg.trainer.dpo, cfg.adapter)
+        except ValueError as err:  # a pure check of two config sections: the user's to fix
+            raise ConfigError(str(err)) from err
     if cfg.adapter.kind != "none" and not cfg.model.path:
         raise ConfigError(f"adapter={cfg.adapter.kind} trains adapters on a pretrained base: set model.path to an "
                           "HF folder (a fresh random base would make the adapter meaningless)")

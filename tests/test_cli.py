@@ -232,10 +232,13 @@ def test_bad_data_is_one_line_naming_the_file(tmp_path, bad_data, capsys):
     ("model.tokenizer=no/such/tokenizer.model", "model.tokenizer=no/such/tokenizer.model does not exist"),
     ("adapter=lora", "adapter=lora trains adapters on a pretrained base: set model.path"),
     ("adapter.path=no/such/adapter", "adapter.path=no/such/adapter does not exist"),
+    ("trainer.optimizer=adam", "trainer.optimizer=adam is unknown; expected one of adamw, adamw_8bit"),
+    ("model.dtype=fp16", "model.dtype=fp16 is unknown; expected one of float32, bfloat16, float16"),
+    ("trainer.objective=dpo trainer.dpo.reference=adapter_off", "reference=adapter_off needs adapter=lora or qlora"),
 ])
 def test_config_errors_come_before_the_data_is_read(tmp_path, bad_data, override, needle, capsys):
     # the data is bad too: the error names the config value, so the data was never read
-    assert main(_train(tmp_path, f"data.path={bad_data}", override)) == 2
+    assert main(_train(tmp_path, f"data.path={bad_data}", *override.split())) == 2
     line = _one_error_line(capsys)
     assert needle in line and "bad.jsonl" not in line
     assert not (tmp_path / "runs").exists()
