@@ -65,7 +65,8 @@ def test_tiny_dpo_raises_held_out_preference_accuracy_above_a_coin_flip(tmp_path
     # policy can learn to push down from the training pairs: measured 0.66 at the end (0.5 = chance).
     short = ["recipe=tiny_dpo", "trainer.max_steps=30", "trainer.batch_size=4", "trainer.max_seq_len=128",
              "tracking.progress_bar=false", "tracking.plot=false", "stages.sft.trainer.max_steps=60",
-             "+stages.sft.trainer.batch_size=4", "stages.dpo.trainer.max_steps=30"]
+             "+stages.sft.trainer.batch_size=4", "stages.dpo.trainer.max_steps=30",
+             "stages.dpo.trainer.batch_size=16"]  # trainer.batch_size reaches every stage; DPO keeps its 16 pairs
     assert main([f"run.dir={tmp_path}", *short]) == 0
     rows = [r for r in _metrics(tmp_path / "tiny_dpo" / "dpo") if "eval_loss" in r]
     before, after = rows[0], rows[-1]

@@ -56,15 +56,20 @@ def load_routed(recipe: str, overrides: Sequence[str], compose: Compose) -> RunC
         return run  # one run: fit() refuses data of the wrong kind before it writes anything (data/batches.py)
     sections = copy.deepcopy(run.stages)
     _check_stage_names(recipe, sections, for_stages)
-    preview = copy.deepcopy(sections)  # the sections as the stage keys leave them: what runs, with which objective
-    _apply_stage_overrides(preview, for_stages)
-    running = [n for n, s in preview.items() if isinstance(s, dict) and not (s.get(IF_NO_MODEL) and run.model.path)]
+    staged = copy.deepcopy(sections)  # the sections as the stage keys leave them: which stages run
+    _apply_stage_overrides(staged, for_stages)
+    running = [n for n, s in staged.items() if isinstance(s, dict) and not (s.get(IF_NO_MODEL) and run.model.path)]
     typed = [o.key_or_group for o in top if not o.is_delete() and o.key_or_group.split(".")[0] not in _WHOLE_RUN]
     names = [n for n, s in sections.items() if isinstance(s, dict)]  # else stage_configs names the bad section
-    routes = {key: _receivers(key, run, preview, running) for key in typed
+    routes = {key: _receivers(key, run, staged, running) for key in typed
               if key not in _STARTING_POINTS and key.split(".")[0] != "data"}
     data_keys = [k for k in typed if k.split(".")[0] == "data"]
     if data_keys:
+        preview = copy.deepcopy(sections)  # with every key but data's in place: each stage's objective
+        for key, to in routes.items():
+            for name in to:
+                _overlay(preview[name], key, _value(run, key))
+        _apply_stage_overrides(preview, for_stages)
         readers = _data_readers(recipe, run, preview, running)
         routes.update({key: readers for key in data_keys})
     partial = {key for key, to in routes.items() if set(to) != set(names)}

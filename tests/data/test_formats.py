@@ -107,7 +107,7 @@ BAD = [
     ("messages", {"messages": [U("q"), S("late system"), A("a")]}, r"messages\[1\] has role 'system'"),
     ("messages", {"messages": [U("q"), A("a"), U("q2")]}, "ends with a 'user' turn"),
     ("messages", {"messages": [S("only a system turn")]}, "ends with a 'system' turn"),
-    ("messages", {"messages": [U("q"), {"role": "tool", "content": "x"}]}, r"messages\[1\] has unknown role 'tool'"),
+    ("messages", {"messages": [U("q"), {"role": "robot", "content": "x"}]}, r"messages\[1\] has unknown role 'robot'"),  # tool is a role now
     ("sharegpt", {"conversations": [{"from": "bot", "value": "x"}]}, r"conversations\[0\] has unknown role 'bot'"),
     ("messages", {"messages": [U("q"), A("   ")]}, r"messages\[1\] is an assistant turn with empty content"),
     ("alpaca", {"instruction": "q", "output": ""}, "assistant turn with empty content"),

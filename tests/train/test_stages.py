@@ -198,3 +198,11 @@ def test_cli_lora_recipe_trains_its_sft_stage_on_the_users_chat_file(files, tmp_
     sft_metrics = [json.loads(line) for line in (home / "sft" / "metrics.jsonl").read_text().splitlines()]
     assert max(r["step"] for r in sft_metrics) == 2
     assert "share.jsonl: format sharegpt" in capsys.readouterr().out  # the SFT stage read the user's rows
+
+
+def test_data_follows_an_objective_changed_on_the_command_line(files):
+    # every stage trained as SFT: the chat file goes to both, model.path chaining as before
+    stages = _stages("tiny_pretrain_sft", ["trainer.objective=sft", f"data.path={files['chat']}"])
+    assert [(s.trainer.objective, s.data.path) for s in stages.values()] == [("sft", files["chat"])] * 2
+    stages = _stages("tiny_pretrain_sft", ["stages.pretrain.trainer.objective=sft", f"data.path={files['chat']}"])
+    assert [s.data.path for s in stages.values()] == [files["chat"]] * 2
