@@ -156,7 +156,7 @@ def test_identical_pairs_warn_by_default_and_stop_the_run_when_asked(tmp_path, t
     cfg = _run(tmp_path, tiny_base_folder, "same")
     cfg.data.path = str(path)
     data = build_batches(cfg, load_tokenizer(tiny_base_folder))
-    assert data.report.identical == [(str(path), 4)] and any("1 identical pairs" in n for n in data.report.notes)
+    assert data.report.identical == [(str(path), 4)] and any("1 identical pair (" in n for n in data.report.notes)
     cfg.data.identical_pairs = "error"
     with pytest.raises(AuditError, match=f"{path} row 4: chosen and rejected are identical"):
         fit(cfg)
