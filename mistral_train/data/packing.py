@@ -27,6 +27,7 @@ from typing import Protocol, Sequence
 import torch
 
 from mistral_train.losses.ce import IGNORE_INDEX
+from mistral_train.wording import counted
 
 
 class TokenizedExample(Protocol):
@@ -71,7 +72,8 @@ def check_example(example: TokenizedExample, index: int, max_seq_len: int) -> in
     n = len(example.input_ids)
     if len(example.labels) != n:
         raise ValueError(
-            f"{describe_example(example, index)}: {len(example.labels)} labels for {n} input_ids; "
+            f"{describe_example(example, index)}: {counted(len(example.labels), 'label')} for "
+            f"{counted(n, 'input id')}; "
             "expected one label per token"
         )
     if n == 0:

@@ -44,6 +44,7 @@ from typing import Any, Callable, Iterator, Optional
 
 from mistral_train.data.formats import FORMATS, check_field_map, detect_format, format_kind, to_canonical
 from mistral_train.data.text import bundled_corpus_path, read_txt
+from mistral_train.wording import counted
 
 SUFFIXES = {".jsonl": "jsonl", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "txt"}
 _EVAL_SPLITS = ("validation", "eval", "test")
@@ -97,7 +98,8 @@ class RowSource:
 
     def describe(self) -> str:
         """One line per source: format, and rows drawn of rows available when known."""
-        counts = lambda s: f", {self.drawn[s]} rows drawn of {self.available[s]}" if s in self.drawn else ""  # noqa: E731
+        counts = lambda s: (  # noqa: E731
+            f", {counted(self.drawn[s], 'row')} drawn of {self.available[s]}" if s in self.drawn else "")
         return "\n".join(f"{s}: format {self.formats[s]}{counts(s)}" for s in self.sources)
 
 
@@ -332,7 +334,8 @@ def _check_weights(weights: Optional[list[float]], n_entries: int, path: Any) ->
         return None
     weights = [float(w) for w in weights]
     if len(weights) != n_entries:
-        raise ValueError(f"data.weights has {len(weights)} values for {n_entries} entries of data.path {path!r}")
+        raise ValueError(f"data.weights has {counted(len(weights), 'value')} for "
+                         f"{counted(n_entries, 'entry', 'entries')} of data.path {path!r}")
     if any(not w >= 0 or w == float("inf") for w in weights) or sum(weights) <= 0:
         raise ValueError(f"data.weights must be finite, >= 0 and not all 0, got {weights}")
     return weights

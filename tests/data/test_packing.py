@@ -141,7 +141,7 @@ def test_packing_and_epoch_orders_are_deterministic():
     "example, message",
     [
         (Example([1] * 9, [1] * 9, "a.jsonl", 4), r"a.jsonl row 4 \(example 0\): 9 tokens exceed .*max_seq_len=8"),
-        (Example([1, 2], [1], "b.jsonl", 7), r"b.jsonl row 7 \(example 0\): 1 labels for 2 input_ids"),
+        (Example([1, 2], [1], "b.jsonl", 7), r"b.jsonl row 7 \(example 0\): 1 label for 2 input ids"),
         (Example([], []), r"example 0: empty example"),
     ],
 )
