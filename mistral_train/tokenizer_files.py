@@ -7,7 +7,9 @@ and vLLM: `AutoTokenizer.from_pretrained(folder)` encodes text with BOS as we do
 
 from __future__ import annotations
 
+import functools
 import json
+import os
 import shutil
 import warnings
 from pathlib import Path
@@ -48,6 +50,14 @@ def generation_config(tokenizer: Tokenizer) -> dict[str, int]:
     return config
 
 
+@functools.lru_cache(maxsize=4)
+def _tokenizer_json_of(path: str, mtime_ns: int) -> tuple[str, Optional[str]]:
+    """(tokenizer.json text, unk token) of a SentencePiece file, converted once per file version: every
+    checkpoint writes it, and the conversion costs a third of a second that a run would pay at each save."""
+    hf = sentencepiece_to_tokenizers(path)
+    return hf.to_str(pretty=True), getattr(hf.model, "unk_token", None)
+
+
 def write_tokenizer_files(tokenizer: Tokenizer, folder: Union[str, Path], chat_format: Optional[str] = None) -> None:
     """Write tokenizer.model (a SentencePiece tokenizer), tokenizer.json (equal to it, built by
     sentencepiece_json; or the HF tokenizer's own), tokenizer_config.json (special tokens, BOS added,
@@ -66,12 +76,12 @@ def write_tokenizer_files(tokenizer: Tokenizer, folder: Union[str, Path], chat_f
         return
     if tokenizer.kind == "sentencepiece":
         shutil.copyfile(tokenizer.path, folder / "tokenizer.model")  # copyfile: the new file follows the umask
-        hf = sentencepiece_to_tokenizers(tokenizer.path)
-        hf.save(str(folder / "tokenizer.json"))
+        text, unk = _tokenizer_json_of(str(tokenizer.path), os.stat(tokenizer.path).st_mtime_ns)
+        (folder / "tokenizer.json").write_text(text, encoding="utf-8")
     else:
         shutil.copyfile(tokenizer.path, folder / "tokenizer.json")
-        hf = tokenizers.Tokenizer.from_file(str(tokenizer.path))
-    special = _special_tokens(tokenizer, getattr(hf.model, "unk_token", None))
+        unk = getattr(tokenizers.Tokenizer.from_file(str(tokenizer.path)).model, "unk_token", None)
+    special = _special_tokens(tokenizer, unk)
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",  # loads tokenizer.json as written (transformers 4 and 5)
         "add_bos_token": True,

@@ -96,6 +96,7 @@ def test_resumed_run_ends_with_the_same_weights(tmp_path, streaming):
         cfg = _tiny_run(tmp_path, name, save_every=3, keep_last=5)
         if streaming:  # 8 chat rows read 5 at a time: the resumed steps cross buffer and epoch boundaries
             cfg.data = DataSpec(path=str(_small_chat(tmp_path)), format="messages", streaming=True, stream_buffer=5)
+            cfg.trainer = dataclasses.replace(cfg.trainer, objective="sft")
         return dataclasses.replace(cfg, **changes)
 
     full = fit(run("full"))

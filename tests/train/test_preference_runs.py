@@ -181,7 +181,7 @@ def test_reward_model_learns_to_prefer_the_true_answer(tmp_path, tiny_base_folde
 def test_dpo_on_chat_rows_is_refused_naming_the_format(tmp_path, tiny_base_folder):
     cfg = _run(tmp_path, tiny_base_folder, "chat")
     cfg.data = DataSpec(format="messages")
-    with pytest.raises(ValueError, match="objective=dpo trains on preference pairs.*set data.format=preference"):
+    with pytest.raises(ValueError, match="holds chat rows, but trainer.objective=dpo trains on preference pairs.*data.format=preference"):
         fit(cfg)
 
 
