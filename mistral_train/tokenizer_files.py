@@ -58,6 +58,12 @@ def _tokenizer_json_of(path: str, mtime_ns: int) -> tuple[str, Optional[str]]:
     return hf.to_str(pretty=True), getattr(hf.model, "unk_token", None)
 
 
+def tokenizer_json(tokenizer: Tokenizer) -> tuple[str, Optional[str]]:
+    """(tokenizer.json text, unk token) of a SentencePiece tokenizer, cached: a run calls it once before
+    training so that its first checkpoint write costs what the later ones do."""
+    return _tokenizer_json_of(str(tokenizer.path), os.stat(tokenizer.path).st_mtime_ns)
+
+
 def write_tokenizer_files(tokenizer: Tokenizer, folder: Union[str, Path], chat_format: Optional[str] = None) -> None:
     """Write tokenizer.model (a SentencePiece tokenizer), tokenizer.json (equal to it, built by
     sentencepiece_json; or the HF tokenizer's own), tokenizer_config.json (special tokens, BOS added,
@@ -76,7 +82,7 @@ def write_tokenizer_files(tokenizer: Tokenizer, folder: Union[str, Path], chat_f
         return
     if tokenizer.kind == "sentencepiece":
         shutil.copyfile(tokenizer.path, folder / "tokenizer.model")  # copyfile: the new file follows the umask
-        text, unk = _tokenizer_json_of(str(tokenizer.path), os.stat(tokenizer.path).st_mtime_ns)
+        text, unk = tokenizer_json(tokenizer)
         (folder / "tokenizer.json").write_text(text, encoding="utf-8")
     else:
         shutil.copyfile(tokenizer.path, folder / "tokenizer.json")

@@ -39,7 +39,7 @@ from mistral_train.model import Mistral
 from mistral_train.plots import plot_run
 from mistral_train.preflight import preflight
 from mistral_train.tokenizer import load_tokenizer, resolve_tokenizer_path
-from mistral_train.tokenizer_files import write_tokenizer_files
+from mistral_train.tokenizer_files import tokenizer_json, write_tokenizer_files
 from mistral_train.tracking import MetricsLogger, progress_bar
 from mistral_train.train.checkpointing import load_checkpoint, resolve_resume, save_checkpoint
 from mistral_train.train.evaluate import evaluate_loss, exact_match
@@ -148,6 +148,8 @@ def _train(cfg: RunConfig, accelerator) -> Path:
     seed_everything(spec.seed)
     tokenizer_path = resolve_tokenizer_path(cfg.model.tokenizer, cfg.model.path)
     tokenizer = load_tokenizer(tokenizer_path)
+    if tokenizer.kind == "sentencepiece":  # its tokenizer.json, converted now rather than inside the first checkpoint write
+        tokenizer_json(tokenizer)
     with reading_data():  # a ValueError here is about the user's rows: a one-line DataError (errors.py)
         data = build_batches(cfg, tokenizer, check=False)  # reads, tokenizes, audits: bad data stops before the model loads
         say("\n".join(data.summary))  # counts, audit table and "warning: " lines (examples dropped or cut for length)
