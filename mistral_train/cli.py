@@ -144,7 +144,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
-    from mistral_train.plots import plot_run
+    from mistral_train.tracking.plots import plot_run
 
     print(plot_run(args.run_dir))  # ConfigError for a folder without metrics (a staged run's: its stages)
     return 0
@@ -154,7 +154,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
     from mistral_train.generate import generate, load_for_generation
-    from mistral_train.tokenizer import load_tokenizer, resolve_tokenizer_path
+    from mistral_train.tokenizer.tokenizer import load_tokenizer, resolve_tokenizer_path
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda but this machine has no CUDA device; use --device auto or cpu")

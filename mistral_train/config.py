@@ -126,7 +126,7 @@ class TrainerSpec:
     precision: str = "fp32"  # fp32 | bf16 (autocast)
     device: str = "auto"  # auto | cpu | cuda
     # auto (what the launcher set up: an Accelerate DeepSpeed/FSDP config, else ddp over several processes)
-    # | single | ddp | fsdp2 | zero1 | zero2 | zero3; see mistral_train/dist_config.py and docs/distributed.md
+    # | single | ddp | fsdp2 | zero1 | zero2 | zero3; see mistral_train/dist/strategy.py and docs/distributed.md
     strategy: str = "auto"
     deepspeed_config: Optional[str] = None  # zeroN without an Accelerate DeepSpeed config: default configs/deepspeed/zeroN.json
     seed: int = 0

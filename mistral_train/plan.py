@@ -32,7 +32,7 @@ from typing import Optional, Sequence
 from mistral_train.config import AdapterSpec, ModelSpec, RunConfig, TrainerSpec
 from mistral_train.config_checks import ConfigError
 from mistral_train.model.config import MistralConfig
-from mistral_train.tokenizer import load_tokenizer, resolve_tokenizer_path
+from mistral_train.tokenizer.tokenizer import load_tokenizer, resolve_tokenizer_path
 
 GIB = 2**30
 NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4-bit codes, an 8-bit absmax per 64, an fp32 scale per 256 absmax

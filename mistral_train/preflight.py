@@ -17,10 +17,10 @@ from mistral_train.config import RunConfig
 from mistral_train.config_checks import ConfigError
 from mistral_train.data.formats import FORMATS
 from mistral_train.data.sft import OVERLONG, TRAIN_ON
-from mistral_train.dist import DEVICES
-from mistral_train.dist_config import ACCELERATE_PRECISION, STRATEGIES
+from mistral_train.dist.accelerator import DEVICES
+from mistral_train.dist.strategy import ACCELERATE_PRECISION, STRATEGIES
 from mistral_train.folders import check_adapter_folder, check_model_folder
-from mistral_train.train.checkpointing import resolve_resume
+from mistral_train.train.resume import resolve_resume
 from mistral_train.train.model_setup import ADAPTER_KINDS, DTYPES
 from mistral_train.train.optim import OPTIMIZERS
 from mistral_train.train.preference import resolve_reference

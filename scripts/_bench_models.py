@@ -24,7 +24,7 @@ import _bench_common as mem
 from mistral_train import Mistral, MistralConfig
 from mistral_train.adapters import LoraConfig, apply_lora, load_adapter, lora_layers, save_adapter
 from mistral_train.config import TrainerSpec
-from mistral_train.tokenizer import bundled_tokenizer_path
+from mistral_train.tokenizer.tokenizer import bundled_tokenizer_path
 from mistral_train.train.optim import build_optimizer
 
 KINDS = ("full", "lora", "qlora")

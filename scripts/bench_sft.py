@@ -44,7 +44,7 @@ from mistral_train.config import DataSpec  # noqa: E402
 from mistral_train.data.packing import pack_examples  # noqa: E402
 from mistral_train.data.sft import SFTExample, tokenize_rows  # noqa: E402
 from mistral_train.data.sources import load_rows  # noqa: E402
-from mistral_train.tokenizer import bundled_tokenizer_path, load_tokenizer  # noqa: E402
+from mistral_train.tokenizer.tokenizer import bundled_tokenizer_path, load_tokenizer  # noqa: E402
 from _bench_sft_sides import (  # noqa: E402
     ARCH, CLIP, LR, MAX_LEN, MAX_TURNS, PACKED_ROWS, PADDED_BATCH, QUICK_EXAMPLES, SEED, SIDES, THREADS, WEIGHT_DECAY,
     our_side, trl_side)

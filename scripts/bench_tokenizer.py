@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from mistral_train.tekken import Tekken
+from mistral_train.tokenizer.tekken import Tekken
 
 PARAGRAPHS = [
     "The quick brown fox jumps over the lazy dog while 12,345 people watch on March 3rd, 2024.",

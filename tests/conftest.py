@@ -203,7 +203,7 @@ def tiny_base_folder(tmp_path_factory):
     import shutil
 
     from mistral_train import Mistral, MistralConfig
-    from mistral_train.tokenizer import bundled_tokenizer_path, load_tokenizer
+    from mistral_train.tokenizer.tokenizer import bundled_tokenizer_path, load_tokenizer
 
     tokenizer = load_tokenizer(bundled_tokenizer_path("v1"))
     config = MistralConfig(vocab_size=tokenizer.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,

@@ -11,8 +11,8 @@ import pytest
 from mistral_train.data.audit import audit, format_report
 from mistral_train.data.sft import tokenize_rows
 from mistral_train.losses.ce import IGNORE_INDEX
-from mistral_train.tekken import LEGACY_SPECIALS
-from mistral_train.tokenizer import bundled_tokenizer_path, load_tokenizer
+from mistral_train.tokenizer.tekken import LEGACY_SPECIALS
+from mistral_train.tokenizer.tokenizer import bundled_tokenizer_path, load_tokenizer
 
 DATA = Path(str(resources.files("mistral_common") / "data"))
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",

@@ -115,7 +115,7 @@ def test_train_runs_fit_with_composed_config(argv, recipe, overrides, fake_fit, 
 
 
 def test_plot_redraws_loss_png(tmp_path, capsys):
-    from mistral_train.tracking import MetricsLogger
+    from mistral_train.tracking.metrics import MetricsLogger
 
     with MetricsLogger(tmp_path) as log:
         for step in range(1, 6):
@@ -135,7 +135,7 @@ def test_plot_without_loss_rows_is_a_user_error(tmp_path, capsys):
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory):
     """A small random model saved as an HF folder, without a tokenizer (the bundled v1 applies)."""
-    from mistral_train.tokenizer import bundled_tokenizer_path, load_tokenizer
+    from mistral_train.tokenizer.tokenizer import bundled_tokenizer_path, load_tokenizer
 
     tokenizer = load_tokenizer(Path(bundled_tokenizer_path("v1")))
     torch.manual_seed(0)
@@ -175,7 +175,7 @@ def test_generate_chat_wraps_the_prompt_in_the_template(tiny_folder, capsys):
 
 
 def test_generate_prefers_the_folders_tokenizer(tiny_folder, tmp_path, capsys):
-    from mistral_train.tokenizer import bundled_tokenizer_path
+    from mistral_train.tokenizer.tokenizer import bundled_tokenizer_path
 
     folder, _ = tiny_folder
     own = tmp_path / "with_tokenizer"
@@ -377,7 +377,7 @@ def test_plan_calls_one_process_single(capsys):
 DEEPSPEED_PROBE = """
 import sys, torch
 from mistral_train.config import TrainerSpec
-from mistral_train.dist import build_accelerator, release
+from mistral_train.dist.accelerator import build_accelerator, release
 if sys.argv[1] == "run":  # what fit() does: an Accelerator without DeepSpeed, then unwrap_model imports it
     accelerator = build_accelerator(TrainerSpec(device="cpu"))
     accelerator.unwrap_model(torch.nn.Linear(1, 1))

@@ -252,7 +252,7 @@ def test_model_path_shape_comes_from_its_config_json(tmp_path):
 
 @pytest.mark.parametrize("version", ["v1", "v2", "v3"])
 def test_vocab_of_a_fresh_model_is_its_tokenizers(version):
-    from mistral_train.tokenizer import bundled_tokenizer_path, load_tokenizer
+    from mistral_train.tokenizer.tokenizer import bundled_tokenizer_path, load_tokenizer
 
     path = bundled_tokenizer_path(version)
     run = _run(SMALL)

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from mistral_train.config import RunConfig, dump_run_config
-from mistral_train.plots import draw_run, loss_names, plot_run, run_objective, series
+from mistral_train.tracking.plots import draw_run, loss_names, plot_run, run_objective, series
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TRAIN = [{"step": s, "loss": 5.0 / s, "lr": 1e-3 * s} for s in range(1, 11)]

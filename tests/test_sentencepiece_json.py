@@ -7,8 +7,8 @@ import pytest
 import sentencepiece
 from sentencepiece import sentencepiece_model_pb2
 
-from mistral_train.sentencepiece_json import sentencepiece_to_tokenizers
-from mistral_train.tokenizer import bundled_tokenizer_path
+from mistral_train.tokenizer.sentencepiece_json import sentencepiece_to_tokenizers
+from mistral_train.tokenizer.tokenizer import bundled_tokenizer_path
 
 FIXED = [
     "안녕하세요, 세계! 오늘 날씨가 좋네요.",

@@ -9,7 +9,7 @@ import pytest
 import sentencepiece
 import tokenizers
 
-from mistral_train.tokenizer import bundled_tokenizer_path, load_tokenizer
+from mistral_train.tokenizer.tokenizer import bundled_tokenizer_path, load_tokenizer
 
 TEXTS = ["Hello world", "  two  spaces\tand a tab\n\nnew lines ", "안녕하세요 🎉 𠜎 \x01", ""]
 CHAT = [
@@ -237,7 +237,7 @@ def test_system_prompt_placement(v1, v3):
 
 
 def test_resolve_tokenizer_path_prefers_the_model_folder(tmp_path):
-    from mistral_train.tokenizer import bundled_tokenizer_path, resolve_tokenizer_path
+    from mistral_train.tokenizer.tokenizer import bundled_tokenizer_path, resolve_tokenizer_path
 
     assert resolve_tokenizer_path(None) == bundled_tokenizer_path("v1")  # a fresh model
     assert resolve_tokenizer_path("bundled:v3") == bundled_tokenizer_path("v3")

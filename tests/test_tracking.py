@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from mistral_train.config import TrackingSpec, load_run_config
-from mistral_train.trackers import tracker_names
-from mistral_train.tracking import MetricsLogger, read_metrics
+from mistral_train.tracking.trackers import tracker_names
+from mistral_train.tracking.metrics import MetricsLogger, read_metrics
 
 SAMPLES = [{"prompt": "<s>[INST] Which colour is the ball? [/INST]", "answer": "brown", "prediction": "Brown.",
             "correct": True},

@@ -4,7 +4,7 @@ A checkpoint folder is an HF model folder (written by `model.save_pretrained`, l
 is) plus `training_state.pt`, which holds only tensors and plain Python data (optimizer,
 scheduler, RNG states, data position, step) so it loads with `torch.load(weights_only=True)`.
 Under DeepSpeed and FSDP2 the optimizer state is sharded and lives in the engine's own files in
-a subfolder (train/checkpointing.py); `training_state.pt` then holds None for it.
+a subfolder (train/resume.py); `training_state.pt` then holds None for it.
 Folders are written with `atomic_directory`, so any `step_N` folder present is complete.
 """
 
@@ -92,7 +92,7 @@ def save_training_state(
     `write_model(folder)` writes the weights (an HF folder, or an adapter) into the temp folder;
     `step` is the number of optimizer steps already taken; `data_state` is the data iterator's
     `state_dict()`; `rng` defaults to `capture_rng_state()` now. Several processes write a checkpoint
-    through train/checkpointing.py, which adds the engines' own files.
+    through train/resume.py, which adds the engines' own files.
     """
     with atomic_directory(directory) as tmp:
         write_model(tmp)

@@ -283,7 +283,7 @@ def run_audit(cfg):
     and the batches. Returns data/batches.py's TrainData; its `summary` lines are the printed report. Data
     too small for one batch is not refused here: print the summary, then call `check_batch_size()`."""
     from mistral_train.data.batches import build_batches  # here: batches imports this module
-    from mistral_train.tokenizer import load_tokenizer, resolve_tokenizer_path
+    from mistral_train.tokenizer.tokenizer import load_tokenizer, resolve_tokenizer_path
 
     tokenizer = load_tokenizer(resolve_tokenizer_path(cfg.model.tokenizer, cfg.model.path))
     return build_batches(cfg, tokenizer, check=False)

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Optional
 
-from mistral_train.tokenizer import ROLES
+from mistral_train.tokenizer.tokenizer import ROLES
 
 FORMATS = ("text", "alpaca", "messages", "sharegpt", "prompt_completion", "preference", "chosen_only")
 CHAT_FORMATS = ("alpaca", "messages", "sharegpt", "prompt_completion", "chosen_only")

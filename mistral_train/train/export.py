@@ -14,8 +14,8 @@ from mistral_train.generate import generate
 from mistral_train.adapters import load_adapter, merge_and_unload
 from mistral_train.folders import adapter_base
 from mistral_train.model import Mistral
-from mistral_train.tokenizer import load_tokenizer
-from mistral_train.tokenizer_files import folder_chat_format, write_tokenizer_files
+from mistral_train.tokenizer.tokenizer import load_tokenizer
+from mistral_train.tokenizer.files import folder_chat_format, write_tokenizer_files
 from mistral_train.train.model_setup import one_label_head, torch_dtype
 
 

@@ -30,18 +30,18 @@ from mistral_train.checkpoint.state import restore_rng_state
 from mistral_train.config import RunConfig, dump_run_config
 from mistral_train.data.batches import PAIR_OBJECTIVES, EpochBatches, TrainData, build_batches, pad_id_of
 from mistral_train.data.collate import padding_share
-from mistral_train.dist import (
+from mistral_train.dist.accelerator import (
     backward, build_accelerator, clip_gradients, no_sync, prepare, release, shard_model, strategy_of,
 )
-from mistral_train.dist_gather import FullModel
+from mistral_train.dist.gather import FullModel
 from mistral_train.errors import reading_data
 from mistral_train.model import Mistral
-from mistral_train.plots import plot_run
+from mistral_train.tracking.plots import plot_run
 from mistral_train.preflight import preflight
-from mistral_train.tokenizer import load_tokenizer, resolve_tokenizer_path
-from mistral_train.tokenizer_files import tokenizer_json, write_tokenizer_files
-from mistral_train.tracking import MetricsLogger, progress_bar
-from mistral_train.train.checkpointing import load_checkpoint, resolve_resume, save_checkpoint
+from mistral_train.tokenizer.tokenizer import load_tokenizer, resolve_tokenizer_path
+from mistral_train.tokenizer.files import tokenizer_json, write_tokenizer_files
+from mistral_train.tracking.metrics import MetricsLogger, progress_bar
+from mistral_train.train.resume import load_checkpoint, resolve_resume, save_checkpoint
 from mistral_train.train.evaluate import evaluate_loss, exact_match
 from mistral_train.train.export import export_final, merge_adapter_folder, write_sample
 from mistral_train.train.model_setup import build_model, compile_enabled, load_model_weights, save_model_folder

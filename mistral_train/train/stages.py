@@ -199,7 +199,7 @@ def summarize(home: Path, names: list[str]) -> str:
     """The before/after table of a staged run, one row per stage and one column per metric some stage
     logged ("-" where a stage has none, or no step-0 evaluation for "before"), then the last stage's
     sample (its sample.txt: the greedy reply to trainer.sample_prompt)."""
-    from mistral_train.tracking import read_metrics
+    from mistral_train.tracking.metrics import read_metrics
 
     table = [["stage", *(title for _, title, _ in _TABLE)]]
     for name in names:

@@ -11,7 +11,7 @@ import torch
 from mistral_train.config import RunConfig
 from mistral_train.data.audit import AuditError, audit, format_report, run_audit
 from mistral_train.data.sft import tokenize_rows
-from mistral_train.tokenizer import bundled_tokenizer_path, load_tokenizer
+from mistral_train.tokenizer.tokenizer import bundled_tokenizer_path, load_tokenizer
 
 IGNORE = -100
 TURNS = [("What is two plus two?", "Two plus two is four."), ("And three times three?", "Nine, of course."),

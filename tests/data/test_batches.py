@@ -17,7 +17,7 @@ from mistral_train.data.epochs import SmallDataError
 from mistral_train.data.collate import padding_share
 from mistral_train.data.sft import tokenize_rows
 from mistral_train.data.sources import bundled_chat_path, load_rows
-from mistral_train.tokenizer import bundled_tokenizer_path, load_tokenizer
+from mistral_train.tokenizer.tokenizer import bundled_tokenizer_path, load_tokenizer
 
 IGNORE = -100
 

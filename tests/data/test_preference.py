@@ -20,7 +20,7 @@ from mistral_train.data.formats import detect_format, to_canonical
 from mistral_train.data.preference import PreferencePair, collate_pairs, tokenize_pair, tokenize_pairs
 from mistral_train.data.preference_audit import audit_pairs, format_pair_report
 from mistral_train.data.sources import load_rows, load_splits
-from mistral_train.tokenizer import bundled_tokenizer_path, load_tokenizer
+from mistral_train.tokenizer.tokenizer import bundled_tokenizer_path, load_tokenizer
 from tests._chat import A, S, U
 
 IGNORE = -100

@@ -8,7 +8,7 @@ import pytest
 import sentencepiece
 
 from mistral_train.data.sft import SFTExample, assistant_spans, tokenize_conversation, tokenize_rows
-from mistral_train.tokenizer import bundled_tokenizer_path, load_tokenizer
+from mistral_train.tokenizer.tokenizer import bundled_tokenizer_path, load_tokenizer
 
 IGNORE = -100
 CHAT = [

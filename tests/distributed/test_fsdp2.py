@@ -1,5 +1,5 @@
 """FSDP2 with 2 CPU processes: `accelerate launch --config_file configs/accelerate/fsdp2.yaml` runs our own
-torch `fully_shard` (mistral_train/dist_fsdp.py; Accelerate's FSDP would silently become DDP on CPU). The run
+torch `fully_shard` (mistral_train/dist/fsdp.py; Accelerate's FSDP would silently become DDP on CPU). The run
 equals one process with the same global batch (1e-5), its weights really were sharded (one DCP file per
 process), exact match generates on the gathered model, and the checkpoint resumes on ONE process under
 torchrun (DCP reshards the weights and optimizer states)."""

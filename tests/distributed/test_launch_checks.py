@@ -1,5 +1,5 @@
 """Misconfigured launches fail at start with a message saying what to change (one test per case, on the pure
-functions of mistral_train/dist_config.py, plus two real `accelerate launch`es), resume refuses what an engine
+functions of mistral_train/dist/strategy.py, plus two real `accelerate launch`es), resume refuses what an engine
 cannot restore, and the data sharding of next_window survives a resume."""
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import torch
 from mistral_train.config import TrainerSpec
 from mistral_train.config_checks import ConfigError
 from mistral_train.data.epochs import EpochBatches
-from mistral_train.dist_config import deepspeed_config, resolve_strategy
-from mistral_train.train.checkpointing import _check_resumable
+from mistral_train.dist.strategy import deepspeed_config, resolve_strategy
+from mistral_train.train.resume import _check_resumable
 from mistral_train.train.loop import next_window
 
 LAUNCHED = {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"}
@@ -85,7 +85,7 @@ def test_a_zero_strategy_must_match_its_deepspeed_config():
 
 
 def _accelerator(strategy: str, processes: int):
-    from mistral_train.dist_config import Strategy
+    from mistral_train.dist.strategy import Strategy
 
     return SimpleNamespace(strategy=Strategy(strategy, processes), num_processes=processes, is_main_process=True)
 

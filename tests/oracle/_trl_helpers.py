@@ -18,7 +18,7 @@ import transformers
 
 from mistral_train.data.preference import PreferencePair, tokenize_pairs
 from mistral_train.data.sources import bundled_pairs_path
-from mistral_train.tokenizer import bundled_tokenizer_path, load_tokenizer
+from mistral_train.tokenizer.tokenizer import bundled_tokenizer_path, load_tokenizer
 from tests._chat import A, S, U
 from tests.oracle.test_preference_trl_parity import canonical
 from tests.oracle.test_sft_trl_parity import tiny_folder

@@ -24,8 +24,8 @@ from mistral_common.tokens.tokenizers.base import SpecialTokens
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 from mistral_common.tokens.tokenizers.tekken import Tekkenizer
 
-from mistral_train.chat_messages import VERSIONS
-from mistral_train.tokenizer import load_tokenizer
+from mistral_train.tokenizer.chat_messages import VERSIONS
+from mistral_train.tokenizer.tokenizer import load_tokenizer
 
 DATA = Path(str(resources.files("mistral_common") / "data"))
 FILES = ["tokenizer.model.v1", "mistral_instruct_tokenizer_240216.model.v2", "mistral_instruct_tokenizer_240323.model.v3",

@@ -17,8 +17,8 @@ from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 from mistral_train import Mistral, MistralConfig
 from mistral_train.checkpoint.atomic import atomic_directory
 from mistral_train.config import AdapterSpec, DataSpec, ModelSpec, RunConfig, RunSpec, TrackingSpec, TrainerSpec
-from mistral_train.tokenizer import bundled_tokenizer_path, load_tokenizer
-from mistral_train.tokenizer_files import write_tokenizer_files
+from mistral_train.tokenizer.tokenizer import bundled_tokenizer_path, load_tokenizer
+from mistral_train.tokenizer.files import write_tokenizer_files
 from mistral_train.train import fit
 from tests._chat import A, S, U
 

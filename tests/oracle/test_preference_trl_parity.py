@@ -37,7 +37,7 @@ from mistral_common.tokens.tokenizers.mistral import MistralTokenizer  # noqa: E
 
 from mistral_train.data.formats import to_canonical  # noqa: E402
 from mistral_train.data.preference import collate_pairs, tokenize_pairs  # noqa: E402
-from mistral_train.tokenizer import bundled_tokenizer_path, load_tokenizer  # noqa: E402
+from mistral_train.tokenizer.tokenizer import bundled_tokenizer_path, load_tokenizer  # noqa: E402
 from tests._chat import A, S, U  # noqa: E402
 
 # Mistral's v1 [INST] format as a Jinja template: BOS, "[INST] user [/INST]" per user turn (the system

@@ -41,7 +41,7 @@ from mistral_train.data.collate import collate_padded
 from mistral_train.data.sft import tokenize_rows
 from mistral_train.data.sources import load_rows
 from mistral_train.losses.ce import IGNORE_INDEX
-from mistral_train.tokenizer import bundled_tokenizer_path, load_tokenizer
+from mistral_train.tokenizer.tokenizer import bundled_tokenizer_path, load_tokenizer
 from mistral_train.train.loop import backward_window
 from mistral_train.train.optim import build_optimizer, build_scheduler, lr_factor, param_groups
 from mistral_train.train.steps import get_objective

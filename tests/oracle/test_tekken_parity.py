@@ -11,7 +11,7 @@ import pytest
 from mistral_common.tokens.tokenizers.base import SpecialTokenPolicy
 from mistral_common.tokens.tokenizers.tekken import Tekkenizer
 
-from mistral_train.tokenizer import _LLAMA3_PATTERN, load_tokenizer
+from mistral_train.tokenizer.tokenizer import _LLAMA3_PATTERN, load_tokenizer
 
 DATA = Path(str(resources.files("mistral_common") / "data"))
 FILES = ["tekken_240718.json", "tekken_240911.json"]

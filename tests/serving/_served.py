@@ -10,8 +10,8 @@ import torch
 
 from mistral_train import Mistral, MistralConfig
 from mistral_train.generate import generate
-from mistral_train.tokenizer import Tokenizer, bundled_tokenizer_path, load_tokenizer
-from mistral_train.tokenizer_files import write_tokenizer_files
+from mistral_train.tokenizer.tokenizer import Tokenizer, bundled_tokenizer_path, load_tokenizer
+from mistral_train.tokenizer.files import write_tokenizer_files
 from tests._chat import A, S, U
 from tests.conftest import randomize_
 

@@ -12,7 +12,7 @@ import torch
 
 from mistral_train import Mistral
 from mistral_train.adapters import LoraConfig, apply_lora, save_adapter
-from mistral_train.tokenizer_files import write_tokenizer_files
+from mistral_train.tokenizer.files import write_tokenizer_files
 from mistral_train.train.export import merge_adapter_folder
 from tests.serving._served import (CHATS, TEXTS, bundled, close_engine, first_difference, our_greedy,
                                    our_prompt_logprobs, scoring_params, start_engine, tiny_model,

@@ -67,7 +67,7 @@ def _kill_in_write(mode: str, step: int) -> None:
 
 
 def _stall_after(step: int) -> None:
-    from mistral_train.tracking import MetricsLogger
+    from mistral_train.tracking.metrics import MetricsLogger
 
     real_log = MetricsLogger.log
 

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from mistral_train.config import DataSpec
 from mistral_train.data.sources import load_rows
-from mistral_train.tokenizer import bundled_tokenizer_path, load_tokenizer
+from mistral_train.tokenizer.tokenizer import bundled_tokenizer_path, load_tokenizer
 from mistral_train.train import evaluate
 from mistral_train.train.evaluate import evaluate_loss, exact_match, normalize_answer
 from mistral_train.train.steps import pretrain_step

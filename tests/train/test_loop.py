@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from mistral_train import Mistral, MistralConfig
 from mistral_train.config import DataSpec, ModelSpec, RunConfig, RunSpec, TrackingSpec, TrainerSpec
 from mistral_train.data.sources import bundled_chat_path
-from mistral_train.tokenizer import load_tokenizer
+from mistral_train.tokenizer.tokenizer import load_tokenizer
 from mistral_train.train import fit
 from mistral_train.train.loop import backward_window
 from mistral_train.train.steps import get_objective

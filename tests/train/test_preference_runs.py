@@ -13,7 +13,7 @@ from mistral_train.config import AdapterSpec, DataSpec, DPOSpec, ModelSpec, RunC
 from mistral_train.data.audit import AuditError
 from mistral_train.data.batches import build_batches
 from mistral_train.data.sources import bundled_pairs_path
-from mistral_train.tokenizer import load_tokenizer
+from mistral_train.tokenizer.tokenizer import load_tokenizer
 from mistral_train.train import fit
 from mistral_train.train import reference_cache
 from mistral_train.train.preference import build_reference, resolve_reference, sequence_logprobs

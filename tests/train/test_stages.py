@@ -9,7 +9,7 @@ from mistral_train.cli import main
 from mistral_train.config import ConfigError, list_recipes, load_run_config
 from mistral_train.data.batches import build_batches
 from mistral_train.data.formats import resolve_format
-from mistral_train.tokenizer import bundled_tokenizer_path, load_tokenizer
+from mistral_train.tokenizer.tokenizer import bundled_tokenizer_path, load_tokenizer
 from mistral_train.train.stages import run_stages, stage_configs
 from tests._chat import A, U
 

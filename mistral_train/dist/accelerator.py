@@ -1,7 +1,7 @@
 """Accelerate glue: the Accelerator every fit() runs through, also for a single process.
 
 One process (`mistral-train ...`) and several (`accelerate launch ... -m mistral_train ...`,
-`torchrun ... -m mistral_train ...`) take the same code path. dist_config.py decides the strategy
+`torchrun ... -m mistral_train ...`) take the same code path. dist/strategy.py decides the strategy
 (single, ddp, fsdp2, zero1-3) from the launcher's environment and `trainer.strategy`; this module
 builds the Accelerator for it and gives the loop the few operations that differ per engine:
 `shard_model` (before the optimizer is built), `prepare`, `no_sync`, `backward`, `clip_gradients`.
@@ -31,14 +31,14 @@ from accelerate.utils import DeepSpeedPlugin, DistributedDataParallelKwargs, Dis
 
 from mistral_train.config import TrainerSpec, config_root
 from mistral_train.config_checks import ConfigError
-from mistral_train.dist_config import ACCELERATE_PRECISION, Strategy, launcher_engine, resolve_strategy
+from mistral_train.dist.strategy import ACCELERATE_PRECISION, Strategy, launcher_engine, resolve_strategy
 from mistral_train.jsonfile import read_json_object
 
 DEVICES = ("auto", "cpu", "cuda")
 
 
 class Accelerator(accelerate.Accelerator):
-    """Accelerate's Accelerator, plus the `strategy` it was built for (dist_config.Strategy)."""
+    """Accelerate's Accelerator, plus the `strategy` it was built for (strategy.Strategy)."""
 
     strategy: Strategy = Strategy("single")
 
@@ -83,7 +83,7 @@ def _start_processes(strategy: Strategy, on_cpu: bool) -> None:
 
 @contextlib.contextmanager
 def _without_accelerate_fsdp() -> Iterator[None]:
-    """FSDP2 is our own fully_shard (dist_fsdp.py): while the Accelerator is built, hide the launcher's
+    """FSDP2 is our own fully_shard (fsdp.py): while the Accelerator is built, hide the launcher's
     ACCELERATE_USE_FSDP so Accelerate builds no FSDP plugin; restored after (a later stage reads it again)."""
     saved = os.environ.pop("ACCELERATE_USE_FSDP", None)
     try:
@@ -94,13 +94,13 @@ def _without_accelerate_fsdp() -> Iterator[None]:
 
 
 def build_accelerator(spec: TrainerSpec) -> Accelerator:
-    """The Accelerator of one run: the strategy of dist_config.resolve_strategy, mixed precision from
+    """The Accelerator of one run: the strategy of strategy.resolve_strategy, mixed precision from
     `spec.precision` (bf16 autocast around the model's forward; weights stay in model.dtype; DeepSpeed
     bf16 casts the weights and keeps fp32 masters), CPU when `spec.device` is cpu or there is no CUDA.
 
     Raises:
         ConfigError: an unknown precision or device, device=cuda without CUDA, or a launch that cannot
-            run as asked (dist_config.py).
+            run as asked (strategy.py).
     """
     if spec.precision not in ACCELERATE_PRECISION:
         raise ConfigError(f"trainer.precision must be one of {sorted(ACCELERATE_PRECISION)}, got {spec.precision!r}")
@@ -178,11 +178,11 @@ def strategy_of(accelerator: Optional[accelerate.Accelerator]) -> Strategy:
 
 def shard_model(accelerator: accelerate.Accelerator, model: torch.nn.Module) -> torch.nn.Module:
     """What the engine needs done to the model before the optimizer sees its parameters: FSDP2 shards
-    it in place (dist_fsdp.py); ZeRO-3 learns which weights the model reads outside their own module's
+    it in place (fsdp.py); ZeRO-3 learns which weights the model reads outside their own module's
     forward (the output head, used inside Mistral.forward for the chunked loss)."""
     strategy = strategy_of(accelerator)
     if strategy.name == "fsdp2":
-        from mistral_train.dist_fsdp import fully_shard_model
+        from mistral_train.dist.fsdp import fully_shard_model
 
         return fully_shard_model(model, accelerator.device, strategy.reshard_after_forward)
     if strategy.name == "zero3":

@@ -17,10 +17,10 @@ from typing import Any, Optional, Union
 
 import tokenizers
 
-from mistral_train.chat_templates import CHAT_TEMPLATES
+from mistral_train.tokenizer.chat_templates import CHAT_TEMPLATES
 from mistral_train.jsonfile import read_json_object
-from mistral_train.sentencepiece_json import sentencepiece_to_tokenizers
-from mistral_train.tokenizer import Tokenizer
+from mistral_train.tokenizer.sentencepiece_json import sentencepiece_to_tokenizers
+from mistral_train.tokenizer.tokenizer import Tokenizer
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "generation_config.json")
@@ -99,7 +99,7 @@ def write_tokenizer_files(tokenizer: Tokenizer, folder: Union[str, Path], chat_f
     if fmt in CHAT_TEMPLATES:
         config["chat_template"] = CHAT_TEMPLATES[fmt]
     else:  # the format's template is not written yet (chat_templates.py): the folder still loads and encodes text
-        warnings.warn(f"{folder}: no chat template for chat format {fmt!r} (mistral_train/chat_templates.py has "
+        warnings.warn(f"{folder}: no chat template for chat format {fmt!r} (mistral_train/tokenizer/chat_templates.py has "
                       f"{sorted(CHAT_TEMPLATES)}); transformers' apply_chat_template will refuse this folder",
                       stacklevel=2)
     _write_json(folder / "tokenizer_config.json", config)

@@ -23,7 +23,7 @@ import json
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
-from mistral_train.chat_messages import VERSIONS, Message, check, number, parse, parse_json
+from mistral_train.tokenizer.chat_messages import VERSIONS, Message, check, number, parse, parse_json
 
 # control tokens each format needs from the tokenizer
 NEEDS = {"v1": (), "v2": ("[INST]", "[/INST]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]", "[TOOL_RESULTS]",

@@ -1,7 +1,7 @@
 """Jinja chat templates, one per chat format, for the `chat_template` of the tokenizer_config.json we
 write: transformers' and vLLM's `apply_chat_template` then give the ids of `Tokenizer.encode_chat`.
 
-The templates lean on how our tokenizer.json tokenizes (mistral_train/sentencepiece_json.py): every
+The templates lean on how our tokenizer.json tokenizes (mistral_train/tokenizer/sentencepiece_json.py): every
 stretch of text between two special tokens gets its own leading `▁`, as mistral-common tokenizes each
 turn on its own. So v2/v3 put a turn's text right after `[INST]`/`[/INST]` with no space, and v1,
 where `[INST]` is plain text, writes `[INST] user [/INST] answer` as one stretch after BOS/EOS.

@@ -28,7 +28,7 @@ from mistral_train.checkpoint.state import (
     write_state_file,
 )
 from mistral_train.config_checks import ConfigError
-from mistral_train.dist import deepspeed_engine, strategy_of
+from mistral_train.dist.accelerator import deepspeed_engine, strategy_of
 
 DEEPSPEED_DIR, DEEPSPEED_TAG = "deepspeed", "state"  # engine.save_checkpoint(folder/deepspeed, tag=state)
 OPTIMIZER_FORMAT = {"single": "torch", "ddp": "torch", "fsdp2": "fsdp2"}  # else DeepSpeed's, per ZeRO stage
@@ -75,7 +75,7 @@ def _save_engine_state(accelerator, model, optimizer, folder: Optional[Path]) ->
                                exclude_frozen_parameters=_has_frozen(engine.module))
         return "deepspeed"
     if strategy_of(accelerator).name == "fsdp2":
-        from mistral_train.dist_fsdp import save_fsdp_state
+        from mistral_train.dist.fsdp import save_fsdp_state
 
         save_fsdp_state(model, optimizer, folder)
         return "fsdp2"
@@ -148,7 +148,7 @@ def load_checkpoint(path: Path, accelerator, model, load_weights: Callable[[Path
         if loaded is None:
             raise FileNotFoundError(f"{path}: DeepSpeed could not load {DEEPSPEED_DIR}/{DEEPSPEED_TAG}")
     elif engine == "fsdp2":
-        from mistral_train.dist_fsdp import load_fsdp_state
+        from mistral_train.dist.fsdp import load_fsdp_state
 
         load_fsdp_state(model, optimizer, Path(path))
     else:

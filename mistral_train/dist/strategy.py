@@ -2,7 +2,7 @@
 `trainer.strategy`, and every launch we cannot run correctly refused with what to change.
 
 Strategies: single (one process), ddp, fsdp2 (torch's `fully_shard`, our own code on every device:
-see dist_fsdp.py), zero1/zero2/zero3 (DeepSpeed through Accelerate). `trainer.strategy=auto` takes
+see fsdp.py), zero1/zero2/zero3 (DeepSpeed through Accelerate). `trainer.strategy=auto` takes
 what the launcher says: an Accelerate DeepSpeed config gives zeroN (N from its ZeRO stage), an
 Accelerate FSDP config fsdp2, anything else ddp when there are several processes. An explicit
 strategy must agree with an engine the launcher set; under a plain launcher (torchrun, a DDP

@@ -11,7 +11,7 @@ from typing import Any, Optional
 from tqdm.auto import tqdm
 
 from mistral_train.config import TrackingSpec
-from mistral_train.trackers import SAMPLE_COLUMNS, require_tracker, start_tracker, tracker_names
+from mistral_train.tracking.trackers import SAMPLE_COLUMNS, require_tracker, start_tracker, tracker_names
 
 METRICS_FILE = "metrics.jsonl"
 

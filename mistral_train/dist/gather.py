@@ -42,7 +42,7 @@ class FullModel:
     """
 
     def __init__(self, accelerator, model: nn.Module) -> None:
-        from mistral_train.dist import strategy_of
+        from mistral_train.dist.accelerator import strategy_of
 
         self.accelerator = accelerator
         self.strategy = strategy_of(accelerator)
@@ -60,7 +60,7 @@ class FullModel:
             return self.accelerator.unwrap_model(model)
         live = self.accelerator.unwrap_model(model)
         if self.strategy.name == "fsdp2":
-            from mistral_train.dist_fsdp import reshard
+            from mistral_train.dist.fsdp import reshard
 
             reshard(live)  # every parameter a DTensor shard again, whatever ran last
         names: dict[int, list[str]] = {}

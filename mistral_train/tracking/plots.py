@@ -21,7 +21,7 @@ from matplotlib.ticker import FormatStrFormatter
 
 from mistral_train.config_checks import ConfigError
 from mistral_train.errors import DataError
-from mistral_train.tracking import METRICS_FILE, read_metrics
+from mistral_train.tracking.metrics import METRICS_FILE, read_metrics
 
 PLOT_FILE = "loss.png"
 CONFIG_FILE = "config.yaml"  # the run's resolved configuration (config.dump_run_config)

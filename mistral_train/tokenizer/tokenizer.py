@@ -22,10 +22,10 @@ import warnings
 import sentencepiece
 import tokenizers
 
-from mistral_train import chat_formats
-from mistral_train.chat_messages import VERSIONS as CHAT_FORMATS
+from mistral_train.tokenizer import chat_formats
+from mistral_train.tokenizer.chat_messages import VERSIONS as CHAT_FORMATS
 from mistral_train.jsonfile import read_json_object
-from mistral_train.tekken import TEKKEN_PATTERN, Tekken, is_tekken_json
+from mistral_train.tokenizer.tekken import TEKKEN_PATTERN, Tekken, is_tekken_json
 
 KINDS = ("sentencepiece", "hf_json", "tekken")
 ROLES = ("system", "user", "assistant", "tool")
