@@ -24,7 +24,8 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from mistral_train.config import DEFAULT_RECIPE, ConfigError, RunConfig, load_run_config, run_config_yaml
+from mistral_train.config import DEFAULT_RECIPE, RunConfig, load_run_config, run_config_yaml
+from mistral_train.errors import ConfigError
 from mistral_train.errors import UserError
 
 PROG = "mistral-train"

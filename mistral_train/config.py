@@ -23,7 +23,8 @@ from hydra.errors import HydraException
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from mistral_train.config_checks import ConfigError, describe_error, missing_keys, suggest_key, unknown_keys
+from mistral_train.config_checks import describe_error, missing_keys, suggest_key, unknown_keys
+from mistral_train.errors import ConfigError
 
 
 @dataclass

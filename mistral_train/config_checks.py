@@ -19,13 +19,9 @@ from hydra.errors import MissingConfigException, OverrideParseException
 from omegaconf import DictConfig
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException
 
-from mistral_train.errors import UserError
+from mistral_train.errors import ConfigError
 
 REQUIRED = re.compile(r"\$\{required:(.*)\}")  # how a YAML marks a value the user must give
-
-
-class ConfigError(UserError):
-    """A run configuration that cannot be built; the message names the key, file or option at fault."""
 
 
 def unknown_keys(node: DictConfig, schema: type, prefix: str = "") -> list[str]:

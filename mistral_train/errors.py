@@ -1,7 +1,7 @@
 """The one kind of error that is the user's to fix: bad data, a bad config value, a wrong path.
 
 `mistral-train` prints a UserError as one line, `mistral-train: error: ...`, and exits with status 2
-(cli.py); any other exception is a bug and keeps its traceback. ConfigError (config_checks.py) and
+(cli.py); any other exception is a bug and keeps its traceback. ConfigError and
 AuditError (data/audit.py) are UserErrors. They stay ValueErrors, so callers that caught ValueError
 before still do.
 
@@ -19,6 +19,10 @@ from typing import Iterator
 class UserError(ValueError):
     """Something the user gave (data, a config value, a path, the machine asked for) cannot be used;
     the message says which and what was expected."""
+
+
+class ConfigError(UserError):
+    """A run configuration that cannot be built; the message names the key, file or option at fault."""
 
 
 class DataError(UserError):

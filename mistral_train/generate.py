@@ -29,7 +29,7 @@ def load_for_generation(folder: Union[str, Path], base: Optional[str] = None) ->
             or an adapter whose base is not here.
     """
     from mistral_train.adapters import load_adapter  # here: generation itself needs none of the folder machinery
-    from mistral_train.config_checks import ConfigError
+    from mistral_train.errors import ConfigError
     from mistral_train.folders import ADAPTER_CONFIG, MODEL_CONFIG, adapter_base, folder_task, is_adapter_folder
 
     folder = Path(folder)

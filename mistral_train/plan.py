@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from mistral_train.config import AdapterSpec, ModelSpec, RunConfig, TrainerSpec
-from mistral_train.config_checks import ConfigError
+from mistral_train.errors import ConfigError
 from mistral_train.model.config import MistralConfig
 from mistral_train.tokenizer.tokenizer import load_tokenizer, resolve_tokenizer_path
 

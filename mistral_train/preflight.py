@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 
 from mistral_train.config import RunConfig
-from mistral_train.config_checks import ConfigError
+from mistral_train.errors import ConfigError
 from mistral_train.data.formats import FORMATS
 from mistral_train.data.sft import OVERLONG, TRAIN_ON
 from mistral_train.dist.accelerator import DEVICES

@@ -14,7 +14,8 @@ import yaml
 
 from mistral_train import Mistral, MistralConfig
 from mistral_train.cli import main, split_recipe
-from mistral_train.config import ConfigError, load_run_config
+from mistral_train.config import load_run_config
+from mistral_train.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 

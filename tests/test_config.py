@@ -9,9 +9,9 @@ import pytest
 import yaml
 
 from mistral_train import config as config_module
+from mistral_train.errors import ConfigError
 from mistral_train.config import (
     CONFIG_ROOT_ENV,
-    ConfigError,
     RunConfig,
     config_root,
     dump_run_config,

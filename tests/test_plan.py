@@ -12,7 +12,8 @@ import torch
 from mistral_train import Mistral, MistralConfig
 from mistral_train.adapters import LoraConfig, apply_lora
 from mistral_train.cli import main
-from mistral_train.config import AdapterSpec, ConfigError, RunConfig, load_run_config
+from mistral_train.config import AdapterSpec, RunConfig, load_run_config
+from mistral_train.errors import ConfigError
 from mistral_train.plan import (ADAMW8BIT_BYTES, GIB, NF4_BYTES, RESERVE_GIB, Activations, PlanOptions, activation_bytes,
                                 format_plan, linear_shapes, module_sizes, plan_run, run_weights, split_plan_options)
 from mistral_train.quant import nf4_storage_bytes, quantize_model

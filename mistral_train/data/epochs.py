@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Generic, Optional, Sequence, TypeVar, Union
 
-from mistral_train.config_checks import ConfigError
+from mistral_train.errors import ConfigError
 from mistral_train.data.collate import Batch
 from mistral_train.data.packing import epoch_order
 from mistral_train.data.stream import StreamBatches

@@ -30,7 +30,7 @@ from accelerate.state import AcceleratorState
 from accelerate.utils import DeepSpeedPlugin, DistributedDataParallelKwargs, DistributedType
 
 from mistral_train.config import TrainerSpec, config_root
-from mistral_train.config_checks import ConfigError
+from mistral_train.errors import ConfigError
 from mistral_train.dist.strategy import ACCELERATE_PRECISION, Strategy, launcher_engine, resolve_strategy
 from mistral_train.jsonfile import read_json_object
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
 
 from mistral_train.config import TrainerSpec
-from mistral_train.config_checks import ConfigError
+from mistral_train.errors import ConfigError
 
 STRATEGIES = ("auto", "single", "ddp", "fsdp2", "zero1", "zero2", "zero3")
 SHARDED = ("fsdp2", "zero3")  # parameters split over processes: full weights must be gathered to save them

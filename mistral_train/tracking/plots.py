@@ -19,7 +19,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import FormatStrFormatter
 
-from mistral_train.config_checks import ConfigError
+from mistral_train.errors import ConfigError
 from mistral_train.errors import DataError
 from mistral_train.tracking.metrics import METRICS_FILE, read_metrics
 

@@ -34,7 +34,7 @@ import torch
 from torch.optim.lr_scheduler import LambdaLR
 
 from mistral_train.config import TrainerSpec
-from mistral_train.config_checks import ConfigError
+from mistral_train.errors import ConfigError
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:

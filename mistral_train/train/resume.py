@@ -27,7 +27,7 @@ from mistral_train.checkpoint.state import (
     STATE_FILE, capture_rng_state, checkpoint_path, latest_checkpoint, prune_checkpoints, read_state_file, run_state,
     write_state_file,
 )
-from mistral_train.config_checks import ConfigError
+from mistral_train.errors import ConfigError
 from mistral_train.dist.accelerator import deepspeed_engine, strategy_of
 
 DEEPSPEED_DIR, DEEPSPEED_TAG = "deepspeed", "state"  # engine.save_checkpoint(folder/deepspeed, tag=state)

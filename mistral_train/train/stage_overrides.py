@@ -26,7 +26,8 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override
 from hydra.errors import HydraException
 
-from mistral_train.config import ConfigError, RunConfig
+from mistral_train.config import RunConfig
+from mistral_train.errors import ConfigError
 from mistral_train.config_checks import describe_error
 from mistral_train.data.formats import KIND_NAMES, format_kind, objective_kind
 from mistral_train.train.stages import IF_NO_MODEL, stage_configs

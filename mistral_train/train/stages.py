@@ -30,7 +30,8 @@ from typing import Callable
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from mistral_train.config import ConfigError, RunConfig, dump_run_config
+from mistral_train.config import RunConfig, dump_run_config
+from mistral_train.errors import ConfigError
 from mistral_train.config_checks import describe_error
 from mistral_train.data.formats import KIND_NAMES, check_kind, format_kind, resolve_format
 

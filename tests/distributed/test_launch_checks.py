@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from mistral_train.config import TrainerSpec
-from mistral_train.config_checks import ConfigError
+from mistral_train.errors import ConfigError
 from mistral_train.data.epochs import EpochBatches
 from mistral_train.dist.strategy import deepspeed_config, resolve_strategy
 from mistral_train.train.resume import _check_resumable

@@ -7,7 +7,7 @@ import torch
 
 from mistral_train import Mistral, MistralConfig
 from mistral_train.config import TrainerSpec
-from mistral_train.config_checks import ConfigError
+from mistral_train.errors import ConfigError
 from mistral_train.train.optim import BF16_UPDATES, build_optimizer, build_scheduler, lr_at, lr_factor, param_groups
 
 

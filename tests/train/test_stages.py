@@ -6,7 +6,8 @@ import json
 import pytest
 
 from mistral_train.cli import main
-from mistral_train.config import ConfigError, list_recipes, load_run_config
+from mistral_train.config import list_recipes, load_run_config
+from mistral_train.errors import ConfigError
 from mistral_train.data.batches import build_batches
 from mistral_train.data.formats import resolve_format
 from mistral_train.tokenizer.tokenizer import bundled_tokenizer_path, load_tokenizer
