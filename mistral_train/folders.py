@@ -13,9 +13,9 @@ from mistral_train.checkpoint.hf import weight_files
 from mistral_train.errors import ConfigError
 from mistral_train.jsonfile import read_json_object
 from mistral_train.model.config import MistralConfig
-from mistral_train.train.model_setup import BASE_NOTE
 
 MODEL_CONFIG = "config.json"
+BASE_NOTE = "mistral_train_base.json"  # how the base was loaded, next to an adapter we write
 # transformers' class names end with the head; anything else a Mistral folder holds is a causal LM
 _HEAD_SUFFIXES = {"ForSequenceClassification": "sequence_classification",
                   "ForTokenClassification": "token_classification"}

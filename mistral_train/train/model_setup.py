@@ -18,11 +18,11 @@ import torch
 from mistral_train.adapters import LoraConfig, apply_lora, load_adapter, load_adapter_weights, write_adapter_files
 from mistral_train.checkpoint.state import load_weights_in_place
 from mistral_train.config import AdapterSpec, ModelSpec
+from mistral_train.folders import BASE_NOTE
 from mistral_train.model import Mistral, MistralConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ADAPTER_KINDS = ("none", "lora", "qlora")
-BASE_NOTE = "mistral_train_base.json"  # how the base was loaded, next to an adapter we write
 
 
 def torch_dtype(name: str) -> torch.dtype:
