@@ -1,1 +1,1 @@
-"""Checkpoints: HF folders in and out, training state, atomic writes."""
+"""Checkpoints: training state and atomic folder writes (HF model folders: model/hf.py)."""

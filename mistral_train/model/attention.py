@@ -7,10 +7,23 @@ sliding window, optionally confined to padding-free keys and to one packed docum
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
+
+from mistral_train.model.kv_cache import KVCache
+
+
+@dataclass
+class AttentionInputs:
+    """What every layer's attention needs, computed once per forward."""
+
+    cos: torch.Tensor  # (B, T, head_dim)
+    sin: torch.Tensor
+    mask: Optional[torch.Tensor]  # (B|1, 1, T, Tk) bool; None means plain causal
+    cache: Optional[KVCache] = None
 
 
 def build_attention_mask(

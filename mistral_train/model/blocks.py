@@ -1,11 +1,10 @@
-"""The decoder block and its parts: RMSNorm, SwiGLU MLP, GQA + sliding-window attention.
+"""The decoder block and its parts: RMSNorm, SwiGLU MLP, GQA + sliding-window attention; the `score` head layer.
 
 Parameter names equal transformers' (`self_attn.q_proj.weight`, `mlp.gate_proj.weight`, ...).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -13,10 +12,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from mistral_train.model.attention import attend
+from mistral_train.model.attention import AttentionInputs, attend
 from mistral_train.model.config import MistralConfig
 from mistral_train.model.execution import recomputing
-from mistral_train.model.kv_cache import KVCache
 from mistral_train.model.rope import apply_rope
 
 _ACTIVATIONS = {"silu": F.silu, "relu": F.relu, "gelu": F.gelu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
@@ -46,16 +44,6 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
-
-
-@dataclass
-class AttentionInputs:
-    """What every layer's attention needs, computed once per forward."""
-
-    cos: torch.Tensor  # (B, T, head_dim)
-    sin: torch.Tensor
-    mask: Optional[torch.Tensor]  # (B|1, 1, T, Tk) bool; None means plain causal
-    cache: Optional[KVCache] = None
 
 
 class Attention(nn.Module):
@@ -108,3 +96,10 @@ class Block(nn.Module):
 
     def _mlp(self, x: torch.Tensor) -> torch.Tensor:
         return self.mlp(self.post_attention_layernorm(x))
+
+
+def score_layer(config: MistralConfig, task: str) -> nn.Linear:
+    """The classification layer `score`; token classification has a bias unless the config says
+    `token_classification_bias: false` (transformers' rule), sequence classification never has one."""
+    bias = task == "token_classification" and config.extra.get("token_classification_bias", True)
+    return nn.Linear(config.hidden_size, config.num_labels, bias=bias)

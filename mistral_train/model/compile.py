@@ -28,13 +28,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import TYPE_CHECKING, Callable, Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
-
-if TYPE_CHECKING:  # typing only: mistral.py imports this module
-    from mistral_train.model.mistral import Mistral
 
 COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
@@ -70,7 +67,7 @@ def compiled_block_call(options: CompileOptions) -> Callable[..., torch.Tensor]:
     return torch.compile(call_block, mode=options.mode, dynamic=options.dynamic)
 
 
-def compile_blocks(model: "Mistral", mode: Optional[str] = None, dynamic: Optional[bool] = True) -> "Mistral":
+def compile_blocks(model: nn.Module, mode: Optional[str] = None, dynamic: Optional[bool] = True) -> nn.Module:
     """Run every decoder block of `model` through `torch.compile` from the next forward on.
 
     Call it after adapters (LoRA) and quantization (NF4) are in place and after moving the model
@@ -85,7 +82,7 @@ def compile_blocks(model: "Mistral", mode: Optional[str] = None, dynamic: Option
     return model
 
 
-def uncompile_blocks(model: "Mistral") -> "Mistral":
+def uncompile_blocks(model: nn.Module) -> nn.Module:
     """Back to eager blocks (compiled code stays cached for the next `compile_blocks`)."""
     model.compile_options = None
     return model

@@ -12,17 +12,15 @@ multiple of `every`. True means "block", False/None/"none" turns recomputation o
 from __future__ import annotations
 
 from contextlib import nullcontext
-from typing import TYPE_CHECKING, Optional, Union
+from typing import Optional, Union
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from mistral_train.model.attention import AttentionInputs
 from mistral_train.model.compile import call_block, compiled_block_call
 from mistral_train.model.offload import OffloadActivations
-
-if TYPE_CHECKING:  # typing only: mistral.py imports this module
-    from mistral_train.model.mistral import AttentionInputs, Mistral
 
 CHECKPOINT_POLICIES = ("none", "block", "attention", "mlp", "every_k")
 
@@ -54,7 +52,7 @@ def recomputing(module: nn.Module) -> bool:
     return module.training and torch.is_grad_enabled()
 
 
-def run_block(model: "Mistral", block: nn.Module, x: torch.Tensor, inputs: "AttentionInputs") -> torch.Tensor:
+def run_block(model: nn.Module, block: nn.Module, x: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor:
     """block(x, inputs) with the model's execution options; (B, T, H) -> (B, T, H).
 
     Compiled only without a KV cache (see compile.py). Offloading wraps the whole call, so a

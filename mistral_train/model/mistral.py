@@ -15,7 +15,8 @@ from torch import nn
 from mistral_train.losses.ce import IGNORE_INDEX, chunked_cross_entropy
 from mistral_train.losses.logps import sequence_logps
 from mistral_train.model.attention import build_attention_mask, documents_from_positions
-from mistral_train.model.blocks import MLP, Attention, AttentionInputs, Block, RMSNorm
+from mistral_train.model import hf
+from mistral_train.model.blocks import MLP, Attention, AttentionInputs, Block, RMSNorm, score_layer
 from mistral_train.model.compile import CompileOptions, compile_blocks, uncompile_blocks
 from mistral_train.model.config import MistralConfig
 from mistral_train.model.execution import checkpoint_plan, run_block
@@ -35,13 +36,6 @@ class Backbone(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-
-
-def score_layer(config: MistralConfig, task: str) -> nn.Linear:
-    """The classification layer `score`; token classification has a bias unless the config says
-    `token_classification_bias: false` (transformers' rule), sequence classification never has one."""
-    bias = task == "token_classification" and config.extra.get("token_classification_bias", True)
-    return nn.Linear(config.hidden_size, config.num_labels, bias=bias)
 
 
 def _classifier_dropout(config: MistralConfig) -> float:
@@ -222,13 +216,9 @@ class Mistral(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, dtype: Optional[torch.dtype] = None, task: str = "causal_lm", quantize: Optional[str] = None) -> "Mistral":
-        """Load an HF Mistral folder (config.json + safetensors); see checkpoint/hf.py."""
-        from mistral_train.checkpoint.hf import load_pretrained
-
-        return load_pretrained(path, dtype=dtype, task=task, quantize=quantize)
+        """Load an HF Mistral folder (config.json + safetensors); see model/hf.py."""
+        return hf.load_pretrained(cls, path, dtype=dtype, task=task, quantize=quantize)
 
     def save_pretrained(self, path, max_shard_size: int | str = "5GB") -> None:
-        """Write an HF folder that transformers loads with the same logits; see checkpoint/hf.py."""
-        from mistral_train.checkpoint.hf import save_pretrained
-
-        save_pretrained(self, path, max_shard_size=max_shard_size)
+        """Write an HF folder that transformers loads with the same logits; see model/hf.py."""
+        hf.save_pretrained(self, path, max_shard_size=max_shard_size)

@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 
 import mistral_train
 from mistral_train import Mistral, MistralConfig
-from mistral_train.checkpoint import hf as hf_io
+from mistral_train.model import hf as hf_io
 
 KWARGS = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
               num_attention_heads=4, num_key_value_heads=2, sliding_window=None)

@@ -2,7 +2,8 @@
 
 Keys are transformers' own, so the key map is the identity. Loading builds the model on
 the meta device and materialises it shard by shard, so peak memory stays near one copy of
-the weights. Saving writes into a temporary folder renamed into place when complete.
+the weights. Saving writes into a temporary folder renamed into place when complete. Quantized weights are read
+by a reader from QUANTIZED_READERS, which quant/loading.py fills (quant/ sits above model/).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -18,8 +19,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from mistral_train.checkpoint.atomic import atomic_directory
+from mistral_train.model.blocks import score_layer
 from mistral_train.model.config import MistralConfig
-from mistral_train.model.mistral import Mistral, score_layer
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -28,6 +29,9 @@ _ARCHITECTURES = {
     "sequence_classification": "MistralForSequenceClassification",
     "token_classification": "MistralForTokenClassification",
 }
+# quantize= name -> reader(model, dtype, config.json path), with offer(key, file, name) and finish(folder)
+# (quant/loading.py: "nf4"; a folder with a `quantization_config` is read by "nf4" whatever quantize says).
+QUANTIZED_READERS: dict[str, Callable[..., Any]] = {}
 # Keys old checkpoints carry that hold no weights we need (RoPE tables are recomputed).
 _IGNORED_KEY = re.compile(r".*rotary_emb\.inv_freq$")
 
@@ -52,9 +56,10 @@ def weight_files(folder: Path) -> list[Path]:
 
 
 def load_pretrained(
-    path: Union[str, Path], dtype: Optional[torch.dtype] = None, task: str = "causal_lm", quantize: Optional[str] = None
-) -> Mistral:
-    """Read an HF Mistral folder into `Mistral`.
+    model_class: type[nn.Module], path: Union[str, Path], dtype: Optional[torch.dtype] = None, task: str = "causal_lm",
+    quantize: Optional[str] = None,
+) -> nn.Module:
+    """Read an HF Mistral folder into `model_class(config, task)` (Mistral.from_pretrained passes its class).
 
     Args:
         path: folder with config.json and model.safetensors (or an index + shards).
@@ -71,7 +76,7 @@ def load_pretrained(
         raise FileNotFoundError(f"{folder}: not a folder (expected an HF checkpoint folder with config.json)")
     config = MistralConfig.from_json_file(folder / "config.json")
     with torch.device("meta"):
-        model = Mistral(config, task=task)
+        model = model_class(config, task=task)
     nf4 = _nf4_loading(model, quantize, dtype, folder)
     expected = {name: p.shape for name, p in model.named_parameters(remove_duplicate=False)}
     loaded: set[str] = set()
@@ -113,16 +118,13 @@ def load_pretrained(
     return model
 
 
-def _nf4_loading(model: Mistral, quantize: Optional[str], dtype: Optional[torch.dtype], folder: Path):
-    """The NF4 router for this load (quantize="nf4" or a bnb 4-bit folder), else None."""
-    from mistral_train.quant.loading import QUANTIZE_MODES, NF4Loading, prequantized_config
-
-    if quantize is not None and quantize not in QUANTIZE_MODES:
-        raise ValueError(f"quantize={quantize!r}: expected one of {QUANTIZE_MODES} or None")
-    prequantized = prequantized_config(model.config.extra, str(folder / "config.json"))
-    if quantize is None and prequantized is None:
+def _nf4_loading(model: nn.Module, quantize: Optional[str], dtype: Optional[torch.dtype], folder: Path):
+    """The quantized-weight reader for this load (quantize="nf4" or a bnb 4-bit folder), else None."""
+    if quantize is not None and quantize not in QUANTIZED_READERS:
+        raise ValueError(f"quantize={quantize!r}: expected one of {tuple(QUANTIZED_READERS)} or None")
+    if quantize is None and model.config.extra.get("quantization_config") is None:
         return None
-    return NF4Loading(model, prequantized, dtype)
+    return QUANTIZED_READERS[quantize or "nf4"](model, dtype, str(folder / "config.json"))
 
 
 def _assign(model: nn.Module, key: str, tensor: torch.Tensor) -> None:
@@ -144,7 +146,7 @@ def parse_size(size: Union[int, str]) -> int:
     return int(float(match.group(1)) * factor)
 
 
-def save_pretrained(model: Mistral, path: Union[str, Path], max_shard_size: Union[int, str] = "5GB") -> None:
+def save_pretrained(model: nn.Module, path: Union[str, Path], max_shard_size: Union[int, str] = "5GB") -> None:
     """Write `model` as an HF folder that transformers loads with the same logits.
 
     Tied output weights are stored once (as transformers does). Shards are filled in key
