@@ -9,10 +9,10 @@ from pathlib import Path
 from typing import Optional
 
 from mistral_train.adapters.peft_format import _TASK_TYPES as PEFT_TASK_TYPES, CONFIG_FILE as ADAPTER_CONFIG
-from mistral_train.checkpoint.hf import weight_files
 from mistral_train.errors import ConfigError
 from mistral_train.jsonfile import read_json_object
 from mistral_train.model.config import MistralConfig
+from mistral_train.model.hf import weight_files
 
 MODEL_CONFIG = "config.json"
 BASE_NOTE = "mistral_train_base.json"  # how the base was loaded, next to an adapter we write

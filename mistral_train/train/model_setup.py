@@ -19,7 +19,6 @@ from mistral_train.adapters import LoraConfig, apply_lora, load_adapter, load_ad
 from mistral_train.checkpoint.state import load_weights_in_place
 from mistral_train.config import AdapterSpec, ModelSpec
 from mistral_train.folders import BASE_NOTE
-from mistral_train.folders import BASE_NOTE
 from mistral_train.model import Mistral, MistralConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
