@@ -2,8 +2,7 @@
 
 Keys are transformers' own, so the key map is the identity. Loading builds the model on
 the meta device and materialises it shard by shard, so peak memory stays near one copy of
-the weights. Saving writes into a temporary folder renamed into place when complete. Quantized weights are read
-by a reader from QUANTIZED_READERS, which quant/loading.py fills (quant/ sits above model/).
+the weights. Saving writes into a temporary folder renamed into place when complete.
 """
 
 from __future__ import annotations
@@ -11,7 +10,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Optional, Union
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -21,6 +20,7 @@ from torch import nn
 from mistral_train.checkpoint.atomic import atomic_directory
 from mistral_train.model.blocks import score_layer
 from mistral_train.model.config import MistralConfig
+from mistral_train.quant.loading import QUANTIZE_MODES, NF4Loading, prequantized_config
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -29,9 +29,6 @@ _ARCHITECTURES = {
     "sequence_classification": "MistralForSequenceClassification",
     "token_classification": "MistralForTokenClassification",
 }
-# quantize= name -> reader(model, dtype, config.json path), with offer(key, file, name) and finish(folder)
-# (quant/loading.py: "nf4"; a folder with a `quantization_config` is read by "nf4" whatever quantize says).
-QUANTIZED_READERS: dict[str, Callable[..., Any]] = {}
 # Keys old checkpoints carry that hold no weights we need (RoPE tables are recomputed).
 _IGNORED_KEY = re.compile(r".*rotary_emb\.inv_freq$")
 
@@ -119,12 +116,13 @@ def load_pretrained(
 
 
 def _nf4_loading(model: nn.Module, quantize: Optional[str], dtype: Optional[torch.dtype], folder: Path):
-    """The quantized-weight reader for this load (quantize="nf4" or a bnb 4-bit folder), else None."""
-    if quantize is not None and quantize not in QUANTIZED_READERS:
-        raise ValueError(f"quantize={quantize!r}: expected one of {tuple(QUANTIZED_READERS)} or None")
-    if quantize is None and model.config.extra.get("quantization_config") is None:
+    """The NF4 router for this load (quantize="nf4" or a bnb 4-bit folder), else None."""
+    if quantize is not None and quantize not in QUANTIZE_MODES:
+        raise ValueError(f"quantize={quantize!r}: expected one of {QUANTIZE_MODES} or None")
+    prequantized = prequantized_config(model.config.extra, str(folder / "config.json"))
+    if quantize is None and prequantized is None:
         return None
-    return QUANTIZED_READERS[quantize or "nf4"](model, dtype, str(folder / "config.json"))
+    return NF4Loading(model, prequantized, dtype)
 
 
 def _assign(model: nn.Module, key: str, tensor: torch.Tensor) -> None:

@@ -1,4 +1,4 @@
-"""NF4 while reading a checkpoint: the reader `model/hf.py` calls for `quantize="nf4"` (registered below).
+"""NF4 while reading a checkpoint: what `model/hf.py` calls for `quantize="nf4"`.
 
 Two sources, one result (NF4Linear layers in a model built on the meta device):
 - a float folder: each decoder linear weight is quantized the moment it is read, so peak
@@ -14,11 +14,13 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from mistral_train.model.hf import QUANTIZED_READERS
 from mistral_train.quant.linear import NF4Linear
 from mistral_train.quant.nf4 import quantizable_linears, quantization_config, set_module
 from mistral_train.quant.nf4_format import DTYPE_NAMES, quantize_nf4
 from mistral_train.quant.state_dict import STATE_SUFFIXES, from_state_dict
+
+QUANTIZE_MODES = ("nf4",)
+
 
 def prequantized_config(extra: dict[str, Any], source: str) -> Optional[dict[str, Any]]:
     """The folder's `quantization_config` when it describes bnb NF4 weights; None without one.
@@ -37,11 +39,6 @@ def prequantized_config(extra: dict[str, Any], source: str) -> Optional[dict[str
     if qc.get("bnb_4bit_quant_type", "fp4") != "nf4":
         raise ValueError(f"{source}: `quantization_config.bnb_4bit_quant_type` is {qc.get('bnb_4bit_quant_type')!r}, only 'nf4' is supported")
     return qc
-
-
-def nf4_reader(model: nn.Module, dtype: Optional[torch.dtype], source: str) -> "NF4Loading":
-    """The reader of an NF4 load: quantize a float folder's weights, or assemble a bnb 4-bit folder's."""
-    return NF4Loading(model, prequantized_config(model.config.extra, source), dtype)
 
 
 class NF4Loading:
@@ -138,6 +135,3 @@ class NF4Loading:
 def _meta_bytes(parts: dict[str, torch.Tensor], key: str) -> bytes:
     meta = next(v for k, v in parts.items() if k.startswith(key + ".quant_state."))
     return bytes(meta.to(torch.uint8).tolist())
-
-
-QUANTIZED_READERS["nf4"] = nf4_reader
