@@ -10,7 +10,8 @@
     mistral-train plot RUN_DIR                            redraw RUN_DIR/loss.png from metrics.jsonl
 
 argparse reads the verbs and their flags; everything after `train`/`config`/`audit`/`plan` is a Hydra override
-(`trainer.max_steps=20`, `adapter=none`), composed by `mistral_train.config.load_run_config`.
+(`trainer.max_steps=20`, `adapter=none`), composed and routed into a staged recipe's stages by
+`mistral_train.train.stage_overrides.load_routed`.
 Heavy modules (torch, the loop) are imported inside the verbs, so `--help` and config errors are quick.
 A user error (bad data, config value or path, a run folder in use, no CUDA) ends with one line and exit
 status 2; `--debug` or MISTRAL_TRAIN_DEBUG=1 shows its traceback.
@@ -27,6 +28,7 @@ from typing import Optional, Sequence
 from mistral_train.config import DEFAULT_RECIPE, RunConfig, load_run_config, run_config_yaml
 from mistral_train.errors import ConfigError
 from mistral_train.errors import UserError
+from mistral_train.train.stage_overrides import load_routed
 
 PROG = "mistral-train"
 DEBUG_ENV = "MISTRAL_TRAIN_DEBUG"  # set to 1: user errors keep their traceback, as with --debug
@@ -71,7 +73,7 @@ def split_recipe(overrides: Sequence[str]) -> tuple[str, list[str]]:
 
 def _run_config(overrides: Sequence[str]) -> RunConfig:
     recipe, rest = split_recipe(overrides)
-    return load_run_config(recipe, rest)
+    return load_routed(recipe, rest)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -145,9 +147,11 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
-    from mistral_train.tracking.plots import plot_run
+    from mistral_train.tracking.plots import plot_run, run_objective
+    from mistral_train.train.objectives import loss_label
 
-    print(plot_run(args.run_dir))  # ConfigError for a folder without metrics (a staged run's: its stages)
+    # ConfigError for a folder without metrics (a staged run's: its stages)
+    print(plot_run(args.run_dir, loss=loss_label(*run_objective(Path(args.run_dir)))))
     return 0
 
 

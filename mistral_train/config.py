@@ -78,7 +78,7 @@ class DataSpec:
 
 @dataclass
 class DPOSpec:
-    """Preference optimisation (trainer.objective=dpo): the loss and the reference policy (train/preference.py)."""
+    """Preference optimisation (trainer.objective=dpo): the loss (train/steps.py) and the reference policy (train/reference.py)."""
 
     loss_type: Any = "sigmoid"  # a trl loss_type name, or a list of them mixed by loss_weights (MPO)
     loss_weights: Optional[list[float]] = None
@@ -242,21 +242,14 @@ def list_recipes(root: Optional[Path] = None) -> list[str]:
 
 
 def load_run_config(recipe: str = DEFAULT_RECIPE, overrides: Sequence[str] = ()) -> RunConfig:
-    """Compose `recipes/{recipe}.yaml` with Hydra overrides (`a.b=v`, `group=option`) into a RunConfig.
-    In a staged recipe the overrides also reach the stages they are meant for, over the stages' own
-    sections (`stages.NAME.KEY=v` for one stage): see train/stage_overrides.py.
+    """Compose `recipes/{recipe}.yaml` with Hydra overrides (`a.b=v`, `group=option`) into a RunConfig,
+    checked against the schema. Composition only: the command line loads through
+    train/stage_overrides.py `load_routed`, which also sends the overrides into a staged recipe's stages.
 
     Raises:
         ConfigError: unknown recipe, key or group option, a value of the wrong type, or a required
             value (`${required:...}` or `???`) left unset; the message is one line naming it.
     """
-    from mistral_train.train.stage_overrides import load_routed  # here: it imports this module
-
-    return load_routed(recipe, overrides, _compose)
-
-
-def _compose(recipe: str, overrides: Sequence[str]) -> RunConfig:
-    """`recipes/{recipe}.yaml` composed with `overrides` by Hydra, checked against the schema."""
     root = config_root()
     if not (root / "recipes" / f"{recipe}.yaml").is_file():
         raise ConfigError(f"unknown recipe {recipe!r}; available: {', '.join(list_recipes(root))} (in {root / 'recipes'})")

@@ -22,10 +22,9 @@ from mistral_train.dist.strategy import ACCELERATE_PRECISION, STRATEGIES
 from mistral_train.folders import check_adapter_folder, check_model_folder
 from mistral_train.train.resume import resolve_resume
 from mistral_train.train.model_setup import ADAPTER_KINDS, DTYPES
+from mistral_train.train.objectives import OBJECTIVES
 from mistral_train.train.optim import OPTIMIZERS
-from mistral_train.train.preference import resolve_reference
 from mistral_train.train.stages import stage_configs
-from mistral_train.train.steps import OBJECTIVES
 
 _RESUME_FOUND = ("true", "latest")  # resume values that find their checkpoint themselves (or start afresh)
 
@@ -52,7 +51,7 @@ def preflight(cfg: RunConfig) -> None:
 
 def _choices(cfg: RunConfig) -> list[tuple[str, object, tuple]]:
     t = cfg.trainer
-    return [("trainer.objective", t.objective, OBJECTIVES), ("trainer.optimizer", t.optimizer, OPTIMIZERS),
+    return [("trainer.objective", t.objective, tuple(OBJECTIVES)), ("trainer.optimizer", t.optimizer, OPTIMIZERS),
             ("trainer.precision", t.precision, tuple(ACCELERATE_PRECISION)), ("trainer.device", t.device, DEVICES),
             ("trainer.strategy", t.strategy, STRATEGIES), ("trainer.compile", str(t.compile).lower(), ("auto", "true", "false")),
             ("model.dtype", cfg.model.dtype, tuple(DTYPES)), ("adapter.kind", cfg.adapter.kind, ADAPTER_KINDS),
@@ -69,9 +68,10 @@ def check_stage(cfg: RunConfig, written_by_run: Optional[Path] = None) -> None:
     for key, value, allowed in _choices(cfg):  # the values each consumer accepts, from the consumer itself
         if value not in allowed:
             raise ConfigError(f"{key}={value} is unknown; expected one of {', '.join(map(str, allowed))}")
-    if cfg.trainer.objective == "dpo":
+    reference = OBJECTIVES[cfg.trainer.objective].reference
+    if reference is not None:  # e.g. DPO's reference policy, resolved against the adapter settings
         try:
-            resolve_reference(cfg.trainer.dpo, cfg.adapter)
+            reference(cfg)
         except ValueError as err:  # a pure check of two config sections: the user's to fix
             raise ConfigError(str(err)) from err
     if cfg.adapter.kind != "none" and not cfg.model.path:

@@ -15,6 +15,7 @@ import yaml
 from mistral_train import Mistral, MistralConfig
 from mistral_train.cli import main, split_recipe
 from mistral_train.config import load_run_config
+from mistral_train.train.stage_overrides import load_routed
 from mistral_train.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -111,7 +112,7 @@ def fake_fit(monkeypatch, tmp_path):
 ])
 def test_train_runs_fit_with_composed_config(argv, recipe, overrides, fake_fit, capsys):
     assert main(argv) == 0
-    assert fake_fit == [load_run_config(recipe, overrides)]
+    assert fake_fit == [load_routed(recipe, overrides)]
     assert f"run directory: " in capsys.readouterr().out
 
 

@@ -5,7 +5,8 @@ import json
 import pytest
 
 from mistral_train.config import RunConfig, dump_run_config
-from mistral_train.tracking.plots import draw_run, loss_names, plot_run, run_objective, series
+from mistral_train.tracking.plots import draw_run, plot_run, run_objective, series
+from mistral_train.train.objectives import loss_label
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TRAIN = [{"step": s, "loss": 5.0 / s, "lr": 1e-3 * s} for s in range(1, 11)]
@@ -83,8 +84,8 @@ def test_loss_is_labelled_as_the_runs_objective_defines_it(tmp_path, objective, 
     cfg.trainer.objective, cfg.trainer.dpo.loss_type = objective, loss_type
     dump_run_config(cfg, tmp_path / "config.yaml")  # what a run writes next to metrics.jsonl
     assert run_objective(tmp_path) == (objective, loss_type)
-    assert loss_names(objective, loss_type) == (curve, axis)
-    figure = draw_run(TRAIN + EVAL, loss=loss_names(*run_objective(tmp_path)))
+    assert loss_label(objective, loss_type) == (curve, axis)
+    figure = draw_run(TRAIN + EVAL, loss=loss_label(*run_objective(tmp_path)))
     assert {f"train {curve}", f"eval {curve}"} <= set(_lines(figure)) and _ylabel(figure) == axis
 
 
@@ -102,5 +103,5 @@ def test_plot_run_of_a_dpo_run_differs_from_the_same_rows_as_sft(tmp_path):
         cfg = RunConfig()
         cfg.trainer.objective = objective
         dump_run_config(cfg, run / "config.yaml")
-        pngs[objective] = plot_run(run).read_bytes()
+        pngs[objective] = plot_run(run, loss=loss_label(*run_objective(run))).read_bytes()
     assert pngs["sft"] != pngs["dpo"]  # same curve, other labels: the file read config.yaml

@@ -26,8 +26,8 @@ Formats and the fields they read (our names; `field_map` renames them, e.g.
                        chosen by `auto`, which reads such a row as `preference`
 
 Data kinds: every format yields one kind of example, "text", "chat" or "preference" (`format_kind`),
-and every objective trains on one kind (`OBJECTIVE_KINDS`, the one place that says so);
-`check_kind` refuses data of another kind, so nothing is half-used.
+and every objective trains on one kind (its entry in train/objectives.py, the one place that says so,
+whose `check_data_kind` refuses data of another kind, so nothing is half-used).
 
 A null value counts as a missing field (Parquet and CSV store absent values as nulls). Every
 problem raises ValueError starting with `where` (e.g. "data/train.jsonl line 12"); nothing is
@@ -42,8 +42,7 @@ from mistral_train.tokenizer.tokenizer import ROLES
 
 FORMATS = ("text", "alpaca", "messages", "sharegpt", "prompt_completion", "preference", "chosen_only")
 CHAT_FORMATS = ("alpaca", "messages", "sharegpt", "prompt_completion", "chosen_only")
-# What each objective trains on. Kept here, beside the formats, until objectives become one table.
-OBJECTIVE_KINDS = {"pretrain": "text", "sft": "chat", "dpo": "preference", "reward": "preference"}
+TEXT, CHAT, PAIRS = KINDS = ("text", "chat", "preference")  # the data kinds: what an objective reads
 KIND_NAMES = {"text": "plain text", "chat": "chat rows", "preference": "preference pairs"}
 # The format of the bundled data of each kind (data.path: null), which data.format=auto stands for there.
 BUNDLED_FORMATS = {"text": "text", "chat": "messages", "preference": "preference"}
@@ -69,35 +68,10 @@ def format_kind(fmt: str) -> str:
     return fmt if fmt in ("text", "preference") else "chat"
 
 
-def objective_kind(objective: str) -> Optional[str]:
-    """The kind of data `objective` trains on; None for an objective this table does not know."""
-    return OBJECTIVE_KINDS.get(objective)
-
-
-def resolve_format(fmt: str, path: Any, objective: str) -> str:
+def resolve_format(fmt: str, path: Any, kind: str) -> str:
     """`data.format` as the data will be read: `auto` with no path (the bundled data) is the bundled
-    data of the kind the objective trains on; otherwise `fmt` (auto then decides per file)."""
-    kind = objective_kind(objective)
-    return BUNDLED_FORMATS[kind] if fmt == "auto" and path is None and kind is not None else fmt
-
-
-def check_kind(objective: str, kind: str, where: str) -> None:
-    """Raise ValueError when `where` (e.g. "data.path prefs.jsonl") holds `kind` rows and `objective`
-    trains on another kind: one line naming the data, what it holds, what the objective reads and the
-    way out (data.format=chosen_only for SFT on pairs)."""
-    wanted = objective_kind(objective)
-    if wanted is None or wanted == kind:
-        return
-    what = f"{where} holds {KIND_NAMES[kind]}, but trainer.objective={objective} trains on {KIND_NAMES[wanted]}"
-    if wanted == "chat" and kind == "preference":
-        raise ValueError(f"{what}, and would learn the rejected answers as well as the chosen ones; set "
-                         "data.format=chosen_only to fine-tune on the prompts and chosen answers only, or train on "
-                         "the pairs with trainer.objective=dpo or reward (recipe=tiny_dpo, recipe=tiny_reward)")
-    fix = {"text": "plain text: a .txt file, or rows with a 'text' field (data.format=text)",
-           "chat": "chat rows: messages, sharegpt, alpaca or prompt_completion (data.format=auto detects them)",
-           "preference": "preference pairs: prompt/chosen/rejected rows (data.format=preference)"}[wanted]
-    others = ", ".join(f"trainer.objective={o}" for o, k in OBJECTIVE_KINDS.items() if k == kind)
-    raise ValueError(f"{what}; give it {fix}, or train on this data with {others}")
+    data of `kind`, the kind the objective trains on; otherwise `fmt` (auto then decides per file)."""
+    return BUNDLED_FORMATS[kind] if fmt == "auto" and path is None else fmt
 
 
 def check_field_map(field_map: dict[str, str], origin: str = "data.field_map") -> None:

@@ -228,7 +228,7 @@ def collate_pairs(pairs: Sequence[PreferencePair], pad_id: int, packing: bool, m
     prompts and padding (and, packed, on each document's first token, which is BOS and never a label).
     `margin` (B,) when the pairs carry one (reward models).
     Padding is placed by position, never found by id, so pad_id may equal EOS and every EOS stays a label.
-    (A sequence-classification head pools by pad id, as transformers does: see train/preference.py.)
+    (A sequence-classification head pools by pad id, as transformers does: see train/steps.py reward_objective.)
     """
     if not pairs:
         raise ValueError("collate_pairs: got no pairs; expected at least one")

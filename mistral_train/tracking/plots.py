@@ -1,7 +1,8 @@
 """Curves of a run: `metrics.jsonl` -> `loss.png`.
 
 Top panel: train loss and eval loss against step, learning rate on a second axis, the loss named as
-the run's objective defines it (its config.yaml: cross-entropy, or a DPO / reward-model loss per pair).
+the run's objective defines it (the caller's label, read from its config.yaml by `run_objective`:
+cross-entropy, or a DPO / reward-model loss per pair).
 A second panel shows held-out exact match when the run logged one. Missing keys, nulls, NaN and
 non-numeric values (text samples) are skipped; a step logged twice keeps its last value.
 Uses matplotlib's object API with the Agg canvas directly, so plotting never needs a
@@ -25,16 +26,7 @@ from mistral_train.tracking.metrics import METRICS_FILE, read_metrics
 
 PLOT_FILE = "loss.png"
 CONFIG_FILE = "config.yaml"  # the run's resolved configuration (config.dump_run_config)
-
-
-def loss_names(objective: str = "pretrain", dpo_loss: object = "sigmoid") -> tuple[str, str]:
-    """(curve name, y-axis label) of the loss a run with `trainer.objective` logs."""
-    if objective == "dpo":
-        kind = "+".join(dpo_loss) if isinstance(dpo_loss, list) else dpo_loss
-        return "DPO loss", f"DPO loss ({kind}), mean per pair"
-    if objective == "reward":
-        return "reward loss", "reward-model loss -log sigmoid(r_chosen - r_rejected), mean per pair"
-    return "loss", "cross-entropy (nats/token)"
+LM_LOSS = ("loss", "cross-entropy (nats/token)")  # (curve name, y-axis label) of a language model's loss
 
 
 def run_objective(run_dir: Path) -> tuple[str, object]:
@@ -66,8 +58,9 @@ def series(rows: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]
     return steps, [points[s] for s in steps]
 
 
-def draw_run(rows: list[dict[str, Any]], title: str = "", loss: tuple[str, str] = loss_names()) -> Figure:
-    """The figure of a run's metric rows (see the module docstring); `loss`: `loss_names` of its objective.
+def draw_run(rows: list[dict[str, Any]], title: str = "", loss: tuple[str, str] = LM_LOSS) -> Figure:
+    """The figure of a run's metric rows (see the module docstring); `loss`: (curve name, y-axis label)
+    of its objective's loss (train/objectives.py loss_label).
 
     Raises:
         ValueError: no row has a finite loss or eval_loss.
@@ -112,12 +105,14 @@ def draw_run(rows: list[dict[str, Any]], title: str = "", loss: tuple[str, str] 
     return figure
 
 
-def plot_run(run_dir: str | os.PathLike, out: Optional[str | os.PathLike] = None) -> Path:
+def plot_run(run_dir: str | os.PathLike, out: Optional[str | os.PathLike] = None,
+             loss: tuple[str, str] = LM_LOSS) -> Path:
     """Draw `run_dir/metrics.jsonl` (see `draw_run`) to a PNG.
 
     Args:
         run_dir: a run folder holding metrics.jsonl (and config.yaml, which names the loss).
         out: where to write the PNG; default `run_dir/loss.png`.
+        loss: (curve name, y-axis label) of the run's loss (train/objectives.py loss_label of `run_objective`).
     Returns:
         The path of the PNG written.
     Raises:
@@ -134,7 +129,7 @@ def plot_run(run_dir: str | os.PathLike, out: Optional[str | os.PathLike] = None
         raise ConfigError(f"{run_dir} {state}; give a run directory (runs/NAME, or runs/NAME/STAGE of a staged run)")
     rows = read_metrics(run_dir / METRICS_FILE)
     try:
-        figure = draw_run(rows, title=run_dir.name, loss=loss_names(*run_objective(run_dir)))
+        figure = draw_run(rows, title=run_dir.name, loss=loss)
     except ValueError as err:  # the metrics file, not the code, is at fault
         raise DataError(f"{run_dir / METRICS_FILE}: {err}") from None
     path = Path(out) if out is not None else run_dir / PLOT_FILE

@@ -20,36 +20,39 @@ import dataclasses
 import math
 import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, ContextManager, Optional
+from typing import Any, Callable, ContextManager, Optional
 
 import numpy as np
 import torch
 
 from mistral_train.checkpoint.state import restore_rng_state
 from mistral_train.config import RunConfig, dump_run_config
-from mistral_train.data.batches import PAIR_OBJECTIVES, EpochBatches, TrainData, build_batches, pad_id_of
 from mistral_train.data.collate import padding_share
+from mistral_train.data.epochs import EpochBatches, TrainData
+from mistral_train.data.spec import pad_id_of
 from mistral_train.dist.accelerator import (
     backward, build_accelerator, clip_gradients, no_sync, prepare, release, shard_model, strategy_of,
 )
 from mistral_train.dist.gather import FullModel
 from mistral_train.errors import reading_data
 from mistral_train.model import Mistral
-from mistral_train.tracking.plots import plot_run
 from mistral_train.preflight import preflight
-from mistral_train.tokenizer.tokenizer import load_tokenizer, resolve_tokenizer_path
 from mistral_train.tokenizer.files import tokenizer_json, write_tokenizer_files
+from mistral_train.tokenizer.tokenizer import load_tokenizer, resolve_tokenizer_path
 from mistral_train.tracking.metrics import MetricsLogger, progress_bar
-from mistral_train.train.resume import load_checkpoint, resolve_resume, save_checkpoint
+from mistral_train.tracking.plots import plot_run
 from mistral_train.train.evaluate import evaluate_loss, exact_match
 from mistral_train.train.export import export_final, merge_adapter_folder, write_sample
 from mistral_train.train.model_setup import build_model, compile_enabled, load_model_weights, save_model_folder
 from mistral_train.train.neftune import NEFTune
+from mistral_train.train.objectives import ObjectiveEntry, objective_entry
 from mistral_train.train.optim import build_optimizer, build_scheduler
-from mistral_train.train.preference import preference_objective
+from mistral_train.train.resume import load_checkpoint, resolve_resume, save_checkpoint
+from mistral_train.train.run_data import read_data
 from mistral_train.train.stages import run_stages
-from mistral_train.train.steps import Batch, Objective, get_objective
+from mistral_train.train.steps import Batch, Objective
 
 Autocast = Callable[[], ContextManager]
 
@@ -110,13 +113,12 @@ def evaluate(model, objective: Objective, data: TrainData, tokenizer, cfg: RunCo
     rows that carry an "answer" (main process, on `full_model`'s gathered weights when sharded).
     Returns (metrics, generation samples)."""
     metrics: dict[str, float] = {}
-    if data.eval_batches:
-        language = cfg.trainer.objective not in PAIR_OBJECTIVES  # perplexity of a DPO or reward loss means nothing
-        metrics.update(evaluate_loss(model, objective.step, data.eval_batches, autocast, perplexity=language))
+    entry = objective_entry(cfg.trainer.objective)
+    if data.eval_batches:  # perplexity of a DPO or reward loss means nothing
+        metrics.update(evaluate_loss(model, objective.step, data.eval_batches, autocast, perplexity=entry.perplexity))
     answered = any("answer" in row for row in data.eval_rows or [])
     samples: list[dict] = []
-    generates = cfg.trainer.objective != "reward"
-    if answered and generates and cfg.trainer.eval_max_new_tokens > 0:
+    if answered and entry.generates and cfg.trainer.eval_max_new_tokens > 0:
         # gathering is collective under sharding: every process takes part, the main one generates
         trained = full_model.collect(model) if full_model is not None else accelerator.unwrap_model(model)
         if accelerator.is_main_process:
@@ -140,28 +142,110 @@ def fit(cfg: RunConfig) -> Path:
         release(accelerator)
 
 
+@dataclass
+class Run:
+    """What `_setup` builds for the steps and the end of one run."""
+
+    cfg: RunConfig
+    accelerator: Any
+    run_dir: Path
+    entry: ObjectiveEntry
+    tokenizer: Any
+    data: TrainData
+    model: torch.nn.Module  # as prepared by Accelerate (wrapped under DDP, an engine under DeepSpeed)
+    full_model: FullModel  # gathers full weights from the shards
+    objective: Objective  # evaluation's: no NEFTune noise
+    train_objective: Objective
+    optimizer: Any
+    scheduler: Any
+    logger: MetricsLogger
+    start: int  # steps done before this process started (resume)
+
+    def write_folder(self, trained: Mistral, folder: Path) -> None:
+        """A checkpoint's or final/'s weights and tokenizer files."""
+        save_model_folder(trained, folder, self.cfg.model, self.cfg.adapter)
+        write_tokenizer_files(self.tokenizer, folder, self.cfg.data.chat_format)
+
+    def evaluate(self, step: int, metrics: dict) -> dict:
+        """`metrics` with the held-out metrics of `step` added (samples go to the log)."""
+        results, samples = evaluate(self.model, self.objective, self.data, self.tokenizer, self.cfg,
+                                    self.accelerator.autocast, self.accelerator, self.full_model)
+        if samples:
+            self.logger.log_samples(step, samples)
+        return {**metrics, **results}
+
+
+class Meter:
+    """Throughput over training steps only (evaluation and checkpoint writes excluded) and the padding
+    share, both averaged over the steps since the last log row; the first and last loss of the run."""
+
+    def __init__(self) -> None:
+        self.began, self.first_loss, self.last_loss = time.perf_counter(), None, math.nan
+        self.tokens, self.seconds, self.shares = 0, 0.0, []
+
+    def add(self, drawn: list[Batch], seconds: float, loss: float) -> float:
+        """Count one step (every batch drawn, over all processes); return its tokens per second."""
+        n_inputs = sum(batch["input_ids"].numel() for batch in drawn)
+        self.tokens, self.seconds = self.tokens + n_inputs, self.seconds + seconds
+        self.shares += [padding_share(b) for b in drawn if "attention_mask" in b or "pad_mask" in b]
+        self.first_loss = loss if self.first_loss is None else self.first_loss
+        self.last_loss = loss
+        return n_inputs / seconds
+
+    def row(self, epoch: float) -> dict[str, float]:
+        """tokens_per_s, epoch and padding_share (when batches carry padding) since the last row; restart."""
+        row = {"tokens_per_s": self.tokens / self.seconds, "epoch": epoch}  # epoch: items served / items per epoch
+        if self.shares:
+            row["padding_share"] = sum(self.shares) / len(self.shares)
+        self.tokens, self.seconds, self.shares = 0, 0.0, []
+        return row
+
+
 def _train(cfg: RunConfig, accelerator) -> Path:
-    spec, main = cfg.trainer, accelerator.is_main_process
-    say = print if main else (lambda *_: None)
-    run_dir = Path(cfg.run.dir) / cfg.run.name
+    spec, run = cfg.trainer, _setup(cfg, accelerator)
+    if spec.eval_before_training and run.start == 0:
+        run.logger.log(0, run.evaluate(0, {}))
+    bar = progress_bar(spec.max_steps, run.start, cfg.tracking.progress_bar and accelerator.is_main_process)
+    meter = Meter()
+    run.model.train()
+    for step in range(run.start, spec.max_steps):
+        metrics, tokens_per_s = _step(run, meter)
+        done = step + 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{metrics['loss']:.3f}", lr=f"{metrics['lr']:.2e}", tok_s=f"{tokens_per_s:.0f}")
+        evaluating = done == spec.max_steps or bool(spec.eval_every and done % spec.eval_every == 0)
+        if evaluating:
+            metrics = run.evaluate(done, metrics)
+        if evaluating or done == 1 or done % spec.log_every == 0:
+            run.logger.log(done, {**metrics, **meter.row(run.data.train.progress)})
+        if done == spec.max_steps or (spec.save_every and done % spec.save_every == 0):
+            trained = run.full_model.collect(run.model, trainable_only=cfg.adapter.kind != "none")  # every process
+            save_checkpoint(accelerator, run.run_dir, done, run.model, run.optimizer, run.scheduler,
+                            run.data.train.state_dict(), lambda folder: run.write_folder(trained, folder), spec.keep_last)
+    bar.close()
+    run.logger.close()
+    _end(run, meter)
+    accelerator.wait_for_everyone()
+    return run.run_dir
+
+
+def _setup(cfg: RunConfig, accelerator) -> Run:
+    """Tokenizer, data (read and audited before the model loads), model, objective, optimizer, resume, log."""
+    spec, say = cfg.trainer, print if accelerator.is_main_process else (lambda *_: None)
+    entry, run_dir = objective_entry(spec.objective), Path(cfg.run.dir) / cfg.run.name
     resume_from = resolve_resume(cfg.resume, run_dir)
     seed_everything(spec.seed)
-    tokenizer_path = resolve_tokenizer_path(cfg.model.tokenizer, cfg.model.path)
-    tokenizer = load_tokenizer(tokenizer_path)
+    tokenizer = load_tokenizer(resolve_tokenizer_path(cfg.model.tokenizer, cfg.model.path))
     if tokenizer.kind == "sentencepiece":  # its tokenizer.json, converted now rather than inside the first checkpoint write
         tokenizer_json(tokenizer)
     with reading_data():  # a ValueError here is about the user's rows: a one-line DataError (errors.py)
-        data = build_batches(cfg, tokenizer, check=False)  # reads, tokenizes, audits: bad data stops before the model loads
+        data = read_data(cfg, tokenizer, check=False)  # reads, tokenizes, audits: bad data stops before the model loads
         say("\n".join(data.summary))  # counts, audit table and "warning: " lines (examples dropped or cut for length)
         data.check_batch_size()  # after the summary, which shows why the data may not fill one batch
     pad_id = pad_id_of(tokenizer)
-    task = "sequence_classification" if spec.objective == "reward" else "causal_lm"
-    model = build_model(cfg.model, tokenizer, cfg.adapter, task, pad_id).to(accelerator.device)
+    model = build_model(cfg.model, tokenizer, cfg.adapter, entry.task, pad_id).to(accelerator.device)
     model.set_compile(compile_enabled(spec.compile, accelerator.device))  # lazy: blocks compile at the first step
-    if spec.objective in PAIR_OBJECTIVES:  # before any checkpoint loads: the reference is the starting policy
-        objective = preference_objective(cfg, model, data, pad_id, accelerator)
-    else:
-        objective = get_objective(spec.objective, spec.loss_chunk_size)
+    objective = entry.build(cfg, model, data, pad_id, accelerator)  # before any checkpoint loads (a reference)
     full_model = FullModel(accelerator, model)  # before sharding: the structure full weights are gathered into
     model = shard_model(accelerator, model)  # FSDP2 shards here, so the optimizer is built over the shards
     # DeepSpeed steps our optimizer on its own fp32 master partitions: no bf16 remedy needed (train/optim.py)
@@ -175,10 +259,6 @@ def _train(cfg: RunConfig, accelerator) -> Path:
         neftune = NEFTune(cfg.data.neftune_alpha)
         neftune.attach(unwrapped)
         train_objective = neftune.wrap(objective)
-    def write_folder(trained: Mistral, folder: Path) -> None:  # a checkpoint's or final/'s weights + tokenizer
-        save_model_folder(trained, folder, cfg.model, cfg.adapter)
-        write_tokenizer_files(tokenizer, folder, cfg.data.chat_format)
-
     start = 0
     if resume_from is not None:
         state = load_checkpoint(resume_from, accelerator, model, lambda folder: load_model_weights(unwrapped, folder),
@@ -186,76 +266,48 @@ def _train(cfg: RunConfig, accelerator) -> Path:
         restore_rng_state(state["rng"])  # last: nothing else draws random numbers before the next step
         start = state["step"]
         say(f"resumed from {resume_from} at step {start}")
-    if main:
+    if accelerator.is_main_process:
         dump_run_config(cfg, run_dir / "config.yaml")
     logger = MetricsLogger(run_dir, cfg.tracking, config=dataclasses.asdict(cfg),
-                           resume_step=start if resume_from is not None else None, enabled=main)
+                           resume_step=start if resume_from is not None else None, enabled=accelerator.is_main_process)
+    return Run(cfg, accelerator, run_dir, entry, tokenizer, data, model, full_model, objective, train_objective,
+               optimizer, scheduler, logger, start)
 
-    def log_eval(step: int, metrics: dict) -> dict:
-        results, samples = evaluate(model, objective, data, tokenizer, cfg, accelerator.autocast, accelerator, full_model)
-        if samples:
-            logger.log_samples(step, samples)
-        return {**metrics, **results}
 
-    if spec.eval_before_training and start == 0:
-        logger.log(0, log_eval(0, {}))
-    bar = progress_bar(spec.max_steps, start, cfg.tracking.progress_bar and main)
-    model.train()
-    max_norm = spec.grad_clip if spec.grad_clip > 0 else float("inf")  # inf: the norm is still computed, for the log
+def _step(run: Run, meter: Meter) -> tuple[dict[str, float], float]:
+    """One optimizer step over one accumulation window: (its metrics, tokens per second)."""
+    accelerator, spec, tick = run.accelerator, run.cfg.trainer, time.perf_counter()
     world, rank = accelerator.num_processes, accelerator.process_index
-    began, first_loss, last_loss = time.perf_counter(), math.nan, math.nan
-    # throughput over training steps only (evaluation and checkpoint writes excluded), and padding,
-    # both averaged over the steps since the last log row
-    tokens_since, seconds_since, shares = 0, 0.0, []
-    for step in range(start, spec.max_steps):
-        tick = time.perf_counter()
-        mine, n_tokens, drawn = next_window(data.train, objective, spec.grad_accum_steps, world, rank)
-        window = [{k: v.to(accelerator.device) for k, v in b.items() if k != "pad_mask"} for b in mine]
-        last_loss, _, stats = backward_window(model, train_objective, window, accelerator.autocast, accelerator,
-                                              n_tokens, world)
-        if world > 1:  # each process's share of the window's mean: their sum is the mean
-            summed = accelerator.reduce(torch.tensor([last_loss, *stats.values()], device=accelerator.device), "sum")
-            last_loss, stats = float(summed[0]), dict(zip(stats, summed[1:].tolist()))
-        first_loss = last_loss if step == start else first_loss
-        grad_norm = clip_gradients(accelerator, model, max_norm)
-        lr = float(optimizer.param_groups[0]["lr"])  # torchao keeps it as a tensor
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
-        done, seconds = step + 1, time.perf_counter() - tick
-        n_inputs = sum(batch["input_ids"].numel() for batch in drawn)
-        tokens_since, seconds_since = tokens_since + n_inputs, seconds_since + seconds
-        shares += [padding_share(b) for b in drawn if "attention_mask" in b or "pad_mask" in b]
-        bar.update(1)
-        bar.set_postfix(loss=f"{last_loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{n_inputs / seconds:.0f}")
-        metrics = {"loss": last_loss, **stats, "lr": lr, "grad_norm": grad_norm}
-        evaluating = done == spec.max_steps or bool(spec.eval_every and done % spec.eval_every == 0)
-        if evaluating:
-            metrics = log_eval(done, metrics)
-        if evaluating or done == 1 or done % spec.log_every == 0:
-            metrics["tokens_per_s"] = tokens_since / seconds_since
-            metrics["epoch"] = data.train.progress  # epochs done: items served / items per epoch (1.0: one pass)
-            if shares:
-                metrics["padding_share"] = sum(shares) / len(shares)
-            logger.log(done, metrics)
-            tokens_since, seconds_since, shares = 0, 0.0, []
-        if done == spec.max_steps or (spec.save_every and done % spec.save_every == 0):
-            trained = full_model.collect(model, trainable_only=cfg.adapter.kind != "none")  # every process
-            save_checkpoint(accelerator, run_dir, done, model, optimizer, scheduler, data.train.state_dict(),
-                            lambda folder: write_folder(trained, folder), spec.keep_last)
-    bar.close()
-    logger.close()
-    trained = full_model.collect(model)  # every process; the full model on the main one
-    if main:
-        if spec.max_steps > start:
-            print(f"trained steps {start + 1}-{spec.max_steps} in {time.perf_counter() - began:.0f}s; "
-                  f"loss {first_loss:.3f} -> {last_loss:.3f}")
-        export_final(lambda folder: write_folder(trained, folder), run_dir / "final")
-        if cfg.adapter.kind != "none" and cfg.adapter.merge_at_end:
-            merge_adapter_folder(run_dir / "final", run_dir / "merged")
-        if cfg.tracking.plot:
-            plot_run(run_dir)
-        if task == "causal_lm":
-            write_sample(trained, tokenizer, cfg, run_dir / "sample.txt", chat=data.stats is not None)
-    accelerator.wait_for_everyone()
-    return run_dir
+    mine, n_tokens, drawn = next_window(run.data.train, run.objective, spec.grad_accum_steps, world, rank)
+    window = [{k: v.to(accelerator.device) for k, v in b.items() if k != "pad_mask"} for b in mine]
+    loss, _, stats = backward_window(run.model, run.train_objective, window, accelerator.autocast, accelerator,
+                                     n_tokens, world)
+    if world > 1:  # each process's share of the window's mean: their sum is the mean
+        summed = accelerator.reduce(torch.tensor([loss, *stats.values()], device=accelerator.device), "sum")
+        loss, stats = float(summed[0]), dict(zip(stats, summed[1:].tolist()))
+    max_norm = spec.grad_clip if spec.grad_clip > 0 else float("inf")  # inf: the norm is still computed, for the log
+    grad_norm = clip_gradients(accelerator, run.model, max_norm)
+    lr = float(run.optimizer.param_groups[0]["lr"])  # torchao keeps it as a tensor
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.scheduler.step()
+    tokens_per_s = meter.add(drawn, time.perf_counter() - tick, loss)
+    return {"loss": loss, **stats, "lr": lr, "grad_norm": grad_norm}, tokens_per_s
+
+
+def _end(run: Run, meter: Meter) -> None:
+    """final/ (and merged/), loss.png and sample.txt, written by the main process from the full model."""
+    cfg, run_dir = run.cfg, run.run_dir
+    trained = run.full_model.collect(run.model)  # every process; the full model on the main one
+    if not run.accelerator.is_main_process:
+        return
+    if cfg.trainer.max_steps > run.start:
+        print(f"trained steps {run.start + 1}-{cfg.trainer.max_steps} in {time.perf_counter() - meter.began:.0f}s; "
+              f"loss {meter.first_loss:.3f} -> {meter.last_loss:.3f}")
+    export_final(lambda folder: run.write_folder(trained, folder), run_dir / "final")
+    if cfg.adapter.kind != "none" and cfg.adapter.merge_at_end:
+        merge_adapter_folder(run_dir / "final", run_dir / "merged")
+    if cfg.tracking.plot:
+        plot_run(run_dir, loss=run.entry.loss_label(cfg.trainer.dpo.loss_type))
+    if run.entry.generates:
+        write_sample(trained, tokenizer=run.tokenizer, cfg=cfg, path=run_dir / "sample.txt", chat=run.entry.chat)

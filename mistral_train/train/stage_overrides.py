@@ -9,7 +9,7 @@ key, silently. Here what the user types wins over recipe files, at every level:
   `model.path` and `adapter.path`: they are where the first stage starts, and each later stage starts
   from the stage before it (train/stages.py). `run.*` and `resume` belong to the recipe as a whole.
 - `data.*` and `data=OPTION` go only to the stages whose objective reads the kind of data they name
-  (formats.OBJECTIVE_KINDS: chat rows -> sft, preference pairs -> dpo and reward, plain text -> pretrain),
+  (train/objectives.py: chat rows -> sft, preference pairs -> dpo and reward, plain text -> pretrain),
   the kind read from the file's first row (data.format=auto) or from data.format; the other stages keep
   the recipe's data. A kind that no stage that runs reads is an error naming each stage and its kind.
   Without a path or a format to tell the kind (`data.eval_fraction=0.1` alone) the keys reach every stage.
@@ -26,10 +26,10 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override
 from hydra.errors import HydraException
 
-from mistral_train.config import RunConfig
+from mistral_train.config import RunConfig, load_run_config
 from mistral_train.errors import ConfigError
 from mistral_train.config_checks import describe_error
-from mistral_train.data.formats import KIND_NAMES, format_kind, objective_kind
+from mistral_train.data.formats import KIND_NAMES, format_kind
 from mistral_train.train.stages import IF_NO_MODEL, stage_configs
 
 Compose = Callable[[str, Sequence[str]], RunConfig]  # (recipe, overrides) -> the composed RunConfig
@@ -38,9 +38,9 @@ _STARTING_POINTS = ("model.path", "adapter.path")  # the first stage's start; la
 _MISSING = object()  # a key a section does not set (None is a value: `data.path: null`)
 
 
-def load_routed(recipe: str, overrides: Sequence[str], compose: Compose) -> RunConfig:
-    """Compose `recipe` with `overrides`; for a staged recipe, route the overrides into the stages'
-    sections as the module docstring says.
+def load_routed(recipe: str, overrides: Sequence[str] = (), compose: Compose = load_run_config) -> RunConfig:
+    """Compose `recipe` with `overrides` (config.load_run_config); for a staged recipe, route the overrides
+    into the stages' sections as the module docstring says. The command line loads its runs here.
 
     Raises:
         ConfigError: a bad override, a stage the recipe does not have, data no stage reads (or that
@@ -130,7 +130,7 @@ def _data_readers(recipe: str, run: RunConfig, preview: dict, running: list[str]
     kind, where = _typed_kind(run)
     if kind is None:
         return list(objectives)
-    readers = [n for n in objectives if objective_kind(objectives[n]) == kind]  # a stage left out costs nothing
+    readers = [n for n in objectives if _kind_read_by(objectives[n]) == kind]  # a stage left out costs nothing
     if not any(n in running for n in readers):
         skipped = [name for name in objectives if name not in running]
         raise ConfigError(_nobody_reads(recipe, where, kind, objectives, running, skipped))
@@ -166,15 +166,22 @@ def _typed_kind(run: RunConfig) -> tuple[Optional[str], str]:
 
 def _nobody_reads(recipe: str, where: str, kind: Optional[str], objectives: dict[str, str], running: list[str],
                   skipped: list[str]) -> str:
-    stages = "; ".join(f"stage {n} reads {KIND_NAMES.get(objective_kind(objectives[n]) or '', '?')} "
+    stages = "; ".join(f"stage {n} reads {KIND_NAMES.get(_kind_read_by(objectives[n]) or '', '?')} "
                        f"(trainer.objective={objectives[n]})" for n in running)
     text = f"{where} holds {KIND_NAMES.get(kind or '', kind)}, which no stage of recipe {recipe!r} reads: {stages}"
     if skipped:
         text += (f"; {'stages' if len(skipped) > 1 else 'stage'} {' and '.join(skipped)} "
                  f"{'are' if len(skipped) > 1 else 'is'} left out (if_no_model: they run only without model.path)")
-    if kind == "preference" and any(objective_kind(objectives[n]) == "chat" for n in running):
+    if kind == "preference" and any(_kind_read_by(objectives[n]) == "chat" for n in running):
         text += "; to fine-tune on the prompts and chosen answers only, set data.format=chosen_only"
     return text
+
+
+def _kind_read_by(objective: str) -> Optional[str]:
+    """The kind of data `objective` trains on; None for a name the table does not know (preflight names it)."""
+    from mistral_train.train.objectives import OBJECTIVES  # here: it imports the steps and their stack
+
+    return OBJECTIVES[objective].data_kind if objective in OBJECTIVES else None
 
 
 def _stage_objective(run: RunConfig, section: dict) -> str:

@@ -33,7 +33,7 @@ from omegaconf.errors import OmegaConfBaseException
 from mistral_train.config import RunConfig, dump_run_config
 from mistral_train.errors import ConfigError
 from mistral_train.config_checks import describe_error
-from mistral_train.data.formats import KIND_NAMES, check_kind, format_kind, resolve_format
+from mistral_train.data.formats import KIND_NAMES, format_kind, resolve_format
 
 _NOT_IN_STAGES = ("run", "stages", "resume")  # decided by the staged recipe as a whole
 IF_NO_MODEL = "if_no_model"  # a stage marked `if_no_model: true` runs only when model.path is not given
@@ -138,7 +138,7 @@ def stage_origins(name: str, stage: RunConfig, home: Path) -> list[str]:
 
     Raises:
         ConfigError: the data is missing, unreadable at its first row, or of another kind than the
-            stage's objective trains on (data/formats.py: check_kind).
+            stage's objective trains on (train/objectives.py: check_data_kind).
     """
     try:
         data = data_origin(stage)
@@ -155,13 +155,14 @@ def data_origin(cfg: RunConfig) -> str:
             `cfg.trainer.objective` does not train on.
     """
     from mistral_train.data.sources import source_formats  # here: the data stack is slow to import
+    from mistral_train.train.objectives import check_data_kind, objective_entry  # here: it imports the steps
 
     spec, objective = cfg.data, cfg.trainer.objective
-    fmt = resolve_format(spec.format, spec.path, objective)
+    fmt = resolve_format(spec.format, spec.path, objective_entry(objective).data_kind)
     name, formats = source_formats(dataclasses.replace(spec, format=fmt))
     kinds = sorted({format_kind(f) for f in formats.values()})  # a mix is load_splits' to refuse, by file
     for kind in kinds:
-        check_kind(objective, kind, name)
+        check_data_kind(objective, kind, name)
     found = ", ".join(sorted(set(formats.values())))
     how = ("decided from the first row of each file" if spec.format == "auto" and spec.path is not None
            else "for the bundled data" if spec.path is None else "data.format")

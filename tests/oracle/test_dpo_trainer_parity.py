@@ -43,7 +43,8 @@ from mistral_train.data.preference import collate_pairs  # noqa: E402
 from mistral_train.losses import dpo_loss  # noqa: E402
 from mistral_train.train.loop import backward_window  # noqa: E402
 from mistral_train.train.optim import build_optimizer, build_scheduler  # noqa: E402
-from mistral_train.train.preference import build_reference, dpo_objective, sequence_logprobs  # noqa: E402
+from mistral_train.train.reference import build_reference  # noqa: E402
+from mistral_train.train.steps import dpo_objective, sequence_logprobs  # noqa: E402
 from tests.oracle._trl_helpers import TRL_ON_CPU, hf_tokenizer, pairs_of, preference_rows, tiny_folder  # noqa: E402
 
 CHUNK = 7  # loss_chunk_size: divides no sequence's completion count, so the chunk seams are exercised

@@ -36,7 +36,7 @@ from mistral_train.data.preference import collate_pairs  # noqa: E402
 from mistral_train.losses import reward_loss  # noqa: E402
 from mistral_train.train.loop import backward_window  # noqa: E402
 from mistral_train.train.optim import build_optimizer, build_scheduler  # noqa: E402
-from mistral_train.train.preference import reward_objective  # noqa: E402
+from mistral_train.train.steps import reward_objective  # noqa: E402
 from tests.oracle._trl_helpers import TRL_ON_CPU, hf_tokenizer, pairs_of, preference_rows  # noqa: E402
 
 N_PAIRS = 8

@@ -44,7 +44,9 @@ from mistral_train.losses.ce import IGNORE_INDEX
 from mistral_train.tokenizer.tokenizer import bundled_tokenizer_path, load_tokenizer
 from mistral_train.train.loop import backward_window
 from mistral_train.train.optim import build_optimizer, build_scheduler, lr_factor, param_groups
-from mistral_train.train.steps import get_objective
+from mistral_train.train.steps import language_model
+from tests._tokenizers import bundled, with_tokenizer_model
+from tests.oracle._trl_helpers import tiny_folder
 
 STEPS, BATCH, ACCUM = 10, 2, 2
 N_EXAMPLES = STEPS * BATCH * ACCUM  # exactly one epoch: trl would start over after it
@@ -79,7 +81,7 @@ def our_run(folder, examples, pad_id: int) -> tuple[list[dict], dict[str, torch.
     optimizer = build_optimizer(model, SPEC)
     assert optimizer.defaults["eps"] == EPS
     scheduler = build_scheduler(optimizer, SPEC)
-    objective = get_objective(SPEC.objective, SPEC.loss_chunk_size)
+    objective = language_model(SPEC.loss_chunk_size)
     batches = [collate_padded(examples[i : i + BATCH], pad_id, SPEC.max_seq_len) for i in range(0, len(examples), BATCH)]
     log = []
     for step in range(STEPS):
@@ -161,7 +163,7 @@ def test_sft_steps_match_trl(tmp_path, hf_model, tiny):
 
     # The comparison is sharp: normalising each micro-batch by its own label count would miss step 1.
     model = Mistral.from_pretrained(folder)
-    objective = get_objective(SPEC.objective)
+    objective = language_model()
     window = [collate_padded(examples[i : i + BATCH], tokenizer.eos_id, SPEC.max_seq_len) for i in range(0, 2 * BATCH, BATCH)]
     counts = [objective.count(b) for b in window]
     assert counts[0] != counts[1]

@@ -15,7 +15,7 @@ from mistral_train.data.sources import bundled_chat_path
 from mistral_train.tokenizer.tokenizer import load_tokenizer
 from mistral_train.train import fit
 from mistral_train.train.loop import backward_window
-from mistral_train.train.steps import get_objective
+from mistral_train.train.steps import language_model
 
 
 def _labels_with_holes(ids: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -43,7 +43,7 @@ def test_accumulation_of_k_micro_batches_equals_one_big_batch():
     model.zero_grad(set_to_none=True)
 
     window = [{"input_ids": ids[i : i + 2], "labels": labels[i : i + 2]} for i in range(0, 6, 2)]
-    objective = get_objective("pretrain", loss_chunk_size=7)  # chunks that straddle rows
+    objective = language_model(loss_chunk_size=7)  # chunks that straddle rows
     loss, n_tokens, _ = backward_window(model, objective, window, contextlib.nullcontext)
     assert n_tokens == int(counts.sum())
     assert loss == pytest.approx(reference.item(), abs=1e-6)
@@ -160,7 +160,7 @@ def test_accumulation_over_padded_micro_batches_of_very_different_lengths_equals
 
     window = [collate_padded(examples[i : i + 2], pad_id=0, max_seq_len=64) for i in range(0, 6, 2)]
     assert len({b["input_ids"].shape[1] for b in window}) == 3  # three different padded lengths
-    loss, _, _ = backward_window(model, get_objective("sft", loss_chunk_size=16), window, contextlib.nullcontext)
+    loss, _, _ = backward_window(model, language_model(loss_chunk_size=16), window, contextlib.nullcontext)
     assert loss == pytest.approx(reference.item(), abs=1e-6)
     for name, param in model.named_parameters():
         torch.testing.assert_close(param.grad, expected[name], atol=1e-6, rtol=1e-5, msg=name)

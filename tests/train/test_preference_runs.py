@@ -16,7 +16,8 @@ from mistral_train.data.sources import bundled_pairs_path
 from mistral_train.tokenizer.tokenizer import load_tokenizer
 from mistral_train.train import fit
 from mistral_train.train import reference_cache
-from mistral_train.train.preference import build_reference, resolve_reference, sequence_logprobs
+from mistral_train.train.reference import build_reference, resolve_reference
+from mistral_train.train.steps import sequence_logprobs
 
 
 def _pairs(folder, n=24):

@@ -10,6 +10,8 @@ from mistral_train.config import list_recipes, load_run_config
 from mistral_train.errors import ConfigError
 from mistral_train.data.batches import build_batches
 from mistral_train.data.formats import resolve_format
+from mistral_train.train.objectives import objective_entry
+from mistral_train.train.stage_overrides import load_routed
 from mistral_train.tokenizer.tokenizer import bundled_tokenizer_path, load_tokenizer
 from mistral_train.train.stages import run_stages, stage_configs
 from tests._chat import A, U
@@ -35,11 +37,11 @@ def files(tmp_path):
 
 
 def _stages(recipe, overrides):
-    return dict(stage_configs(load_run_config(recipe, overrides)))
+    return dict(stage_configs(load_routed(recipe, overrides)))
 
 
 def _fmt(stage):  # the format the stage's data is read as when it is the bundled data
-    return resolve_format(stage.data.format, stage.data.path, stage.trainer.objective)
+    return resolve_format(stage.data.format, stage.data.path, objective_entry(stage.trainer.objective).data_kind)
 
 
 @pytest.mark.parametrize("recipe", ["tiny_lora_sft", "tiny_qlora_sft", "tiny_pretrain_sft"])
@@ -87,14 +89,14 @@ def test_data_keys_that_name_no_kind_reach_every_stage():
 
 def test_a_file_no_stage_reads_names_each_stage_and_its_kind(files):
     with pytest.raises(ConfigError) as err:
-        load_run_config("tiny_pretrain_sft", [f"data.path={files['pairs']}"])
+        load_routed("tiny_pretrain_sft", [f"data.path={files['pairs']}"])
     assert str(err.value) == (
         f"data.path {files['pairs']} holds preference pairs, which no stage of recipe 'tiny_pretrain_sft' reads: "
         "stage pretrain reads plain text (trainer.objective=pretrain); stage sft reads chat rows "
         "(trainer.objective=sft); to fine-tune on the prompts and chosen answers only, set data.format=chosen_only")
     # a stage left out because model.path is given does not read it either
     with pytest.raises(ConfigError, match="stage dpo reads preference pairs .*; stages pretrain and sft are left out"):
-        load_run_config("tiny_dpo", [f"data.path={files['chat']}", "model.path=/models/sft"])
+        load_routed("tiny_dpo", [f"data.path={files['chat']}", "model.path=/models/sft"])
 
 
 def test_chosen_only_sends_a_pairs_file_to_the_sft_stage(files):
@@ -106,13 +108,13 @@ def test_chosen_only_sends_a_pairs_file_to_the_sft_stage(files):
 def test_sft_on_a_pairs_file_is_refused_naming_the_file_and_the_opt_in(files):
     # one run (tiny_sft): fit() refuses it where it reads the data, before the model is built or a folder written
     tokenizer = load_tokenizer(bundled_tokenizer_path())
-    cfg = load_run_config("tiny_sft", [f"data.path={files['pairs']}", "data.packing=false"])
+    cfg = load_routed("tiny_sft", [f"data.path={files['pairs']}", "data.packing=false"])
     with pytest.raises(ValueError, match=f"^data.path {files['pairs']} holds preference pairs, but "
                                          "trainer.objective=sft .*set data.format=chosen_only"):
-        build_batches(cfg, tokenizer)
-    cfg = load_run_config("tiny_sft", [f"data.path={files['pairs']}", "data.packing=false", "data.format=chosen_only"])
-    assert f"{files['pairs']}: format chosen_only" in "\n".join(build_batches(cfg, tokenizer).summary)
-    cfg = load_run_config("mistral7b_reward", ["model.path=/m", f"data.path={files['chat']}", "data.eval_fraction=0"])
+        read_data(cfg, tokenizer)
+    cfg = load_routed("tiny_sft", [f"data.path={files['pairs']}", "data.packing=false", "data.format=chosen_only"])
+    assert f"{files['pairs']}: format chosen_only" in "\n".join(read_data(cfg, tokenizer).summary)
+    cfg = load_routed("mistral7b_reward", ["model.path=/m", f"data.path={files['chat']}", "data.eval_fraction=0"])
     with pytest.raises(ValueError, match=f"^data.path {files['chat']} holds chat rows, but trainer.objective=reward"):
         build_batches(cfg, tokenizer)
 
@@ -133,22 +135,22 @@ def test_model_path_stays_the_first_stages_start_and_the_chain_continues():
 def test_misspelt_stage_names_and_keys_get_did_you_mean():
     with pytest.raises(ConfigError, match=r"^stages.sfx.trainer.max_steps: recipe 'tiny_pretrain_sft' has no stage "
                                           r"'sfx'; did you mean 'stages.sft'\? \(its stages: pretrain, sft\)"):
-        load_run_config("tiny_pretrain_sft", ["stages.sfx.trainer.max_steps=3"])
+        load_routed("tiny_pretrain_sft", ["stages.sfx.trainer.max_steps=3"])
     with pytest.raises(ConfigError, match=r"^stages.sft: unknown key 'trainer.max_stepz'; did you mean 'trainer.max_steps'\?"):
-        load_run_config("tiny_pretrain_sft", ["stages.sft.trainer.max_stepz=3"])
+        load_routed("tiny_pretrain_sft", ["stages.sft.trainer.max_stepz=3"])
     with pytest.raises(ConfigError, match="recipe 'tiny_sft' has no stages"):
-        load_run_config("tiny_sft", ["stages.sft.trainer.max_steps=3"])
+        load_routed("tiny_sft", ["stages.sft.trainer.max_steps=3"])
 
 
 def test_every_recipe_reads_its_data_with_format_auto():
     for recipe in list_recipes():  # data.path=null: the bundled data (a recipe for your data requires a path)
-        run = load_run_config(recipe, ["model.path=/m", "data.path=null"])
+        run = load_routed(recipe, ["model.path=/m", "data.path=null"])
         assert run.data.format == "auto", recipe
         assert all(stage.data.format == "auto" for _, stage in stage_configs(run)), recipe
 
 
 def test_each_stage_prints_where_its_data_and_model_come_from(files, tmp_path, capsys):
-    cfg = load_run_config("tiny_lora_sft", [f"data.path={files['sharegpt']}", f"run.dir={tmp_path}"])
+    cfg = load_routed("tiny_lora_sft", [f"data.path={files['sharegpt']}", f"run.dir={tmp_path}"])
     seen = []
     run_stages(cfg, lambda stage: seen.append(stage.run.name))
     assert seen == ["pretrain", "sft"]
@@ -163,7 +165,7 @@ def test_each_stage_prints_where_its_data_and_model_come_from(files, tmp_path, c
 
 def test_a_stage_with_data_of_the_wrong_kind_stops_the_run_before_anything_is_written(files, tmp_path):
     # built in Python, past load_run_config's checks: run_stages checks every stage before the first one trains
-    cfg = load_run_config("tiny_pretrain_sft", [f"run.dir={tmp_path}"])
+    cfg = load_routed("tiny_pretrain_sft", [f"run.dir={tmp_path}"])
     cfg.stages["sft"]["data"]["path"] = files["pairs"]
     ran = []
     with pytest.raises(ConfigError, match="^stage sft: data.path .*prefs.jsonl holds preference pairs"):
