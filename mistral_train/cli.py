@@ -94,7 +94,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
     """What the run would check and prepare before step 1 (counts, label audit, a marked sample), printed;
     a staged recipe audits each stage whose data exists already (a later stage's model may not)."""
     cfg = _run_config(args.overrides)
-    from mistral_train.data.audit import run_audit  # imported here: the data stack is slow to load
+    from mistral_train.tokenizer.tokenizer import load_tokenizer, resolve_tokenizer_path
+    from mistral_train.train.run_data import read_data  # imported here: the data stack is slow to load
     from mistral_train.train.stages import stage_configs
 
     stages = stage_configs(cfg) if cfg.stages else [(None, cfg)]
@@ -102,7 +103,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
         if name:
             print(f"== stage {name}")
         try:
-            data = run_audit(stage)
+            tokenizer = load_tokenizer(resolve_tokenizer_path(stage.model.tokenizer, stage.model.path))
+            data = read_data(stage, tokenizer, check=False)  # as fit() reads it, without a model
             print("\n".join(data.summary))  # first: the table shows why the data may not fill a batch
             data.check_batch_size()
         except ValueError as err:  # AuditError, unreadable rows: the data, not the code, is at fault

@@ -24,6 +24,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from mistral_train.config_checks import describe_error, missing_keys, suggest_key, unknown_keys
+from mistral_train.data.spec import DataSpec  # the data group's schema lives with data/, which reads it
 from mistral_train.errors import ConfigError
 
 
@@ -51,29 +52,6 @@ class ModelSpec:
     gradient_checkpointing: Any = False
     checkpoint_every: int = 1  # checkpoint layers 0, k, 2k, ... (every_k needs k >= 2)
     activation_offloading: bool = False  # saved activations to CPU memory in the forward, back in the backward
-
-
-@dataclass
-class DataSpec:
-    """Where the training rows come from and how they are read."""
-
-    path: Any = None  # a file, a folder or a list of them; None means the data bundled with the package
-    # text (pretraining) | messages | alpaca | sharegpt | prompt_completion | auto (decided per source
-    # from the first row's fields, and reported)
-    format: str = "text"
-    weights: Optional[list[float]] = None  # mixing weights, one per entry of `path`
-    field_map: dict[str, str] = field(default_factory=dict)  # our field name -> the name in the files
-    streaming: bool = False  # read files lazily (larger than memory) through `datasets` streaming
-    stream_buffer: int = 2000  # streaming: rows tokenized, packed and shuffled together (data/stream.py)
-    eval_path: Any = None  # a separate held-out file/folder; else `eval_fraction` of the rows
-    eval_fraction: float = 0.0  # share of rows held out for evaluation
-    chat_format: Optional[str] = None  # v1 | v2 | v3; None: the tokenizer's own
-    train_on: str = "assistant"  # assistant (every assistant turn) | last_assistant | all
-    overlong: str = "truncate"  # truncate | drop: what happens to examples longer than max_seq_len
-    packing: bool = True  # best-fit packing with per-document attention; false pads each example
-    neftune_alpha: Optional[float] = None  # NEFTune embedding noise during SFT; None: off
-    max_prompt_len: Optional[int] = None  # preference pairs: cap on prompt tokens (its end is kept); None: max_seq_len // 2 floor
-    identical_pairs: str = "warn"  # preference pairs whose chosen == rejected: warn (counted, kept) | error
 
 
 @dataclass

@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared bench hel
 import _bench_common as mem  # noqa: E402
 
 from mistral_train import Mistral, MistralConfig  # noqa: E402
-from mistral_train.config import DataSpec  # noqa: E402
+from mistral_train.data.spec import DataSpec  # noqa: E402
 from mistral_train.data.packing import pack_examples  # noqa: E402
 from mistral_train.data.sft import SFTExample, tokenize_rows  # noqa: E402
 from mistral_train.data.sources import load_rows  # noqa: E402

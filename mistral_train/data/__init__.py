@@ -1,5 +1,2 @@
-"""Training data: read rows (sources), tokenize (text, sft), audit, pack or pad, batch (batches)."""
-
-from mistral_train.data.batches import EpochBatches, TrainData, build_batches
-
-__all__ = ["EpochBatches", "TrainData", "build_batches"]
+"""Training data: read rows (sources), tokenize (text, sft, preference), audit, pack or pad, batch (batches).
+Importing the package loads nothing: config.py reads only its schema (data/spec.py)."""

@@ -25,7 +25,7 @@ from typing import Callable, Iterable, Mapping, Optional, Sequence
 import torch
 
 from mistral_train.data.epochs import WARNING
-from mistral_train.data.sft import SFTExample, SFTStats, SourceStats, assistant_spans, tokenize_rows
+from mistral_train.data.sft import SFTExample, SFTStats, SourceStats, Stats, assistant_spans
 from mistral_train.errors import UserError
 from mistral_train.losses.ce import IGNORE_INDEX
 from mistral_train.wording import counted
@@ -41,10 +41,12 @@ class AuditError(UserError):
 
 @dataclass
 class AuditReport:
-    stats: SFTStats
+    """What an audit found (SFT examples here; preference pairs extend it)."""
+
+    stats: Stats
     checks: list[str]  # checks that ran and passed
     notes: list[str] = field(default_factory=list)  # checks not run, and why
-    samples: list[tuple[str, int, str]] = field(default_factory=list)  # (source, row, marked text)
+    samples: list[tuple] = field(default_factory=list)  # (source, row, marked text(s))
 
 
 def _where(ex: SFTExample) -> str:
@@ -255,35 +257,37 @@ def length_warnings(stats: SFTStats, name: str) -> list[str]:
     return [f"{WARNING}{name}: {line}" for line in lines]
 
 
+def count_table(stats: Stats, header: Sequence[str], values: Callable[[SourceStats], Sequence[int]]) -> list[str]:
+    """A table of counts, one row per source of `stats` and the total, columns `header`."""
+    width = max([len(n) for n in stats.sources] + [6])
+
+    def row(name: str, counts: SourceStats) -> str:
+        return f"{name:<{width}}  " + "  ".join(f"{v:>12}" for v in values(counts))
+
+    lines = [f"{'source':<{width}}  " + "  ".join(f"{h:>12}" for h in header)]
+    return lines + [row(name, c) for name, c in stats.sources.items()] + [row("total", stats.total())]
+
+
+def listed_rows(head: str, rows: list[int], count: int) -> str:
+    """'dropped rows in NAME: [3, 9] ...': `head`, then the rows (the dots when only the first few of `count`)."""
+    return f"{head}{rows}{' ...' if count > len(rows) else ''}"
+
+
+def check_lines(report: AuditReport) -> list[str]:
+    return [f"passed: {check}" for check in report.checks] + [f"note: {note}" for note in report.notes]
+
+
 def format_report(report: AuditReport) -> str:
     """The report as text: settings, a table of counts per source, checks, marked samples."""
     s = report.stats
     lines = [f"SFT data audit: train_on={s.train_on} chat_format={s.chat_format} max_seq_len={s.max_seq_len} "
              f"overlong={s.overlong}"]
-    width = max([len(n) for n in s.sources] + [6])
-    header = ("examples", "tokens", "label tokens", "truncated", "dropped", "tool calls", "reasoning")
-    lines.append(f"{'source':<{width}}  " + "  ".join(f"{h:>12}" for h in header))
-
-    def row(name: str, c: SourceStats) -> str:
-        values = (c.examples, c.tokens, c.label_tokens, c.truncated, c.dropped, c.tool_calls, c.reasoning)
-        return f"{name:<{width}}  " + "  ".join(f"{v:>12}" for v in values)
-
-    lines += [row(name, c) for name, c in s.sources.items()] + [row("total", s.total())]
-    lines += [f"dropped rows in {n}: {c.dropped_rows}{' ...' if c.dropped > len(c.dropped_rows) else ''}"
-              for n, c in s.sources.items() if c.dropped]
-    lines += [f"passed: {check}" for check in report.checks] + [f"note: {note}" for note in report.notes]
+    lines += count_table(s, ("examples", "tokens", "label tokens", "truncated", "dropped", "tool calls", "reasoning"),
+                         lambda c: (c.examples, c.tokens, c.label_tokens, c.truncated, c.dropped, c.tool_calls,
+                                    c.reasoning))
+    lines += [listed_rows(f"dropped rows in {name}: ", c.dropped_rows, c.dropped)
+              for name, c in s.sources.items() if c.dropped]
+    lines += check_lines(report)
     for source, index, text in report.samples:
         lines += [f"--- {source} row {index} (trained text in {MARK[0]}{MARK[1]}):", text]
     return "\n".join(lines)
-
-
-def run_audit(cfg):
-    """What a run prepares before step 1, without a model: the tokenizer of `cfg.model.tokenizer`, the
-    rows, their tokenization, the audit (chat rows and preference pairs; raises AuditError on failure)
-    and the batches. Returns data/batches.py's TrainData; its `summary` lines are the printed report. Data
-    too small for one batch is not refused here: print the summary, then call `check_batch_size()`."""
-    from mistral_train.data.batches import build_batches  # here: batches imports this module
-    from mistral_train.tokenizer.tokenizer import load_tokenizer, resolve_tokenizer_path
-
-    tokenizer = load_tokenizer(resolve_tokenizer_path(cfg.model.tokenizer, cfg.model.path))
-    return build_batches(cfg, tokenizer, check=False)

@@ -1,5 +1,5 @@
 """What fit() iterates: `EpochBatches` (endless, reshuffled per epoch, exactly resumable) and `TrainData`
-(training batches, held-out batches, the audit). Built by data/batches.py (text, chat) and
+(training batches, held-out items and their batches, the audit). Built by data/batches.py (text, chat) and
 data/pair_batches.py (preference pairs).
 
 No item is ever skipped: when an epoch's items do not fill its last batch, the next epoch's first
@@ -121,8 +121,9 @@ def too_few(name: str, n_items: int, batch_size: int, what: str, fixes: Sequence
 class TrainData:
     """Everything fit() needs from the data.
 
-    train: the endless, resumable training batches.
-    eval_batches: held-out batches (each a dict of (b, T) tensors), or None without a held-out split.
+    train: the endless, resumable training batches; their `collate` also makes the held-out batches.
+    eval_items: the held-out items (token rows, examples or packed rows, pairs), or None without a held-out
+        split; `eval_batches` are they collated `eval_size` at a time, as training collates.
     stats: tokenization counts of the training split (chat rows, pairs), None for text.
     eval_rows: the held-out canonical chat rows ("answer" where the file gives one), for exact match.
     report: the pre-flight audit (chat rows, pairs).
@@ -132,13 +133,24 @@ class TrainData:
     """
 
     train: Union[EpochBatches, StreamBatches]
-    eval_batches: Optional[list[Batch]] = None
+    eval_items: Optional[list] = None
+    eval_size: int = 1
     stats: Any = None  # SFTStats or PreferenceStats
     eval_rows: Optional[list[dict[str, Any]]] = None
     report: Any = None  # AuditReport or PairAuditReport
     summary: list[str] = field(default_factory=list)
-    eval_items: Optional[list] = None  # what eval_batches were collated from (preference pairs)
     too_few: Optional[str] = None
+    eval_batches: Optional[list[Batch]] = field(init=False, default=None)
+
+    def __post_init__(self) -> None:
+        self.swap_collate(self.train.collate)  # held-out batches now: a row that cannot be collated stops step 0
+
+    def swap_collate(self, collate: Callable[[list], Batch]) -> None:
+        """Collate training and held-out batches with `collate` from now on (e.g. one that adds precomputed
+        reference log-probs: train/reference_cache.py)."""
+        self.train.collate, items, size = collate, self.eval_items, self.eval_size
+        if items is not None:
+            self.eval_batches = [collate(items[i : i + size]) for i in range(0, len(items), size)]
 
     @property
     def warnings(self) -> list[str]:

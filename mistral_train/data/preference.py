@@ -25,13 +25,13 @@ sums each sequence's log-probs from it (`reduction="sequence"`, losses/logps.py)
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping, Optional, Sequence
+from typing import ClassVar, Iterable, Mapping, Optional, Sequence
 
 import torch
 
 from mistral_train.data.collate import Batch, collate_packed, collate_padded
 from mistral_train.data.packing import pack_examples
-from mistral_train.data.sft import OVERLONG, SFTExample, SourceStats, assistant_spans, row_where
+from mistral_train.data.sft import OVERLONG, SFTExample, SourceStats, Stats, assistant_spans, row_where
 from mistral_train.losses.ce import IGNORE_INDEX
 
 ANSWERS = ("chosen", "rejected")
@@ -96,20 +96,11 @@ class PairSourceStats(SourceStats):
 
 
 @dataclass
-class PreferenceStats:
-    """What `tokenize_pairs` did: its settings and the counts per source."""
+class PreferenceStats(Stats):
+    """What `tokenize_pairs` did."""
 
-    overlong: str
-    max_seq_len: int
-    max_prompt_len: Optional[int]
-    chat_format: str  # the resolved format (v1 | v2 | v3)
-    sources: dict[str, PairSourceStats] = field(default_factory=dict)
-
-    def total(self) -> PairSourceStats:
-        out = PairSourceStats()
-        for stats in self.sources.values():
-            out.add(stats)
-        return out
+    max_prompt_len: Optional[int] = None
+    counts: ClassVar[type] = PairSourceStats
 
 
 def _check_settings(max_seq_len: int, max_prompt_len: Optional[int], overlong: str) -> None:
@@ -191,12 +182,12 @@ def tokenize_pairs(rows: Iterable[Mapping], tokenizer, max_seq_len: int, max_pro
     """Tokenize every row (see `tokenize_pair`); return the kept pairs and the counts per source, so cuts,
     drops and identical pairs are always reported, never silent."""
     _check_settings(max_seq_len, max_prompt_len, overlong)
-    stats = PreferenceStats(overlong, max_seq_len, max_prompt_len, tokenizer.chat_format(chat_format))
+    stats = PreferenceStats(overlong, max_seq_len, tokenizer.chat_format(chat_format), max_prompt_len=max_prompt_len)
     pairs = []
     for row in rows:
         pair = tokenize_pair(row, tokenizer, max_seq_len, max_prompt_len, overlong, chat_format)
         source, index, _ = row_where(row)
-        counts = stats.sources.setdefault(source, PairSourceStats())
+        counts = stats.source(source)
         if pair is None:
             counts.drop(index)
             continue

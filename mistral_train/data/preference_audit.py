@@ -20,11 +20,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Mapping, Optional, Sequence
 
-from mistral_train.data.audit import (MARK, AuditError, check_labels, check_round_trip, dropped_eos_labels,
-                                      mark_trained, pick_samples, rows_by_key, source_row)
+from mistral_train.data.audit import (MARK, AuditError, AuditReport, check_labels, check_lines, check_round_trip,
+                                      count_table, dropped_eos_labels, listed_rows, mark_trained, pick_samples,
+                                      rows_by_key, source_row)
 from mistral_train.data.collate import Batch
 from mistral_train.data.epochs import WARNING
-from mistral_train.data.preference import ANSWERS, PairSourceStats, PreferencePair, PreferenceStats
+from mistral_train.data.preference import ANSWERS, PreferencePair, PreferenceStats
 from mistral_train.losses.ce import IGNORE_INDEX
 from mistral_train.wording import counted
 
@@ -33,12 +34,10 @@ PairCollate = Callable[[list[PreferencePair]], Batch]
 
 
 @dataclass
-class PairAuditReport:
-    stats: PreferenceStats
-    checks: list[str]  # checks that ran and passed
-    notes: list[str] = field(default_factory=list)  # warnings, and checks not run with the reason
+class PairAuditReport(AuditReport):
+    """AuditReport's fields (notes also hold warnings; samples are (source, row, marked chosen, rejected)), plus:"""
+
     identical: list[tuple[str, int]] = field(default_factory=list)  # (source, row) of chosen == rejected pairs
-    samples: list[tuple[str, int, str, str]] = field(default_factory=list)  # (source, row, marked chosen, rejected)
 
 
 def _where(pair: PreferencePair) -> str:
@@ -148,7 +147,7 @@ def audit_pairs(pairs: Sequence[PreferencePair], stats: PreferenceStats, tokeniz
         checks.append("no identical pairs")
     samples = [(p.source, p.row, mark_trained(p.sequence("chosen"), tokenizer),
                 mark_trained(p.sequence("rejected"), tokenizer)) for p in pick_samples(pairs, n_show)]
-    return PairAuditReport(stats, checks, notes, same, samples)
+    return PairAuditReport(stats, checks, notes, samples, identical=same)
 
 
 def pair_length_warnings(stats: PreferenceStats, name: str) -> list[str]:
@@ -177,23 +176,16 @@ def format_pair_report(report: PairAuditReport) -> str:
     s = report.stats
     lines = [f"Preference data audit: chat_format={s.chat_format} max_seq_len={s.max_seq_len} "
              f"max_prompt_len={s.max_prompt_len} overlong={s.overlong}"]
-    width = max([len(n) for n in s.sources] + [6])
-    header = ("pairs", "tokens", "label tokens", "truncated", "cut prompts", "cut answers", "dropped", "identical")
-
-    def row(name: str, c: PairSourceStats) -> str:
-        values = (c.examples, c.tokens, c.label_tokens, c.truncated, c.prompt_truncated, c.answer_truncated,
-                  c.dropped, c.identical)
-        return f"{name:<{width}}  " + "  ".join(f"{v:>12}" for v in values)
-
-    lines.append(f"{'source':<{width}}  " + "  ".join(f"{h:>12}" for h in header))
-    lines += [row(name, c) for name, c in s.sources.items()] + [row("total", s.total())]
+    lines += count_table(s, ("pairs", "tokens", "label tokens", "truncated", "cut prompts", "cut answers", "dropped",
+                             "identical"),
+                         lambda c: (c.examples, c.tokens, c.label_tokens, c.truncated, c.prompt_truncated,
+                                    c.answer_truncated, c.dropped, c.identical))
     for name, c in s.sources.items():
         if c.dropped:
-            lines.append(f"dropped rows in {name}: {c.dropped_rows}{' ...' if c.dropped > len(c.dropped_rows) else ''}")
+            lines.append(listed_rows(f"dropped rows in {name}: ", c.dropped_rows, c.dropped))
         if c.identical:
-            lines.append(f"identical pairs in {name}: rows {c.identical_rows}"
-                         f"{' ...' if c.identical > len(c.identical_rows) else ''}")
-    lines += [f"passed: {check}" for check in report.checks] + [f"note: {note}" for note in report.notes]
+            lines.append(listed_rows(f"identical pairs in {name}: rows ", c.identical_rows, c.identical))
+    lines += check_lines(report)
     for source, index, chosen, rejected in report.samples:
         lines += [f"--- {source} row {index}, chosen (trained text in {MARK[0]}{MARK[1]}):", chosen,
                   "--- rejected:", rejected]

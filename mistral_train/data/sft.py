@@ -16,7 +16,7 @@ tool results or tool definitions, nor an answer with weight 0.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping, Optional
+from typing import ClassVar, Iterable, Mapping, Optional
 
 from mistral_train.losses.ce import IGNORE_INDEX
 
@@ -66,20 +66,30 @@ class SourceStats:
 
 
 @dataclass
-class SFTStats:
-    """What `tokenize_rows` did: the settings it ran with and the counts per source."""
+class Stats:
+    """What a tokenization pass did (SFT examples, or preference pairs): its settings, the counts per source."""
 
-    train_on: str
     overlong: str
     max_seq_len: int
     chat_format: str  # the resolved format (v1 | v2 | v3)
     sources: dict[str, SourceStats] = field(default_factory=dict)
+    counts: ClassVar[type] = SourceStats  # what one source's counts are
+
+    def source(self, name: str) -> SourceStats:
+        return self.sources.setdefault(name, self.counts())
 
     def total(self) -> SourceStats:
-        out = SourceStats()
+        out = self.counts()
         for stats in self.sources.values():
             out.add(stats)
         return out
+
+
+@dataclass
+class SFTStats(Stats):
+    """What `tokenize_rows` did."""
+
+    train_on: str = "assistant"
 
 
 def row_where(row: Mapping) -> tuple[str, int, str]:
@@ -175,14 +185,14 @@ def tokenize_rows(rows: Iterable[Mapping], tokenizer, max_seq_len: int, train_on
                   overlong: str = "truncate", chat_format: Optional[str] = None) -> tuple[list[SFTExample], SFTStats]:
     """Tokenize every row (see `tokenize_conversation`); return the kept examples and the counts
     per source, so truncated and dropped rows are always reported, never silent."""
-    stats = SFTStats(train_on, overlong, max_seq_len, tokenizer.chat_format(chat_format))
+    stats = SFTStats(overlong, max_seq_len, tokenizer.chat_format(chat_format), train_on=train_on)
     control = getattr(tokenizer, "control_id", lambda token: None)
     tool_call, think = control("[TOOL_CALLS]"), control("[THINK]")  # None: never equal to a label
     examples = []
     for row in rows:
         example = tokenize_conversation(row, tokenizer, max_seq_len, train_on, overlong, chat_format)
         source, index, _ = row_where(row)
-        counts = stats.sources.setdefault(source, SourceStats())
+        counts = stats.source(source)
         if example is None:
             counts.drop(index)
             continue

@@ -42,7 +42,8 @@ from itertools import chain
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
-from mistral_train.data.formats import FORMATS, check_field_map, detect_format, format_kind, to_canonical
+from mistral_train.data.formats import FORMATS, KINDS, check_field_map, detect_format, format_kind, to_canonical
+from mistral_train.data.spec import DataSpec
 from mistral_train.data.text import bundled_corpus_path, read_txt
 from mistral_train.wording import counted
 
@@ -115,21 +116,21 @@ def bundled_pairs_path(split: str = "train") -> Path:
     return Path(str(resources.files("mistral_train") / "resources" / "data" / name))
 
 
-def load_rows(spec: Any, split: str = "train", seed: int = 0) -> Optional[RowSource]:
+def load_rows(spec: DataSpec, split: str = "train", seed: int = 0) -> Optional[RowSource]:
     """The rows of `split` ("train" | "eval") described by a DataSpec; None for "eval" when none is set."""
     if split not in ("train", "eval"):
         raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
     return load_splits(spec, seed)[split == "eval"]
 
 
-def source_formats(spec: Any) -> tuple[str, dict[str, str]]:
+def source_formats(spec: DataSpec) -> tuple[str, dict[str, str]]:
     """(name, {source: format}) of the training data as `load_splits` would read it (the `auto` decision
     per source), reading one row per source: what a staged recipe checks and reports before training."""
     spec, name = _resolve(spec)
     return name, {u.name: _format(u, spec) for p in _as_list(spec.path) for u in _units(p, ("train",))}
 
 
-def load_splits(spec: Any, seed: int = 0) -> tuple[RowSource, Optional[RowSource]]:
+def load_splits(spec: DataSpec, seed: int = 0) -> tuple[RowSource, Optional[RowSource]]:
     """(train, eval or None) from a DataSpec (fields path, format, weights, field_map, streaming,
     eval_path, eval_fraction); without streaming each file is read once. See the module docstring."""
     spec, name = _resolve(spec)
@@ -139,7 +140,7 @@ def load_splits(spec: Any, seed: int = 0) -> tuple[RowSource, Optional[RowSource
     formats = {u.name: _format(u, spec) for entry in entries + eval_entries for u in entry}
     kinds = {format_kind(f): s for s, f in formats.items()}
     if len(kinds) > 1:  # each kind trains a different objective: a mix is a wrong path, not a dataset
-        a, b = [k for k in ("text", "chat", "preference") if k in kinds][:2]
+        a, b = [k for k in KINDS if k in kinds][:2]
         raise ValueError(f"cannot mix {a} and {b} rows: {kinds[a]} is {a}, {kinds[b]} is {b}")
     fm = dict(spec.field_map or {})
     cache = None if spec.streaming else {

@@ -1,7 +1,8 @@
 """Reference log-probs computed once, cached on disk, and reused (`trainer.dpo.precompute_reference`).
 
 Before step 1 the reference policy scores every training and held-out pair; the table
-(source, row) -> [chosen, rejected] then rides in the batches (data/pair_batches.attach_reference),
+(source, row) -> [chosen, rejected] then rides in the batches (data/pair_batches.attach_reference swaps
+the data's collate function for one that adds it),
 and the run holds no reference model (or adapter copy) at all while training.
 
 The cache file is named by a hash of everything the numbers depend on: the reference weights (the
@@ -27,7 +28,7 @@ from safetensors.torch import save_file
 
 from mistral_train.config import RunConfig
 from mistral_train.data.epochs import TrainData
-from mistral_train.data.pair_batches import PairKey, pair_collator, pair_key
+from mistral_train.data.pair_batches import PairKey, pair_key
 from mistral_train.data.preference import PreferencePair
 
 
@@ -74,7 +75,7 @@ def compute_table(model: torch.nn.Module, reference: Callable, pairs: list[Prefe
 
 
 def load_or_compute(cfg: RunConfig, data: TrainData, reference_kind: str, model: torch.nn.Module, reference: Callable,
-                    pad_id: int, device: torch.device, autocast: Callable, main_process: bool = True,
+                    device: torch.device, autocast: Callable, main_process: bool = True,
                     wait: Callable[[], None] = lambda: None) -> tuple[dict[PairKey, torch.Tensor], Path, bool]:
     """The reference table of every training and held-out pair: read from the cache, or computed (on the main
     process) and written there. Returns (table, cache file, computed now)."""
@@ -83,8 +84,7 @@ def load_or_compute(cfg: RunConfig, data: TrainData, reference_kind: str, model:
     path = folder / f"{cache_key(cfg, reference_kind, pairs)}.safetensors"
     computed = False
     if main_process and not path.is_file():
-        collate = pair_collator(cfg.data.packing, cfg.trainer.max_seq_len, pad_id)
-        table = compute_table(model, reference, pairs, collate, cfg.trainer.batch_size, device, autocast)
+        table = compute_table(model, reference, pairs, data.train.collate, cfg.trainer.batch_size, device, autocast)
         _write(path, table)
         computed = True
     wait()  # the other processes read what the main one wrote

@@ -9,9 +9,10 @@ import sentencepiece
 import torch
 
 from mistral_train.config import RunConfig
-from mistral_train.data.audit import AuditError, audit, format_report, run_audit
+from mistral_train.data.audit import AuditError, audit, format_report
 from mistral_train.data.sft import tokenize_rows
-from mistral_train.tokenizer.tokenizer import bundled_tokenizer_path, load_tokenizer
+from mistral_train.tokenizer.tokenizer import bundled_tokenizer_path, load_tokenizer, resolve_tokenizer_path
+from mistral_train.train.run_data import read_data
 
 IGNORE = -100
 TURNS = [("What is two plus two?", "Two plus two is four."), ("And three times three?", "Nine, of course."),
@@ -189,6 +190,11 @@ def test_labels_must_be_aligned_not_shifted(tokenizer, clean):
     ex.labels[:] = ex.labels[1:] + [IGNORE]  # pre-shifted labels: the model would shift them twice
     with pytest.raises(AuditError, match=r"a\.jsonl row 1: label \d+ at position \d+ but input \d+"):
         audit(examples, stats, tokenizer)
+
+
+def run_audit(cfg: RunConfig):
+    """What `mistral-train audit` reads for one stage (cli.cmd_audit): the run's data, with its tokenizer."""
+    return read_data(cfg, load_tokenizer(resolve_tokenizer_path(cfg.model.tokenizer, cfg.model.path)), check=False)
 
 
 @pytest.mark.parametrize("packing", [True, False])

@@ -12,7 +12,7 @@ import torch
 
 from mistral_train.config import DataSpec, RunConfig, TrainerSpec
 from mistral_train.data.audit import AuditError
-from mistral_train.data.batches import build_batches
+from mistral_train.train.run_data import read_data
 from mistral_train.data.epochs import SmallDataError
 from mistral_train.data.collate import padding_share
 from mistral_train.data.sft import tokenize_rows
@@ -45,7 +45,7 @@ def same(a: dict, b: dict) -> bool:
 
 @pytest.mark.parametrize("packing", [True, False])
 def test_chat_batches_have_fixed_rows_and_the_run_collators_shape(tmp_path, tokenizer, packing):
-    data = build_batches(chat_config(small_chat(tmp_path), packing), tokenizer)
+    data = read_data(chat_config(small_chat(tmp_path), packing), tokenizer)
     assert data.stats.total().examples == 40 and data.report is not None
     assert data.eval_batches is None and data.eval_rows is None  # a user file without eval_path/fraction
     seen = []
@@ -69,7 +69,7 @@ def test_chat_batches_have_fixed_rows_and_the_run_collators_shape(tmp_path, toke
 def test_bundled_chat_holds_out_the_eval_file_with_answers(tokenizer, packing):
     cfg = RunConfig(data=DataSpec(format="messages", packing=packing),
                     trainer=TrainerSpec(objective="sft", max_seq_len=128, batch_size=8))
-    data = build_batches(cfg, tokenizer)
+    data = read_data(cfg, tokenizer)
     assert len(data.eval_rows) == 100 and all("answer" in row for row in data.eval_rows)
     # each held-out answer and its EOS are the labels (the template encodes the answer on its own)
     label_tokens = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in data.eval_batches)
@@ -86,7 +86,7 @@ def test_restored_position_gives_the_same_next_batches_mid_epoch(tmp_path, token
         cfg = RunConfig(data=DataSpec(path=str(corpus)), trainer=TrainerSpec(max_seq_len=32, batch_size=3, seed=5))
     else:
         cfg = chat_config(small_chat(tmp_path), kind == "packed", batch_size=3)
-    first = build_batches(cfg, tokenizer).train
+    first = read_data(cfg, tokenizer).train
     per_epoch = int(first.batches_per_epoch)
     assert per_epoch >= 2
     for _ in range(per_epoch + 1):  # into the second epoch, one batch past its start
@@ -94,19 +94,19 @@ def test_restored_position_gives_the_same_next_batches_mid_epoch(tmp_path, token
     state = first.state_dict()
     assert state["epoch"] == 1 and 0 < state["index"] < len(first.items)
     expected = list(islice(first, per_epoch + 2))  # the rest of this epoch and into the next
-    second = build_batches(cfg, tokenizer).train  # a fresh process rebuilding the same data
+    second = read_data(cfg, tokenizer).train  # a fresh process rebuilding the same data
     second.load_state_dict(state)
     got = list(islice(second, per_epoch + 2))
     assert all(same(a, b) for a, b in zip(expected, got))
     # and the position really matters: from the start, the batches differ
-    fresh = build_batches(cfg, tokenizer).train
+    fresh = read_data(cfg, tokenizer).train
     assert not all(same(a, b) for a, b in zip(expected, islice(fresh, per_epoch + 2)))
 
 
 def test_position_saved_for_other_data_is_refused(tmp_path, tokenizer):
     cfg = chat_config(small_chat(tmp_path), True)
-    state = build_batches(cfg, tokenizer).train.state_dict()
-    other = build_batches(chat_config(small_chat(tmp_path, n=60), True), tokenizer).train
+    state = read_data(cfg, tokenizer).train.state_dict()
+    other = read_data(chat_config(small_chat(tmp_path, n=60), True), tokenizer).train
     with pytest.raises(ValueError, match="n_items=.*resume needs the same data"):
         other.load_state_dict(state)
 
@@ -115,10 +115,10 @@ def test_packed_chat_too_small_for_a_batch_counts_examples_and_names_the_setting
     """40 conversations packed into a few rows of 256 tokens: the message counts the 40 examples, says
     what packing made of them, and which settings to change."""
     cfg = chat_config(small_chat(tmp_path), True, batch_size=8, max_seq_len=256)
-    rows = len(build_batches(cfg, tokenizer, check=False).train.items)
+    rows = len(read_data(cfg, tokenizer, check=False).train.items)
     assert rows < 8
     with pytest.raises(SmallDataError) as caught:
-        build_batches(cfg, tokenizer)
+        read_data(cfg, tokenizer)
     assert str(caught.value) == (
         f"data.path {tmp_path / 'chat.jsonl'}: packed 40 examples into {rows} rows of at most 256 tokens "
         f"(trainer.max_seq_len), fewer than trainer.batch_size=8; lower trainer.batch_size to {rows}, "
@@ -135,14 +135,14 @@ def test_padded_text_and_pair_data_too_small_for_a_batch_count_the_users_units(t
     with pytest.raises(SmallDataError, match=r"few.jsonl: 3 examples of at most 64 tokens \(trainer.max_seq_len; "
                                              r"1 more row dropped for length\), one per row, fewer than "
                                              r"trainer.batch_size=4; lower trainer.batch_size to 3 or add data$"):
-        build_batches(chat_config(path, False), tokenizer)
+        read_data(chat_config(path, False), tokenizer)
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n\n".join(f"Document {i} says the number {i} is here." for i in range(3)))
     cfg = RunConfig(data=DataSpec(path=str(corpus)), trainer=TrainerSpec(max_seq_len=16, batch_size=8))
     with pytest.raises(SmallDataError, match=r"corpus.txt: 3 documents -> \d rows of 16 tokens "
                                              r"\(trainer.max_seq_len\), fewer than trainer.batch_size=8; lower trainer.batch_size to \d, "
                                              r"lower trainer.max_seq_len \(more, shorter rows\) or add text$"):
-        build_batches(cfg, tokenizer)
+        read_data(cfg, tokenizer)
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text("".join(json.dumps({"prompt": f"Say {i}.", "chosen": "yes", "rejected": "no"}) + "\n"
                              for i in range(3)))
@@ -150,7 +150,7 @@ def test_padded_text_and_pair_data_too_small_for_a_batch_count_the_users_units(t
                     trainer=TrainerSpec(objective="dpo", max_seq_len=64, batch_size=4))
     with pytest.raises(SmallDataError, match=r"pairs.jsonl: 3 preference pairs, fewer than trainer.batch_size=4; "
                                              r"lower trainer.batch_size to 3 or add pairs$"):
-        build_batches(cfg, tokenizer)
+        read_data(cfg, tokenizer)
 
 
 def test_examples_lost_or_cut_for_length_end_the_summary_as_warnings(tmp_path, tokenizer):
@@ -163,18 +163,18 @@ def test_examples_lost_or_cut_for_length_end_the_summary_as_warnings(tmp_path, t
     rows += [{"messages": [{"role": "user", "content": "Talk."}, {"role": "assistant", "content": long_answer}]}]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     name = f"data.path {path}"
-    cut = build_batches(chat_config(path, True, batch_size=1), tokenizer)
+    cut = read_data(chat_config(path, True, batch_size=1), tokenizer)
     assert cut.warnings == [
         f"warning: {name}: 2 of 9 examples dropped: cut to trainer.max_seq_len=64 (data.overlong=truncate), nothing "
         "trained was left (the prompt fills the limit); raise trainer.max_seq_len",
         f"warning: {name}: 1 of 9 examples cut to their first 64 tokens (trainer.max_seq_len=64, "
         "data.overlong=truncate): what follows is not trained; raise trainer.max_seq_len or set data.overlong=drop"]
     assert cut.summary[-2:] == cut.warnings  # last, after the audit table: the run and the audit print them
-    dropped = build_batches(chat_config(path, True, batch_size=1, overlong="drop"), tokenizer)
+    dropped = read_data(chat_config(path, True, batch_size=1, overlong="drop"), tokenizer)
     assert dropped.warnings == [f"warning: {name}: 3 of 9 examples dropped as longer than trainer.max_seq_len=64 "
                                 "(data.overlong=drop); raise trainer.max_seq_len, or set data.overlong=truncate to "
                                 "train their first tokens"]
-    assert build_batches(chat_config(small_chat(tmp_path, n=8), True, batch_size=1, max_seq_len=256),
+    assert read_data(chat_config(small_chat(tmp_path, n=8), True, batch_size=1, max_seq_len=256),
                          tokenizer).warnings == []  # nothing lost: no warning
 
 
@@ -188,7 +188,7 @@ def test_pairs_lost_or_cut_for_length_are_warned_with_the_settings(tmp_path, tok
     def warnings(**data):
         cfg = RunConfig(data=DataSpec(path=str(path), format="preference", **data),
                         trainer=TrainerSpec(objective="dpo", max_seq_len=64, batch_size=2))
-        return build_batches(cfg, tokenizer).warnings
+        return read_data(cfg, tokenizer).warnings
 
     name = f"data.path {path}"
     assert warnings(overlong="drop", max_prompt_len=40) == [
@@ -216,7 +216,7 @@ def test_prompts_longer_than_max_seq_len_leave_nothing_to_train_and_stop_before_
                                                      {"role": "assistant", "content": "yes"}]}) + "\n"
                             for i in range(6)))
     with pytest.raises(AuditError, match=r"no examples left to train on: .*long.jsonl: 6 rows dropped"):
-        build_batches(chat_config(path, True, train_on="last_assistant"), tokenizer)
+        read_data(chat_config(path, True, train_on="last_assistant"), tokenizer)
 
 
 def test_a_template_that_marks_no_answer_is_stopped_naming_the_row(tmp_path, tokenizer, monkeypatch):
@@ -230,7 +230,7 @@ def test_a_template_that_marks_no_answer_is_stopped_naming_the_row(tmp_path, tok
 
     monkeypatch.setattr(type(tokenizer), "encode_chat", no_answers)
     with pytest.raises(ValueError, match=r"chat.jsonl row 1: the chat template marked 0 assistant spans"):
-        build_batches(chat_config(path, False), tokenizer)
+        read_data(chat_config(path, False), tokenizer)
 
 
 def _rows_of(batches, n):
@@ -261,7 +261,7 @@ def test_streaming_visits_every_example_once_per_epoch_and_carries_the_rest(tmp_
     # rows leave a carry at the file's end depends on the conversations' lengths: the first n from 37 that does.
     for n in range(37, 47):
         path = small_chat(tmp_path, n=n)
-        data = build_batches(chat_config(path, packing, batch_size=3, streaming=True, stream_buffer=10), tokenizer)
+        data = read_data(chat_config(path, packing, batch_size=3, streaming=True, stream_buffer=10), tokenizer)
         served = Counter()
         for _ in range(100):
             (_, docs), = _rows_of(data.train, 1)
@@ -289,19 +289,19 @@ def test_streaming_position_restores_mid_buffer_and_across_epochs(tmp_path, toke
                         trainer=TrainerSpec(max_seq_len=32, batch_size=3, seed=5))
     else:
         cfg = chat_config(small_chat(tmp_path, n=23), kind == "packed", batch_size=3, streaming=True, stream_buffer=7)
-    first = build_batches(cfg, tokenizer).train
+    first = read_data(cfg, tokenizer).train
     for stop in (2, 9, 25):  # inside the first buffer, later in the epoch, in a later epoch
         for _ in range(stop):
             next(first)
         state = first.state_dict()
         expected = list(islice(first, 6))
-        second = build_batches(cfg, tokenizer).train
+        second = read_data(cfg, tokenizer).train
         second.load_state_dict(state)
         assert all(same(a, b) for a, b in zip(expected, islice(second, 6)))
     assert first.epoch >= 1
     with pytest.raises(ValueError, match="buffer_rows=7, this run has buffer_rows=8"):
         cfg.data.stream_buffer = 8
-        build_batches(cfg, tokenizer).train.load_state_dict(state)
+        read_data(cfg, tokenizer).train.load_state_dict(state)
 
 
 def test_streamed_text_is_cut_into_trained_pieces_of_max_seq_len(tmp_path, tokenizer):

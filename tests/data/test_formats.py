@@ -2,8 +2,8 @@
 
 import pytest
 
-from mistral_train.data.formats import (FORMATS, KIND_NAMES, OBJECTIVE_KINDS, check_field_map, check_kind, detect_format,
-                                         format_kind, resolve_format, to_canonical)
+from mistral_train.data.formats import FORMATS, KIND_NAMES, check_field_map, detect_format, format_kind, resolve_format, to_canonical
+from mistral_train.train.objectives import OBJECTIVES, check_data_kind as check_kind, objective_entry
 from tests._chat import A, S, U
 
 WHERE = "data/train.jsonl line 12"
@@ -141,14 +141,15 @@ def test_auto_never_picks_chosen_only_a_pairs_row_is_preference():
 @pytest.mark.parametrize("objective, fmt", [("pretrain", "text"), ("sft", "messages"), ("dpo", "preference"),
                                             ("reward", "preference")])
 def test_auto_without_a_path_is_the_bundled_data_of_the_objectives_kind(objective, fmt):
-    assert resolve_format("auto", None, objective) == fmt
-    assert resolve_format("auto", "my.jsonl", objective) == "auto"  # a file: decided from its first row
-    assert resolve_format("sharegpt", None, objective) == "sharegpt"
+    kind = objective_entry(objective).data_kind  # the objective table says what it reads
+    assert resolve_format("auto", None, kind) == fmt
+    assert resolve_format("auto", "my.jsonl", kind) == "auto"  # a file: decided from its first row
+    assert resolve_format("sharegpt", None, kind) == "sharegpt"
 
 
 def test_each_objective_accepts_its_own_kind():
-    for objective, kind in OBJECTIVE_KINDS.items():
-        check_kind(objective, kind, "data.path x.jsonl")  # raises nothing
+    for objective, entry in OBJECTIVES.items():
+        check_kind(objective, entry.data_kind, "data.path x.jsonl")  # raises nothing
 
 
 def test_sft_on_pairs_is_refused_naming_the_file_and_the_opt_in():

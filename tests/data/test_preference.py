@@ -14,7 +14,7 @@ from mistral_common.protocol.instruct.request import ChatCompletionRequest
 from mistral_common.protocol.instruct.validator import ValidationMode
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
-from mistral_train.config import DataSpec
+from mistral_train.data.spec import DataSpec
 from mistral_train.data.audit import AuditError
 from mistral_train.data.formats import detect_format, to_canonical
 from mistral_train.data.preference import PreferencePair, collate_pairs, tokenize_pair, tokenize_pairs

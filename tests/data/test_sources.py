@@ -5,7 +5,7 @@ import json
 import datasets
 import pytest
 
-from mistral_train.config import DataSpec
+from mistral_train.data.spec import DataSpec
 from mistral_train.data.formats import to_canonical
 from mistral_train.data.sources import bundled_chat_path, load_rows, load_splits
 from mistral_train.data.text import bundled_corpus_path, read_txt

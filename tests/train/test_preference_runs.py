@@ -11,7 +11,7 @@ from mistral_train import Mistral
 from mistral_train.adapters import load_adapter, peft_state_dict
 from mistral_train.config import AdapterSpec, DataSpec, DPOSpec, ModelSpec, RunConfig, RunSpec, TrackingSpec, TrainerSpec
 from mistral_train.data.audit import AuditError
-from mistral_train.data.batches import build_batches
+from mistral_train.train.run_data import read_data
 from mistral_train.data.sources import bundled_pairs_path
 from mistral_train.tokenizer.tokenizer import load_tokenizer
 from mistral_train.train import fit
@@ -90,7 +90,7 @@ def test_continuing_an_sft_adapter_the_reference_is_the_sft_model_not_the_base(t
     cfg = _run(tmp_path, tiny_base_folder, "dpo", adapter="lora", adapter_path=str(sft_adapter))
     assert resolve_reference(cfg.trainer.dpo, cfg.adapter) == "initial_adapter"
     tokenizer = load_tokenizer(tiny_base_folder)
-    batch = next(iter(build_batches(cfg, tokenizer).train))
+    batch = next(iter(read_data(cfg, tokenizer).train))
 
     policy = load_adapter(Mistral.from_pretrained(tiny_base_folder), sft_adapter)
     reference = build_reference("initial_adapter", policy, 64)
@@ -156,7 +156,7 @@ def test_identical_pairs_warn_by_default_and_stop_the_run_when_asked(tmp_path, t
     path.write_text("\n".join(lines[:3] + [json.dumps(same)] + lines[4:]) + "\n")
     cfg = _run(tmp_path, tiny_base_folder, "same")
     cfg.data.path = str(path)
-    data = build_batches(cfg, load_tokenizer(tiny_base_folder))
+    data = read_data(cfg, load_tokenizer(tiny_base_folder))
     assert data.report.identical == [(str(path), 4)] and any("1 identical pair (" in n for n in data.report.notes)
     cfg.data.identical_pairs = "error"
     with pytest.raises(AuditError, match=f"{path} row 4: chosen and rejected are identical"):

@@ -8,7 +8,7 @@ import pytest
 from mistral_train.cli import main
 from mistral_train.config import list_recipes, load_run_config
 from mistral_train.errors import ConfigError
-from mistral_train.data.batches import build_batches
+from mistral_train.train.run_data import read_data
 from mistral_train.data.formats import resolve_format
 from mistral_train.train.objectives import objective_entry
 from mistral_train.train.stage_overrides import load_routed
@@ -116,7 +116,7 @@ def test_sft_on_a_pairs_file_is_refused_naming_the_file_and_the_opt_in(files):
     assert f"{files['pairs']}: format chosen_only" in "\n".join(read_data(cfg, tokenizer).summary)
     cfg = load_routed("mistral7b_reward", ["model.path=/m", f"data.path={files['chat']}", "data.eval_fraction=0"])
     with pytest.raises(ValueError, match=f"^data.path {files['chat']} holds chat rows, but trainer.objective=reward"):
-        build_batches(cfg, tokenizer)
+        read_data(cfg, tokenizer)
 
 
 def test_a_whole_adapter_group_skips_the_stage_that_trains_a_fresh_model():

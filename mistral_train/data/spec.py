@@ -1,0 +1,56 @@
+"""What data/ is given: the data group's schema (`DataSpec`, registered by config.py with Hydra) and the
+trainer's settings that batching needs, as one value (`Batching`). data/ reads no other configuration."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+
+@dataclass
+class DataSpec:
+    """Where the training rows come from and how they are read."""
+
+    path: Any = None  # a file, a folder or a list of them; None means the data bundled with the package
+    # text (pretraining) | messages | alpaca | sharegpt | prompt_completion | auto (decided per source
+    # from the first row's fields, and reported)
+    format: str = "text"
+    weights: Optional[list[float]] = None  # mixing weights, one per entry of `path`
+    field_map: dict[str, str] = field(default_factory=dict)  # our field name -> the name in the files
+    streaming: bool = False  # read files lazily (larger than memory) through `datasets` streaming
+    stream_buffer: int = 2000  # streaming: rows tokenized, packed and shuffled together (data/stream.py)
+    eval_path: Any = None  # a separate held-out file/folder; else `eval_fraction` of the rows
+    eval_fraction: float = 0.0  # share of rows held out for evaluation
+    chat_format: Optional[str] = None  # v1 | v2 | v3; None: the tokenizer's own
+    train_on: str = "assistant"  # assistant (every assistant turn) | last_assistant | all
+    overlong: str = "truncate"  # truncate | drop: what happens to examples longer than max_seq_len
+    packing: bool = True  # best-fit packing with per-document attention; false pads each example
+    neftune_alpha: Optional[float] = None  # NEFTune embedding noise during SFT; None: off
+    max_prompt_len: Optional[int] = None  # preference pairs: cap on prompt tokens (its end is kept); None: max_seq_len // 2 floor
+    identical_pairs: str = "warn"  # preference pairs whose chosen == rejected: warn (counted, kept) | error
+
+
+@dataclass(frozen=True)
+class Batching:
+    """How items become batches (these values always travel together).
+
+    packing: pack examples as documents into rows (data.packing); False pads one item per row.
+    max_seq_len: tokens per row at most (trainer.max_seq_len).
+    pad_id: the id padding is filled with (`pad_id_of`); padding is located by place, never by this id.
+    batch_size: items per training batch (trainer.batch_size); seed: the epoch orders'.
+    eval_size: items per held-out batch (no gradients kept: a whole accumulation window at once).
+    padded_only: the objective pools each sequence's last token (a reward model): packing is refused.
+    """
+
+    packing: bool
+    max_seq_len: int
+    pad_id: int
+    batch_size: int
+    seed: int = 0
+    eval_size: int = 1
+    padded_only: bool = False
+
+
+def pad_id_of(tokenizer) -> int:
+    """The id padding is filled with: the tokenizer's pad id, else EOS (padding is located by place)."""
+    return tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id

@@ -1,0 +1,33 @@
+"""The run's data: the run config turned into the plain values data/ takes (its DataSpec, a `Batching`, the
+kind the objective reads), then read, tokenized, audited and batched (data/batches.py). fit() and
+`mistral-train audit` both read their data here, so they see the same batches."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from mistral_train.config import RunConfig
+from mistral_train.data.batches import build_batches
+from mistral_train.data.epochs import TrainData
+from mistral_train.data.formats import resolve_format
+from mistral_train.data.sources import load_splits
+from mistral_train.data.spec import Batching, pad_id_of
+from mistral_train.train.objectives import check_data_kind, objective_entry
+
+
+def batching(cfg: RunConfig, tokenizer) -> Batching:
+    spec, entry = cfg.trainer, objective_entry(cfg.trainer.objective)
+    return Batching(cfg.data.packing, spec.max_seq_len, pad_id_of(tokenizer), spec.batch_size, spec.seed,
+                    eval_size=spec.batch_size * spec.grad_accum_steps,  # no gradients kept: a whole window at once
+                    padded_only=entry.task == "sequence_classification")  # the head pools each row's last token
+
+
+def read_data(cfg: RunConfig, tokenizer, check: bool = True) -> TrainData:
+    """The run's TrainData (data/batches.py: build_batches; `check` as there). Data of another kind than the
+    objective trains on is refused naming the file (train/objectives.py: check_data_kind), never half-used."""
+    objective = cfg.trainer.objective
+    kind = objective_entry(objective).data_kind
+    train, held = load_splits(replace(cfg.data, format=resolve_format(cfg.data.format, cfg.data.path, kind)),
+                              cfg.trainer.seed)  # format auto with the bundled data: the bundled data of `kind`
+    check_data_kind(objective, train.kind, train.name)
+    return build_batches(cfg.data, batching(cfg, tokenizer), tokenizer, train, held, check)
