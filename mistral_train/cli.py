@@ -20,12 +20,13 @@ status 2; `--debug` or MISTRAL_TRAIN_DEBUG=1 shows its traceback.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from mistral_train.config import DEFAULT_RECIPE, RunConfig, load_run_config, run_config_yaml
+from mistral_train.config import DEFAULT_RECIPE, RunConfig, run_config_yaml
 from mistral_train.errors import ConfigError
 from mistral_train.errors import UserError
 from mistral_train.train.stage_overrides import load_routed
@@ -160,8 +161,13 @@ def cmd_plot(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
+    from mistral_train.chat import chat_prompt
     from mistral_train.generate import generate, load_for_generation
     from mistral_train.tokenizer.tokenizer import load_tokenizer, resolve_tokenizer_path
+    from mistral_train.tokenizer.tool_calls import ToolCallError, parse_answer
+
+    if args.prompt is None and not (args.chat and args.messages):
+        args.usage.error("the following arguments are required: --prompt (or --chat --messages FILE)")  # exits 2
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda but this machine has no CUDA device; use --device auto or cpu")
@@ -180,15 +186,49 @@ def cmd_generate(args: argparse.Namespace) -> int:
     tokenizer = load_tokenizer(source)
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     model = model.to(device)
-    if args.chat:  # one user turn in the tokenizer's [INST] template, ready for the answer
-        prompt = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True)
+    if args.chat:  # the conversation (+ the prompt as a user turn) in the tokenizer's chat format, ready for the answer
+        messages, tools = _chat_inputs(args)
+        try:
+            prompt = chat_prompt(tokenizer, messages, tools)
+        except ValueError as err:  # a malformed conversation or tools file: the user's to fix
+            raise ConfigError(f"{args.messages or '--prompt'}: {err}") from err
+    elif args.messages or args.tools:
+        raise ConfigError("--messages and --tools need --chat")
     else:
         prompt = tokenizer.encode(args.prompt, bos=True)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     ids = generate(model, prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                    top_p=args.top_p, eos_token_id=tokenizer.eos_id, generator=generator)
     print(tokenizer.decode(ids[0].tolist()))  # prompt + completion, decoded together so spacing is right
+    if args.chat:  # a tool call: the answer as an assistant message (JSON) to append to --messages
+        try:
+            answer = parse_answer(tokenizer, ids[0, len(prompt):].tolist())
+        except ToolCallError as err:
+            print(f"{PROG}: warning: the answer's tool calls do not parse: {err}", file=sys.stderr)
+            return 0
+        if answer.get("tool_calls"):
+            print(json.dumps(answer, ensure_ascii=False))
     return 0
+
+
+def _chat_inputs(args: argparse.Namespace) -> tuple[list, Optional[list]]:
+    """(messages, tools) of `generate --chat`: --messages (a JSON list of messages), then --prompt as a user turn."""
+    def read_list(path: str, what: str) -> list:
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ConfigError(f"{path}: not valid JSON ({err}); expected a JSON list of {what}") from None
+        if not isinstance(data, list):
+            raise ConfigError(f"{path}: expected a JSON list of {what}, got {type(data).__name__}")
+        return data
+
+    messages = read_list(args.messages, "OpenAI-form messages") if args.messages else []
+    tools = read_list(args.tools, 'tools ({"type": "function", "function": {...}})') if args.tools else None
+    if args.prompt is not None:
+        messages.append({"role": "user", "content": args.prompt})
+    if not messages:
+        raise ConfigError("generate --chat needs --prompt or --messages")
+    return messages, tools
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -219,8 +259,13 @@ def build_parser() -> argparse.ArgumentParser:
                                        "a LoRA adapter folder applied to the base it names (or --base).")
     gen.add_argument("folder", help="HF folder: config.json + *.safetensors (+ tokenizer.model), or a LoRA adapter "
                                     "folder: adapter_config.json + adapter_model.safetensors")
-    gen.add_argument("--prompt", required=True)
-    gen.add_argument("--chat", action="store_true", help="send the prompt as a user turn of the chat template")
+    gen.add_argument("--prompt", default=None, help="the text to continue; with --chat, a user turn")
+    gen.add_argument("--chat", action="store_true", help="send the prompt as a user turn of the chat template; an "
+                     "answer with tool calls is also printed as an assistant message in JSON")
+    gen.add_argument("--messages", default=None, help="with --chat: a JSON file holding the conversation so far (a list "
+                     "of OpenAI-form messages, tool results included); --prompt, if given, is added as a user turn")
+    gen.add_argument("--tools", default=None, help="with --chat: a JSON file holding the tool definitions (a list of "
+                     '{"type": "function", "function": {"name", "description", "parameters"}})')
     gen.add_argument("--max-new-tokens", type=int, default=64)
     gen.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
     gen.add_argument("--top-k", type=int, default=None)
@@ -230,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="used when FOLDER has no tokenizer: a file/folder or bundled:v1|v2|v3 (default bundled:v1)")
     gen.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto)")
     gen.add_argument("--base", default=None, help="for an adapter FOLDER: its base HF folder (default: the one it names)")
-    gen.set_defaults(handler=cmd_generate)
+    gen.set_defaults(handler=cmd_generate, usage=gen)
 
     merge = verbs.add_parser("merge", help="merge a LoRA/QLoRA adapter into its base and write a full HF folder",
                              description="Merge a PEFT adapter (a LoRA/QLoRA run's final/ or a checkpoint) into a "

@@ -10,14 +10,17 @@ What mistral-common 1.13 does, and the templates repeat: the system messages, wh
 (joined by a blank line), go into one user turn as `system + "\n\n" + user`: the FIRST user turn in
 v1, the LAST in v2/v3; v2/v3 drop trailing spaces of answers; every answer ends with EOS. A prompt
 ends with `[/INST]`: there is no separate generation prompt, so `add_generation_prompt` only insists
-that the chat ends with a user turn. Tool definitions, tool calls and tool results are not templated
-(the template refuses them): our encoder and mistral-common encode those.
+that the chat ends with a user turn. v1 has no tools (the template refuses them).
 
-A new format (Tekken v3, v7+) adds its entry to CHAT_TEMPLATES, the one place a folder's template
-comes from.
+That is v1 here; v2 to v15 (SentencePiece or Tekken, with tools, calls, results and thinking) come from
+tool_templates.py. `chat_template` is the one place a folder's template comes from.
 """
 
 from __future__ import annotations
+
+from typing import Optional
+
+from mistral_train.tokenizer.tool_templates import tool_template
 
 # Checks the conversation as our encoder does (chat_messages.check, for text conversations: system, user
 # and assistant messages with string content; tools are refused), joins the non-empty system messages
@@ -74,8 +77,26 @@ def _turns(system_turn: str, user: str, assistant: str) -> str:
     )
 
 
-# v1: [INST] is text. v2/v3 (without tools they encode alike): [INST]/[/INST] are control tokens.
+# v1: [INST] is text.
 _V1 = _PREAMBLE + _turns("first", "'[INST] ' + text + ' [/INST]'", "' ' + message['content']")
-_V2_V3 = _PREAMBLE + _turns("last", "'[INST]' + text + '[/INST]'", "message['content'].rstrip(' ')")
 
-CHAT_TEMPLATES: dict[str, str] = {"v1": _V1, "v2": _V2_V3, "v3": _V2_V3}
+# v2 to v13: with tools (tool_templates.py); v15 bakes in its tokenizer's model settings: `chat_template`
+CHAT_TEMPLATES: dict[str, str] = {"v1": _V1, **{v: tool_template(v) for v in ("v2", "v3", "v7", "v11", "v13")}}
+
+# our key in tokenizer_config.json: what the folder's template cannot express (README: "Chat templates")
+TEMPLATE_LIMITS_KEY = "mistral_train_chat_template_limits"
+_TEXT = ("text that spells a control token ([INST], </s>, ...) is that token to transformers' tokenizer, plain text "
+         "to mistral-common and mistral-train")
+_WEIGHT = "per-message weight: it changes only the trained mask, which a template has not"
+_JSON = ("tool call arguments (and v2/v3 tool results) given as JSON strings are written as given; mistral-common "
+         "re-serializes them with json.dumps: they agree when the string is in json.dumps form or arguments are objects")
+TEMPLATE_LIMITS: dict[str, list[str]] = {"v1": [_TEXT, _WEIGHT, "tools: chat format v1 has none"],
+                                         **{v: [_TEXT, _WEIGHT, _JSON] for v in ("v2", "v3", "v7", "v11", "v13", "v15")}}
+
+
+def chat_template(chat_format: str, settings_builder: Optional[dict] = None) -> Optional[str]:
+    """The Jinja template of `chat_format` (None: none written); v15's carries the reasoning-effort values
+    and default of the tokenizer file's model_settings_builder."""
+    if chat_format == "v15":
+        return tool_template("v15", settings_builder)
+    return CHAT_TEMPLATES.get(chat_format)

@@ -17,9 +17,11 @@ from typing import Any, Optional, Union
 
 import tokenizers
 
-from mistral_train.tokenizer.chat_templates import CHAT_TEMPLATES
+from mistral_train.tokenizer.chat_templates import CHAT_TEMPLATES, TEMPLATE_LIMITS, TEMPLATE_LIMITS_KEY, chat_template
 from mistral_train.jsonfile import read_json_object
 from mistral_train.tokenizer.sentencepiece_json import sentencepiece_to_tokenizers
+from mistral_train.tokenizer.tekken import Tekken
+from mistral_train.tokenizer.tekken_json import tekken_to_tokenizers
 from mistral_train.tokenizer.tokenizer import Tokenizer
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -51,37 +53,38 @@ def generation_config(tokenizer: Tokenizer) -> dict[str, int]:
 
 
 @functools.lru_cache(maxsize=4)
-def _tokenizer_json_of(path: str, mtime_ns: int) -> tuple[str, Optional[str]]:
-    """(tokenizer.json text, unk token) of a SentencePiece file, converted once per file version: every
-    checkpoint writes it, and the conversion costs a third of a second that a run would pay at each save."""
+def _tokenizer_json_of(path: str, kind: str, mtime_ns: int) -> tuple[str, Optional[str]]:
+    """(tokenizer.json text, unk token) of a SentencePiece or tekken file, converted once per file version:
+    every checkpoint writes it, and the conversion costs 0.3 s (SentencePiece) to 4 s (Tekken) a save."""
+    if kind == "tekken":
+        hf = tekken_to_tokenizers(Tekken(Path(path)))
+        return hf.to_str(pretty=False), None  # ~6 MB: one line; Tekken has no unknown token (byte-level)
     hf = sentencepiece_to_tokenizers(path)
     return hf.to_str(pretty=True), getattr(hf.model, "unk_token", None)
 
 
 def tokenizer_json(tokenizer: Tokenizer) -> tuple[str, Optional[str]]:
-    """(tokenizer.json text, unk token) of a SentencePiece tokenizer, cached: a run calls it once before
-    training so that its first checkpoint write costs what the later ones do."""
-    return _tokenizer_json_of(str(tokenizer.path), os.stat(tokenizer.path).st_mtime_ns)
+    """(tokenizer.json text, unk token) of a SentencePiece or Tekken tokenizer, cached: a run calls it once
+    before training so that its first checkpoint write costs what the later ones do."""
+    return _tokenizer_json_of(str(tokenizer.path), tokenizer.kind, os.stat(tokenizer.path).st_mtime_ns)
 
 
 def write_tokenizer_files(tokenizer: Tokenizer, folder: Union[str, Path], chat_format: Optional[str] = None) -> None:
-    """Write tokenizer.model (a SentencePiece tokenizer), tokenizer.json (equal to it, built by
-    sentencepiece_json; or the HF tokenizer's own), tokenizer_config.json (special tokens, BOS added,
-    the Jinja chat template of `chat_format`), special_tokens_map.json and generation_config.json.
+    """Write tokenizer.model (a SentencePiece tokenizer) or tekken.json (a Tekken one, for mistral-common and
+    vLLM's mistral mode), tokenizer.json (equal to it: sentencepiece_json / tekken_json; or the HF tokenizer's
+    own), tokenizer_config.json (special tokens, BOS added, the Jinja chat template of `chat_format` and what
+    that template cannot express), special_tokens_map.json and generation_config.json.
 
     Args:
         tokenizer: the run's tokenizer (`load_tokenizer`).
         folder: an existing folder (usually the hidden temp folder of an atomic write).
-        chat_format: v1 | v2 | v3, or None for the tokenizer's default (`Tokenizer.chat_format`).
+        chat_format: v1 to v15, or None for the tokenizer's default (`Tokenizer.chat_format`).
     """
     folder = Path(folder)
     fmt = tokenizer.chat_format(chat_format)
-    if tokenizer.kind == "tekken":  # transformers reads tekken.json only through mistral-common's backend
-        shutil.copyfile(tokenizer.path, folder / "tekken.json")
-        _write_json(folder / "generation_config.json", generation_config(tokenizer))
-        return
-    if tokenizer.kind == "sentencepiece":
-        shutil.copyfile(tokenizer.path, folder / "tokenizer.model")  # copyfile: the new file follows the umask
+    if tokenizer.kind in ("sentencepiece", "tekken"):
+        own = "tekken.json" if tokenizer.kind == "tekken" else "tokenizer.model"
+        shutil.copyfile(tokenizer.path, folder / own)  # copyfile: the new file follows the umask
         text, unk = tokenizer_json(tokenizer)
         (folder / "tokenizer.json").write_text(text, encoding="utf-8")
     else:
@@ -96,8 +99,10 @@ def write_tokenizer_files(tokenizer: Tokenizer, folder: Union[str, Path], chat_f
         "clean_up_tokenization_spaces": False,
         CHAT_FORMAT_KEY: fmt,
     }
-    if fmt in CHAT_TEMPLATES:
-        config["chat_template"] = CHAT_TEMPLATES[fmt]
+    template = chat_template(fmt, tokenizer.settings_builder)
+    if template is not None:
+        config["chat_template"] = template
+        config[TEMPLATE_LIMITS_KEY] = TEMPLATE_LIMITS[fmt]
     else:  # the format's template is not written yet (chat_templates.py): the folder still loads and encodes text
         warnings.warn(f"{folder}: no chat template for chat format {fmt!r} (mistral_train/tokenizer/chat_templates.py has "
                       f"{sorted(CHAT_TEMPLATES)}); transformers' apply_chat_template will refuse this folder",
@@ -114,5 +119,5 @@ def folder_chat_format(folder: Union[str, Path]) -> Optional[str]:
         return None
     fmt = read_json_object(config).get(CHAT_FORMAT_KEY)
     if fmt is not None and not isinstance(fmt, str):
-        raise ValueError(f"{config}: {CHAT_FORMAT_KEY} must be a chat format name (v1, v2, v3), got {fmt!r}")
+        raise ValueError(f"{config}: {CHAT_FORMAT_KEY} must be a chat format name (v1 to v15), got {fmt!r}")
     return fmt

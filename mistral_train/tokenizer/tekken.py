@@ -64,6 +64,7 @@ class Tekken:
                 raise ValueError(f"{path}: vocab entry {rank} has rank {entry.get('rank')!r}; expected ranks 0, 1, 2, ...")
             ranks[base64.b64decode(entry["token_bytes"])] = rank
         self.path, self.version, self.pattern = path, version, pattern
+        self.ranks = ranks  # ordinary token bytes -> BPE rank (tekken_json.py writes them as tokenizer.json)
         self.n_special, self.vocab_size = n_special, vocab_size
         self.model_settings_builder: Optional[dict] = data.get("model_settings_builder")
         self._special_ids = {token: i for i, token in enumerate(self.specials)}

@@ -231,8 +231,9 @@ class Tokenizer:
         self._backend, self.path, self.kind = backend, path, kind
         self.vocab_size: int = backend.vocab_size
         self.bos_id, self.eos_id, self.pad_id = bos_id, eos_id, pad_id
-        self._vocab = chat_formats.Vocab(backend.encode, self.control_id, bos_id, eos_id,
-                                         getattr(backend, "model_settings_builder", None))
+        # a v15 tekken file's model settings (allowed values, default), also baked into the folder's chat template
+        self.settings_builder: Optional[dict] = getattr(backend, "model_settings_builder", None)
+        self._vocab = chat_formats.Vocab(backend.encode, self.control_id, bos_id, eos_id, self.settings_builder)
         self.version = self._own_version()
 
     def control_id(self, token: str) -> Optional[int]:
