@@ -200,17 +200,10 @@ def max_abs_diff() -> Callable[..., float]:
 def tiny_base_folder(tmp_path_factory):
     """A tiny random Mistral HF folder with the real v1 tokenizer: the 'pretrained' base of adapter runs.
     initializer_range 0.1 makes output rows long enough for an adapter to move the loss in a few steps."""
-    import shutil
+    from tests._tiny import save_tiny_folder
+    from tests._tokenizers import bundled
 
-    from mistral_train import Mistral, MistralConfig
-    from mistral_train.tokenizer.tokenizer import bundled_tokenizer_path, load_tokenizer
-
-    tokenizer = load_tokenizer(bundled_tokenizer_path("v1"))
-    config = MistralConfig(vocab_size=tokenizer.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, sliding_window=None, tie_word_embeddings=True,
-                           initializer_range=0.1)
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("tiny_base")
-    Mistral(config).save_pretrained(folder)
-    shutil.copy(bundled_tokenizer_path("v1"), folder / "tokenizer.model")
-    return folder
+    return save_tiny_folder(tmp_path_factory.mktemp("tiny_base"), seed=0, tokenizer="v1",
+                            vocab_size=bundled("v1").vocab_size, hidden_size=64, intermediate_size=128,
+                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, sliding_window=None,
+                            tie_word_embeddings=True, initializer_range=0.1)

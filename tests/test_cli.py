@@ -12,11 +12,13 @@ import pytest
 import torch
 import yaml
 
-from mistral_train import Mistral, MistralConfig
+from mistral_train import Mistral
 from mistral_train.cli import main, split_recipe
 from mistral_train.config import load_run_config
 from mistral_train.train.stage_overrides import load_routed
 from mistral_train.errors import ConfigError
+from tests._tiny import save_tiny_folder
+from tests._tokenizers import bundled
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -137,15 +139,10 @@ def test_plot_without_loss_rows_is_a_user_error(tmp_path, capsys):
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory):
     """A small random model saved as an HF folder, without a tokenizer (the bundled v1 applies)."""
-    from mistral_train.tokenizer.tokenizer import bundled_tokenizer_path, load_tokenizer
-
-    tokenizer = load_tokenizer(Path(bundled_tokenizer_path("v1")))
-    torch.manual_seed(0)
-    cfg = MistralConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                        num_attention_heads=4, num_key_value_heads=2, bos_token_id=tokenizer.bos_id,
-                        eos_token_id=tokenizer.eos_id)
-    folder = tmp_path_factory.mktemp("tiny_hf")
-    Mistral(cfg).save_pretrained(folder)
+    tokenizer = bundled("v1")
+    folder = save_tiny_folder(tmp_path_factory.mktemp("tiny_hf"), seed=0, vocab_size=tokenizer.vocab_size,
+                              hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                              num_key_value_heads=2, bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id)
     return folder, tokenizer
 
 

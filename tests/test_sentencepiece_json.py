@@ -9,6 +9,7 @@ from sentencepiece import sentencepiece_model_pb2
 
 from mistral_train.tokenizer.sentencepiece_json import sentencepiece_to_tokenizers
 from mistral_train.tokenizer.tokenizer import bundled_tokenizer_path
+from tests._tokenizers import raw_sentencepiece
 
 FIXED = [
     "안녕하세요, 세계! 오늘 날씨가 좋네요.",
@@ -32,7 +33,7 @@ def _random_texts(count: int) -> list[str]:
 @pytest.mark.parametrize("version", ["v1", "v2", "v3"])
 def test_text_ids_and_decoding_equal_sentencepiece(version):
     path = bundled_tokenizer_path(version)
-    sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
+    sp = raw_sentencepiece(version)
     ours = sentencepiece_to_tokenizers(path)
     ours.encode_special_tokens = True  # compare on text: sentencepiece never parses control tokens
     texts = FIXED + SPACES + _random_texts(1500)

@@ -6,10 +6,10 @@ import shutil
 
 from pathlib import Path
 import pytest
-import sentencepiece
 import tokenizers
 
 from mistral_train.tokenizer.tokenizer import bundled_tokenizer_path, load_tokenizer
+from tests._tokenizers import bundled, raw_sentencepiece as _spm, with_tokenizer_model
 
 TEXTS = ["Hello world", "  two  spaces\tand a tab\n\nnew lines ", "안녕하세요 🎉 𠜎 \x01", ""]
 CHAT = [
@@ -23,21 +23,17 @@ CHAT = [
 
 @pytest.fixture(scope="module", params=["v1", "v3"])
 def tok(request):
-    return load_tokenizer(bundled_tokenizer_path(request.param))
+    return bundled(request.param)
 
 
 @pytest.fixture(scope="module")
 def v1():
-    return load_tokenizer(bundled_tokenizer_path("v1"))
+    return bundled("v1")
 
 
 @pytest.fixture(scope="module")
 def v3():
-    return load_tokenizer(bundled_tokenizer_path("v3"))
-
-
-def _spm(version):
-    return sentencepiece.SentencePieceProcessor(model_file=str(bundled_tokenizer_path(version)))
+    return bundled("v3")
 
 
 # ---- loading -------------------------------------------------------------------------------
@@ -49,7 +45,7 @@ def test_bundled_files_load_by_content_not_name(tok):
 
 
 def test_folder_and_explicit_kind(tmp_path, v1):
-    shutil.copy(bundled_tokenizer_path("v1"), tmp_path / "tokenizer.model")
+    with_tokenizer_model(tmp_path)
     for loaded in (load_tokenizer(tmp_path), load_tokenizer(tmp_path / "tokenizer.model", kind="sentencepiece")):
         assert loaded.encode(TEXTS[1]) == v1.encode(TEXTS[1])
     with pytest.raises(FileNotFoundError, match="tokenizer.json"):
@@ -81,7 +77,7 @@ def test_special_ids_follow_sentencepiece(tok):
 
 
 def test_config_files_set_special_tokens(tmp_path, v1):
-    shutil.copy(bundled_tokenizer_path("v1"), tmp_path / "tokenizer.model")
+    with_tokenizer_model(tmp_path)
     (tmp_path / "special_tokens_map.json").write_text(json.dumps({"pad_token": {"content": "<unk>"}}))
     assert load_tokenizer(tmp_path).pad_id == _spm("v1").unk_id()
     # tokenizer_config.json wins over special_tokens_map.json

@@ -7,7 +7,6 @@ finetuning mode, the prompt alone in test mode) or raw SentencePiece, never from
 import json
 
 import pytest
-import sentencepiece
 import torch
 import torch.nn.functional as F
 from mistral_common.protocol.instruct.request import ChatCompletionRequest
@@ -20,8 +19,9 @@ from mistral_train.data.formats import detect_format, to_canonical
 from mistral_train.data.preference import PreferencePair, collate_pairs, tokenize_pair, tokenize_pairs
 from mistral_train.data.preference_audit import audit_pairs, format_pair_report
 from mistral_train.data.sources import load_rows, load_splits
-from mistral_train.tokenizer.tokenizer import bundled_tokenizer_path, load_tokenizer
+from mistral_train.tokenizer.tokenizer import bundled_tokenizer_path
 from tests._chat import A, S, U
+from tests._tokenizers import bundled, raw_sentencepiece
 
 IGNORE = -100
 WHERE = "prefs.jsonl line 3"
@@ -36,14 +36,13 @@ CONV_ROW = {"prompt": HISTORY, "chosen": [A("A carrot.")], "rejected": [A("A ban
 def tok(request):
     """(version, our tokenizer, mistral-common test mode, mistral-common finetuning mode, raw sentencepiece)."""
     path = bundled_tokenizer_path(request.param)
-    return (request.param, load_tokenizer(path), getattr(MistralTokenizer, request.param)(),
-            MistralTokenizer.from_file(str(path), mode=ValidationMode.finetuning),
-            sentencepiece.SentencePieceProcessor(model_file=str(path)))
+    return (request.param, bundled(request.param), getattr(MistralTokenizer, request.param)(),
+            MistralTokenizer.from_file(str(path), mode=ValidationMode.finetuning), raw_sentencepiece(request.param))
 
 
 @pytest.fixture(scope="module")
 def v1():
-    return load_tokenizer(bundled_tokenizer_path("v1"))
+    return bundled("v1")
 
 
 def canon(row, source="prefs.jsonl", index=3, fmt="preference", field_map=None):

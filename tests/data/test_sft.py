@@ -5,10 +5,9 @@ The expected trained tokens come from the raw SentencePiece model (each answer e
 """
 
 import pytest
-import sentencepiece
 
 from mistral_train.data.sft import SFTExample, assistant_spans, tokenize_conversation, tokenize_rows
-from mistral_train.tokenizer.tokenizer import bundled_tokenizer_path, load_tokenizer
+from tests._tokenizers import bundled, raw_sentencepiece
 
 IGNORE = -100
 CHAT = [
@@ -25,8 +24,7 @@ ANSWERS = [m["content"] for m in CHAT if m["role"] == "assistant"]
 
 @pytest.fixture(scope="module", params=["v1", "v3"])
 def tok(request):
-    return request.param, load_tokenizer(bundled_tokenizer_path(request.param)), \
-        sentencepiece.SentencePieceProcessor(model_file=str(bundled_tokenizer_path(request.param)))
+    return request.param, bundled(request.param), raw_sentencepiece(request.param)
 
 
 def row(messages=CHAT, source="chats.jsonl", index=4, **extra):

@@ -3,25 +3,23 @@
 Both sides read the SAME token ids: preference rows are tokenized once by our `tokenize_pairs` with
 the real Mistral v1 tokenizer, and trl gets those ids as a pre-tokenized dataset. trl only needs a
 transformers tokenizer for its pad id (none is set, so it pads with EOS, as our `pad_id_of` does).
-Reused from the older oracles: `tiny_folder` (test_sft_trl_parity) and `canonical`
-(test_preference_trl_parity).
+`tiny_folder` (a seeded tiny transformers Mistral) and `canonical` are shared with test_sft_trl_parity.py
+and test_preference_trl_parity.py.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Optional
 
 import transformers
 
+from mistral_train.data.formats import to_canonical
 from mistral_train.data.preference import PreferencePair, tokenize_pairs
 from mistral_train.data.sources import bundled_pairs_path
-from mistral_train.tokenizer.tokenizer import bundled_tokenizer_path, load_tokenizer
 from tests._chat import A, S, U
-from tests.oracle.test_preference_trl_parity import canonical
-from tests.oracle.test_sft_trl_parity import tiny_folder
+from tests._tokenizers import bundled, with_tokenizer_model
 
 __all__ = ["TRL_ON_CPU", "ROWS", "canonical", "hf_tokenizer", "our_tokenizer", "pairs_of", "preference_rows",
            "tiny_folder"]
@@ -62,8 +60,18 @@ def preference_rows(n: int, margins: bool = False) -> list[dict]:
     return canonical(mixed)
 
 
+def tiny_folder(hf_model, tiny, folder):
+    """Save a seeded tiny transformers Mistral with the real 32000-token vocabulary to `folder`."""
+    hf_model(tiny(vocab_size=32000, hidden_size=64, intermediate_size=128), seed=0).save_pretrained(folder)
+    return folder
+
+
+def canonical(rows: list[dict]) -> list[dict]:
+    return [{**to_canonical(r, "preference", {}, f"rows row {i}"), "source": "rows", "row": i} for i, r in enumerate(rows)]
+
+
 def our_tokenizer():
-    return load_tokenizer(bundled_tokenizer_path("v1"))
+    return bundled("v1")
 
 
 def pairs_of(rows: list[dict], max_seq_len: int = 256) -> list[PreferencePair]:
@@ -74,9 +82,7 @@ def pairs_of(rows: list[dict], max_seq_len: int = 256) -> list[PreferencePair]:
 
 def hf_tokenizer(folder: Path, pad_token: Optional[str] = None):
     """The transformers tokenizer of the real v1 SentencePiece model (trl's processing_class)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    shutil.copy(bundled_tokenizer_path("v1"), folder / "tokenizer.model")
-    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(with_tokenizer_model(folder))
     assert tokenizer.pad_token is None  # trl falls back to EOS, as our pad_id_of does
     if pad_token is not None:
         tokenizer.pad_token = pad_token

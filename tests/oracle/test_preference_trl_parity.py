@@ -24,8 +24,6 @@ Legitimate differences, shown rather than hidden:
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 
 trl = pytest.importorskip("trl")
@@ -35,10 +33,11 @@ from mistral_common.protocol.instruct.request import ChatCompletionRequest  # no
 from mistral_common.protocol.instruct.validator import ValidationMode  # noqa: E402
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer  # noqa: E402
 
-from mistral_train.data.formats import to_canonical  # noqa: E402
 from mistral_train.data.preference import collate_pairs, tokenize_pairs  # noqa: E402
-from mistral_train.tokenizer.tokenizer import bundled_tokenizer_path, load_tokenizer  # noqa: E402
+from mistral_train.tokenizer.tokenizer import bundled_tokenizer_path  # noqa: E402
 from tests._chat import A, S, U  # noqa: E402
+from tests._tokenizers import bundled, with_tokenizer_model  # noqa: E402
+from tests.oracle._trl_helpers import canonical  # noqa: E402
 
 # Mistral's v1 [INST] format as a Jinja template: BOS, "[INST] user [/INST]" per user turn (the system
 # prompt joins the first one, as mistral-common v1 does), " answer" + EOS per assistant turn.
@@ -68,14 +67,12 @@ IMPLICIT = [{"chosen": r["prompt"] + r["chosen"], "rejected": r["prompt"] + r["r
 
 @pytest.fixture(scope="module")
 def ours():
-    return load_tokenizer(bundled_tokenizer_path("v1"))
+    return bundled("v1")
 
 
 @pytest.fixture(scope="module")
 def hf_tokenizer(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tokenizer_v1")
-    shutil.copy(bundled_tokenizer_path("v1"), folder / "tokenizer.model")
-    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(with_tokenizer_model(tmp_path_factory.mktemp("tokenizer_v1")))
     tokenizer.chat_template = V1_TEMPLATE
     tokenizer.add_bos_token = True  # as the Hub's Mistral tokenizer_config.json has it
     assert tokenizer("Hi")["input_ids"][0] == tokenizer.bos_token_id
@@ -99,10 +96,6 @@ def trl_pairs(tmp_path_factory, hf_tokenizer):
         return list(trainer.train_dataset), trainer.data_collator
 
     return prepare
-
-
-def canonical(rows: list[dict]) -> list[dict]:
-    return [{**to_canonical(r, "preference", {}, f"rows row {i}"), "source": "rows", "row": i} for i, r in enumerate(rows)]
 
 
 def as_trl(pair) -> dict:

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import shutil
 
 import datasets
 import pytest
@@ -41,7 +40,6 @@ from mistral_train.data.collate import collate_padded
 from mistral_train.data.sft import tokenize_rows
 from mistral_train.data.sources import load_rows
 from mistral_train.losses.ce import IGNORE_INDEX
-from mistral_train.tokenizer.tokenizer import bundled_tokenizer_path, load_tokenizer
 from mistral_train.train.loop import backward_window
 from mistral_train.train.optim import build_optimizer, build_scheduler, lr_factor, param_groups
 from mistral_train.train.steps import language_model
@@ -121,20 +119,12 @@ def trl_run(folder, tokenizer_dir, examples, output_dir) -> tuple[list[dict], di
     return log, {k: v.detach().clone() for k, v in model.state_dict().items()}, trainer
 
 
-def tiny_folder(hf_model, tiny, folder):
-    """Save a seeded tiny transformers Mistral with the real 32000-token vocabulary to `folder`."""
-    hf_model(tiny(vocab_size=32000, hidden_size=64, intermediate_size=128), seed=0).save_pretrained(folder)
-    return folder
-
-
 def test_sft_steps_match_trl(tmp_path, hf_model, tiny):
-    tokenizer = load_tokenizer(bundled_tokenizer_path("v1"))
+    tokenizer = bundled("v1")
     examples, stats = tokenize_rows(chat_rows(N_EXAMPLES), tokenizer, SPEC.max_seq_len, train_on="assistant")
     assert len(examples) == N_EXAMPLES and stats.total().truncated == 0
     folder = tiny_folder(hf_model, tiny, tmp_path / "init")
-    tokenizer_dir = tmp_path / "tokenizer"
-    tokenizer_dir.mkdir()
-    shutil.copy(bundled_tokenizer_path("v1"), tokenizer_dir / "tokenizer.model")
+    tokenizer_dir = with_tokenizer_model(tmp_path / "tokenizer")
 
     theirs, their_weights, trainer = trl_run(folder, tokenizer_dir, examples, tmp_path / "trl")
     ours, our_weights = our_run(folder, examples, pad_id=tokenizer.eos_id)

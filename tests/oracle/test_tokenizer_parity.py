@@ -11,6 +11,7 @@ from mistral_common.protocol.instruct.validator import ValidationMode
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
 from mistral_train.tokenizer.tokenizer import bundled_tokenizer_path, load_tokenizer
+from tests._tokenizers import raw_sentencepiece
 
 VERSIONS = ["v1", "v2", "v3"]
 CORPUS = [
@@ -59,7 +60,7 @@ def pair(request):
 @pytest.mark.parametrize("version", VERSIONS)
 def test_text_ids_equal_sentencepiece(version):
     path = bundled_tokenizer_path(version)
-    sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
+    sp = raw_sentencepiece(version)
     ours = load_tokenizer(path)
     for text in CORPUS + [LITERAL_SPECIALS]:
         assert ours.encode(text) == sp.encode(text), text

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from mistral_train.config import DataSpec
 from mistral_train.data.sources import load_rows
-from mistral_train.tokenizer.tokenizer import bundled_tokenizer_path, load_tokenizer
+from tests._tokenizers import bundled
 from mistral_train.train import evaluate
 from mistral_train.train.evaluate import evaluate_loss, exact_match, normalize_answer
 from mistral_train.train.steps import pretrain_step
@@ -16,7 +16,7 @@ from mistral_train.train.steps import pretrain_step
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return load_tokenizer(bundled_tokenizer_path("v1"))
+    return bundled("v1")
 
 
 def _batches(vocab: int) -> list[dict]:

@@ -9,12 +9,7 @@ from mistral_train import Mistral, MistralConfig
 from mistral_train.config import TrainerSpec
 from mistral_train.errors import ConfigError
 from mistral_train.train.optim import BF16_UPDATES, build_optimizer, build_scheduler, lr_at, lr_factor, param_groups
-
-
-def _tiny_model() -> Mistral:
-    config = MistralConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, sliding_window=None)
-    return Mistral(config)
+from tests._tiny import tiny_model
 
 
 def test_lr_schedule_warmup_then_cosine_to_min():
@@ -32,7 +27,7 @@ def test_lr_schedule_warmup_then_cosine_to_min():
 
 def test_scheduler_follows_lr_at_and_its_state_restores():
     spec = TrainerSpec(lr=2e-3, warmup_steps=3, max_steps=10)
-    model = _tiny_model()
+    model = tiny_model()
     optimizer = build_optimizer(model, spec)
     scheduler = build_scheduler(optimizer, spec)
     seen = []
@@ -53,7 +48,7 @@ def test_scheduler_follows_lr_at_and_its_state_restores():
 
 
 def test_weight_decay_only_on_matrices():
-    model = _tiny_model()
+    model = tiny_model()
     groups = param_groups(model, weight_decay=0.1)
     names = {id(p): n for n, p in model.named_parameters()}
     decayed = {names[id(p)] for p in groups[0]["params"]}
@@ -66,7 +61,7 @@ def test_weight_decay_only_on_matrices():
 
 
 def test_frozen_parameters_are_left_out_and_fused_is_used():
-    model = _tiny_model()
+    model = tiny_model()
     model.model.embed_tokens.weight.requires_grad_(False)
     optimizer = build_optimizer(model, TrainerSpec())
     in_optimizer = {id(p) for g in optimizer.param_groups for p in g["params"]}
@@ -77,7 +72,7 @@ def test_frozen_parameters_are_left_out_and_fused_is_used():
 
 def test_weight_decay_shrinks_matrices_but_not_norms():
     """With zero gradients AdamW only applies decay: matrices shrink, norm scales stay."""
-    model = _tiny_model()
+    model = tiny_model()
     optimizer = build_optimizer(model, TrainerSpec(lr=0.1, weight_decay=0.5))
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     for p in model.parameters():
@@ -119,7 +114,7 @@ def test_adamw_8bit_trains_on_cpu_with_one_byte_moments_and_a_loadable_state(tmp
 
 
 def test_paged_optimizers_need_cuda_and_unknown_names_are_refused():
-    model = _tiny_model()
+    model = tiny_model()
     with pytest.raises(RuntimeError, match="paged_adamw pages optimizer states through CUDA"):
         build_optimizer(model, TrainerSpec(optimizer="paged_adamw"))
     with pytest.raises(ValueError, match="trainer.optimizer must be one of"):
@@ -207,7 +202,7 @@ def test_fp32_master_is_fp32_adamw_and_kahan_carries_the_rounding_residual():
 
 def _bf16_model() -> Mistral:
     torch.manual_seed(0)
-    return _tiny_model().to(torch.bfloat16)
+    return tiny_model().to(torch.bfloat16)
 
 
 @pytest.mark.parametrize("mode", ["fp32_master", "kahan", "stochastic_rounding"])
@@ -250,7 +245,7 @@ def test_bf16_remedy_state_round_trips_a_checkpoint_bit_identically(mode, tmp_pa
 
 
 def test_bf16_update_auto_picks_a_remedy_only_for_16_bit_weights_and_plain_only_by_name():
-    fp32 = _tiny_model()
+    fp32 = tiny_model()
     assert type(build_optimizer(fp32, TrainerSpec())) is torch.optim.AdamW  # nothing to remedy
     bf16 = _bf16_model()
     assert type(build_optimizer(bf16, TrainerSpec())).__module__ == "optimi.adamw"  # auto: kahan
@@ -273,7 +268,7 @@ def test_bf16_update_errors_name_the_key():
         build_optimizer(bf16, TrainerSpec(optimizer="adamw_8bit"))
     assert type(build_optimizer(bf16, TrainerSpec(optimizer="adamw_8bit", bf16_update="plain"))).__name__ == "AdamW8bit"
     with pytest.raises(ConfigError, match="stochastic_rounding rounds to bf16 only and the trained weights are float16"):
-        build_optimizer(_tiny_model().half(), TrainerSpec(bf16_update="stochastic_rounding"))
+        build_optimizer(tiny_model().half(), TrainerSpec(bf16_update="stochastic_rounding"))
 
 
 def test_no_recipe_takes_plain_bf16_updates():
