@@ -22,7 +22,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("train", "plan", "preflight"),
     ("dist", "tracking"),
     ("config", "config_checks"),
-    ("generate", "rollout", "folders"),
+    ("generate", "chat", "rollout", "folders"),
     ("data",),
     ("model",),
     # Below model/: LoRA and NF4 work on any module by name and import no model code, while the model's
