@@ -49,8 +49,9 @@ class AuditReport:
     samples: list[tuple] = field(default_factory=list)  # (source, row, marked text(s))
 
 
-def _where(ex: SFTExample) -> str:
-    return f"{ex.source} row {ex.row}"
+def located(item) -> str:
+    """'SOURCE row N' of an example or a pair (anything with `source` and `row`)."""
+    return f"{item.source} row {item.row}"
 
 
 def dropped_eos_labels(input_ids: torch.Tensor, labels: torch.Tensor, eos_id: int) -> torch.Tensor:
@@ -62,7 +63,7 @@ def dropped_eos_labels(input_ids: torch.Tensor, labels: torch.Tensor, eos_id: in
 
 
 def check_labels(ex: SFTExample, tokenizer) -> None:
-    where, ids, labels = _where(ex), ex.input_ids, ex.labels
+    where, ids, labels = located(ex), ex.input_ids, ex.labels
     if len(ids) != len(labels) or not ids:
         raise AuditError(f"{where}: {counted(len(ids), 'input id')} but {counted(len(labels), 'label')}; expected "
                          "equal, non-zero lengths")
@@ -129,16 +130,16 @@ def check_round_trip(ex: SFTExample, row: Mapping, tokenizer, train_on: str, cha
     if "messages" in row and train_on == "all":  # one run: the answers must appear in it, in order
         missing = _find_in_order(decoded[0], [f for _, frags in expected for f in frags]) if decoded else None
         if missing is not None:
-            raise AuditError(f"{_where(ex)}: round trip failed: answer text {missing[:60]!r} is not in the decoded "
+            raise AuditError(f"{located(ex)}: round trip failed: answer text {missing[:60]!r} is not in the decoded "
                              f"trained text {decoded[0][:200]!r}")
         return
     if len(decoded) > len(expected) or (not ex.truncated and len(decoded) != len(expected)):
-        raise AuditError(f"{_where(ex)}: round trip failed: {counted(len(decoded), 'trained span')} for "
+        raise AuditError(f"{located(ex)}: round trip failed: {counted(len(decoded), 'trained span')} for "
                          f"{counted(len(expected), 'text')} to train on (train_on={train_on})")
     for k, (got, (whole, want)) in enumerate(zip(decoded, expected)):
         if (got != want[0]) if whole else _find_in_order(got, want) is not None:
             wanted = repr(want[0][:120]) if whole else f"to hold {list(want)!r} in order"
-            raise AuditError(f"{_where(ex)}: round trip failed: trained span {k} decodes to {got[:120]!r}, "
+            raise AuditError(f"{located(ex)}: round trip failed: trained span {k} decodes to {got[:120]!r}, "
                              f"expected {wanted}; the template's turn boundaries or the tokenizer are wrong")
 
 
@@ -149,10 +150,10 @@ def _check_collated(ex: SFTExample, collate: Collate, eos_id: int, pad_id: Optio
     if len(bad):
         why = (f"pad id {pad_id} equals EOS id {eos_id} and the collator masks pad tokens, so every EOS label is lost"
                if pad_id == eos_id else "the collator masked an EOS label")
-        raise AuditError(f"{_where(ex)}: after collation the EOS at position {int(bad[0, 1])} is not a label: {why}")
+        raise AuditError(f"{located(ex)}: after collation the EOS at position {int(bad[0, 1])} is not a label: {why}")
     kept, wanted = int((labels[:, 1:] != IGNORE_INDEX).sum()), sum(y != IGNORE_INDEX for y in ex.labels[1:])
     if kept != wanted:
-        raise AuditError(f"{_where(ex)}: the collator kept {kept} of the example's {wanted} label tokens")
+        raise AuditError(f"{located(ex)}: the collator kept {kept} of the example's {wanted} label tokens")
 
 
 def mark_trained(ex: SFTExample, tokenizer) -> str:
@@ -186,7 +187,7 @@ def audit(examples: Sequence[SFTExample], stats: SFTStats, tokenizer, pad_id: Op
         raise AuditError(f"no examples left to train on: {_describe_drops(stats)}")
     if all(all(y == IGNORE_INDEX for y in ex.labels[1:]) for ex in examples):
         raise AuditError(f"every label in the dataset is masked ({counted(len(examples), 'example')}, first "
-                         f"{_where(examples[0])}); check data.train_on={stats.train_on} and the chat template")
+                         f"{located(examples[0])}); check data.train_on={stats.train_on} and the chat template")
     by_key = rows_by_key(rows)
     for ex in examples:
         check_labels(ex, tokenizer)
@@ -219,7 +220,7 @@ def rows_by_key(rows: Optional[Iterable[Mapping]]) -> Optional[dict[tuple[str, i
 def source_row(item, by_key: dict[tuple[str, int], Mapping]) -> Mapping:
     """The canonical row an example or pair (anything with `source` and `row`) came from."""
     if (item.source, item.row) not in by_key:
-        raise AuditError(f"{item.source} row {item.row}: no such row among the rows given for the round-trip check")
+        raise AuditError(f"{located(item)}: no such row among the rows given for the round-trip check")
     return by_key[(item.source, item.row)]
 
 

@@ -31,13 +31,13 @@ from typing import Callable, Optional
 
 import torch
 
-from mistral_train.data.audit import audit, format_report, length_warnings
+from mistral_train.data.audit import AuditReport, audit, format_report, length_warnings
 from mistral_train.data.collate import Batch, collate_packed, collate_padded
 from mistral_train.data.epochs import EpochBatches, TrainData, too_few
 from mistral_train.data.formats import PAIRS, TEXT
 from mistral_train.data.pair_batches import pair_data
 from mistral_train.data.packing import pack_examples, packing_efficiency
-from mistral_train.data.sft import SFTExample, tokenize_conversation, tokenize_rows
+from mistral_train.data.sft import SFTExample, SFTStats, tokenize_conversation, tokenize_rows
 from mistral_train.data.sources import RowSource
 from mistral_train.data.spec import Batching, DataSpec
 from mistral_train.data.stream import StreamBatches, text_pieces
@@ -70,14 +70,18 @@ def build_batches(spec: DataSpec, batching: Batching, tokenizer, train: RowSourc
     return data
 
 
-def chat_collator(packing: bool, max_seq_len: int, pad_id: int, pad_to_max: bool = False) -> Callable[[list[SFTExample]], Batch]:
-    """examples -> batch as training builds it. The audit calls it on single examples with
-    `pad_to_max`, so that padding follows the example as it does in a batch of longer rows
-    (which is where a pad id equal to EOS would swallow the EOS label)."""
-    if packing:
-        return lambda examples: collate_packed(pack_examples(examples, max_seq_len), pad_id,
-                                               pad_to=max_seq_len if pad_to_max else None)
-    return lambda examples: collate_padded(examples, pad_id, max_seq_len, pad_to_max=pad_to_max)
+def _audited(spec: DataSpec, b: Batching, tokenizer, rows: list[dict],
+             name: str) -> tuple[list[SFTExample], SFTStats, AuditReport, list[str]]:
+    """(examples, stats, report, warnings) of chat `rows`: tokenized and audited with the collator training uses,
+    padded to max_seq_len, so that padding follows a single example as in a batch of longer rows (where a pad id
+    equal to EOS would swallow the EOS label)."""
+    examples, stats = tokenize_rows(rows, tokenizer, b.max_seq_len, spec.train_on, spec.overlong, spec.chat_format)
+    if b.packing:
+        collate = lambda exs: collate_packed(pack_examples(exs, b.max_seq_len), b.pad_id, pad_to=b.max_seq_len)  # noqa: E731
+    else:
+        collate = lambda exs: collate_padded(exs, b.pad_id, b.max_seq_len, pad_to_max=True)  # noqa: E731
+    report = audit(examples, stats, tokenizer, pad_id=b.pad_id, rows=rows, collate=collate)
+    return examples, stats, report, length_warnings(stats, name)
 
 
 def _text_data(b: Batching, tokenizer, train: RowSource, held: Optional[RowSource]) -> TrainData:
@@ -102,30 +106,27 @@ def _stack_text_rows(rows: list[torch.Tensor]) -> Batch:
 
 
 def _chat_data(spec: DataSpec, b: Batching, tokenizer, train: RowSource, held: Optional[RowSource]) -> TrainData:
-    max_len, pad_id, batch_size = b.max_seq_len, b.pad_id, b.batch_size
-    rows = list(train)
-    examples, stats = tokenize_rows(rows, tokenizer, max_len, spec.train_on, spec.overlong, spec.chat_format)
-    report = audit(examples, stats, tokenizer, pad_id=pad_id, rows=rows,
-                   collate=chat_collator(b.packing, max_len, pad_id, pad_to_max=True))
+    max_len, batch_size = b.max_seq_len, b.batch_size
+    examples, stats, report, warnings = _audited(spec, b, tokenizer, list(train), train.name)
     summary = [train.describe(), format_report(report)]
     tokens = sum(len(ex.input_ids) for ex in examples)
-    limit = f"(trainer.max_seq_len{_dropped_note(stats.total().dropped)})"
+    dropped = stats.total().dropped  # said after the limit that dropped them
+    limit = "(trainer.max_seq_len" + (f"; {counted(dropped, 'more row')} dropped for length)" if dropped else ")")
+    items = pack_examples(examples, max_len) if b.packing else examples
+    batches = EpochBatches(items, _item_collator(b), batch_size, b.seed, tokens, train.name,
+                           unit="row" if b.packing else "example")
     if b.packing:
-        packed = pack_examples(examples, max_len)
-        batches = EpochBatches(packed, _item_collator(b), batch_size, b.seed, tokens, train.name)
-        made = (f"packed {counted(len(examples), 'example')} into {counted(len(packed), 'row')} of at most "
+        made = (f"packed {counted(len(examples), 'example')} into {counted(len(items), 'row')} of at most "
                 f"{max_len} tokens")
-        summary.append(f"{made} ({packing_efficiency(packed, max_len):.1%} full; {batches.per_epoch()})")
+        summary.append(f"{made} ({packing_efficiency(items, max_len):.1%} full; {batches.per_epoch()})")
         unpacked = ([f"set data.packing=false (one example per row: {counted(len(examples), 'row')})"]
                     if len(examples) >= batch_size else [])
-        short = too_few(train.name, len(packed), batch_size, f"{made} {limit}", [*unpacked, "add data"])
+        short = too_few(train.name, len(items), batch_size, f"{made} {limit}", [*unpacked, "add data"])
     else:
-        batches = EpochBatches(examples, _item_collator(b), batch_size, b.seed, tokens, train.name, unit="example")
         summary.append(f"{counted(len(examples), 'example')}, one per row, padded per batch ({batches.per_epoch()})")
         short = too_few(train.name, len(examples), batch_size,
                         f"{counted(len(examples), 'example')} of at most {max_len} tokens {limit}, one per row",
                         ["add data"])
-    warnings = length_warnings(stats, train.name)
     eval_items = eval_rows = None
     if held is not None:
         eval_rows = list(held)
@@ -138,11 +139,6 @@ def _chat_data(spec: DataSpec, b: Batching, tokenizer, train: RowSource, held: O
         warnings += length_warnings(eval_stats, held.name)
         eval_items = _eval_items(spec, b, eval_examples, held.name)
     return TrainData(batches, eval_items, b.eval_size, stats, eval_rows, report, summary + warnings, too_few=short)
-
-
-def _dropped_note(dropped: int) -> str:
-    """How many more rows tokenization dropped for length (said after the limit that dropped them)."""
-    return f"; {counted(dropped, 'more row')} dropped for length" if dropped else ""
 
 
 def _item_collator(b: Batching) -> Callable[[list], Batch]:
@@ -163,7 +159,7 @@ def _eval_items(spec: DataSpec, b: Batching, examples: list[SFTExample], name: s
 def _stream_data(spec: DataSpec, b: Batching, tokenizer, train: RowSource, held: Optional[RowSource]) -> TrainData:
     """Batches read one buffer at a time (data/stream.py). Chat data is audited on its first buffer
     before step 1; later rows are checked as they are tokenized, and a bad one stops the run naming it."""
-    max_len, pad_id, text = b.max_seq_len, b.pad_id, train.kind == TEXT
+    max_len, text = b.max_seq_len, train.kind == TEXT
 
     def tokenize(row: dict) -> list[SFTExample]:
         if text:
@@ -179,13 +175,11 @@ def _stream_data(spec: DataSpec, b: Batching, tokenizer, train: RowSource, held:
     warnings: list[str] = []
     if not text:
         first = list(islice(train, spec.stream_buffer))
-        examples, stats = tokenize_rows(first, tokenizer, max_len, spec.train_on, spec.overlong, spec.chat_format)
-        report = audit(examples, stats, tokenizer, pad_id=pad_id, rows=first,
-                       collate=chat_collator(b.packing, max_len, pad_id, pad_to_max=True))
+        _, stats, report, warnings = _audited(spec, b, tokenizer, first,
+                                              f"{train.name} (the first {counted(len(first), 'row')})")
         report.notes.append(f"streaming: audited the first {counted(len(first), 'row')}; later rows are checked as "
                             "they are read")
         summary.append(format_report(report))
-        warnings = length_warnings(stats, f"{train.name} (the first {counted(len(first), 'row')})")
     if held is None:
         return TrainData(batches, None, b.eval_size, stats, None, report, summary + warnings)
     eval_rows = list(held)

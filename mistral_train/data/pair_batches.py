@@ -12,7 +12,7 @@ that adds `ref_logps` (2B,) in the batch's sequence order (B chosen, then B reje
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
@@ -25,7 +25,6 @@ from mistral_train.data.spec import Batching, DataSpec
 from mistral_train.wording import counted
 
 PairKey = tuple[str, int]
-PairCollate = Callable[[list[PreferencePair]], Batch]
 
 
 def pair_key(pair: PreferencePair) -> PairKey:
@@ -51,8 +50,8 @@ def pair_data(spec: DataSpec, b: Batching, tokenizer, train: RowSource, held: Op
     report = audit_pairs(pairs, stats, tokenizer, spec.identical_pairs, rows=rows,
                          collate=lambda p: collate_pairs(p, b.pad_id, packing, max_len, pad_to_max=True))
     tokens = sum(len(p.prompt_ids) * 2 + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)
-    collate: PairCollate = lambda p: collate_pairs(p, b.pad_id, packing, max_len)  # noqa: E731
-    batches = EpochBatches(pairs, collate, b.batch_size, b.seed, tokens, train.name, unit="pair")
+    batches = EpochBatches(pairs, lambda p: collate_pairs(p, b.pad_id, packing, max_len), b.batch_size, b.seed,
+                           tokens, train.name, unit="pair")
     summary = [train.describe(), format_pair_report(report),
                f"{counted(len(pairs), 'pair')}, {b.batch_size} per batch ({'packed' if packing else 'padded'}; "
                f"{batches.per_epoch()})"]

@@ -35,7 +35,6 @@ from mistral_train.data.sft import OVERLONG, SFTExample, SourceStats, Stats, ass
 from mistral_train.losses.ce import IGNORE_INDEX
 
 ANSWERS = ("chosen", "rejected")
-_MAX_LISTED = 5  # row numbers kept per source for the report
 
 
 @dataclass
@@ -86,13 +85,6 @@ class PairSourceStats(SourceStats):
     answer_truncated: int = 0  # pairs with at least one answer cut
     identical: int = 0
     identical_rows: list[int] = field(default_factory=list)  # the first few, for the report
-
-    def add(self, other: "SourceStats") -> None:
-        super().add(other)
-        if isinstance(other, PairSourceStats):
-            self.prompt_truncated += other.prompt_truncated
-            self.answer_truncated += other.answer_truncated
-            self.identical += other.identical
 
 
 @dataclass
@@ -189,7 +181,7 @@ def tokenize_pairs(rows: Iterable[Mapping], tokenizer, max_seq_len: int, max_pro
         source, index, _ = row_where(row)
         counts = stats.source(source)
         if pair is None:
-            counts.drop(index)
+            counts.count_row("dropped", index)
             continue
         pairs.append(pair)
         counts.examples += 1
@@ -199,9 +191,7 @@ def tokenize_pairs(rows: Iterable[Mapping], tokenizer, max_seq_len: int, max_pro
         counts.prompt_truncated += pair.prompt_truncated
         counts.answer_truncated += pair.chosen_truncated or pair.rejected_truncated
         if pair.identical:
-            counts.identical += 1
-            if len(counts.identical_rows) < _MAX_LISTED:
-                counts.identical_rows.append(index)
+            counts.count_row("identical", index)
     return pairs, stats
 
 

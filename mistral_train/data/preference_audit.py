@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable, Mapping, Optional, Sequence
 
 from mistral_train.data.audit import (MARK, AuditError, AuditReport, check_labels, check_lines, check_round_trip,
-                                      count_table, dropped_eos_labels, listed_rows, mark_trained, pick_samples,
+                                      count_table, dropped_eos_labels, listed_rows, located, mark_trained, pick_samples,
                                       rows_by_key, source_row)
 from mistral_train.data.collate import Batch
 from mistral_train.data.epochs import WARNING
@@ -40,12 +40,8 @@ class PairAuditReport(AuditReport):
     identical: list[tuple[str, int]] = field(default_factory=list)  # (source, row) of chosen == rejected pairs
 
 
-def _where(pair: PreferencePair) -> str:
-    return f"{pair.source} row {pair.row}"
-
-
 def _check_pair(pair: PreferencePair, tokenizer) -> None:
-    where, start = _where(pair), pair.completion_start
+    where, start = located(pair), pair.completion_start
     for which in ANSWERS:
         seq = pair.sequence(which)
         try:
@@ -74,7 +70,7 @@ def _check_row(pair: PreferencePair, row: Mapping, tokenizer, chat_format: str) 
     if not pair.prompt_truncated:
         alone = tokenizer.apply_chat_template(row["prompt"], chat_format, add_generation_prompt=True)
         if alone != pair.prompt_ids:
-            raise AuditError(f"{_where(pair)}: the prompt encoded alone (as at generation) gives "
+            raise AuditError(f"{located(pair)}: the prompt encoded alone (as at generation) gives "
                              f"{counted(len(alone), 'token')} that differ from the pair's "
                              f"{counted(len(pair.prompt_ids), 'prompt token')}; the model would be trained on a "
                              "context it is never given")
@@ -85,13 +81,13 @@ def _check_collated(pair: PreferencePair, collate: PairCollate, eos_id: int) -> 
     ids, labels, index = batch["input_ids"], batch["labels"], batch["sequence_index"]  # (N, T) each
     bad = dropped_eos_labels(ids, labels, eos_id)
     if len(bad):
-        raise AuditError(f"{_where(pair)}: after collation the EOS at row {int(bad[0, 0])}, position "
+        raise AuditError(f"{located(pair)}: after collation the EOS at row {int(bad[0, 0])}, position "
                          f"{int(bad[0, 1])} is not a label (a collator that masks pad ids equal to EOS?)")
     for k, which in enumerate(ANSWERS):
         kept = int(((labels != IGNORE_INDEX) & (index == k)).sum())
         wanted = len(pair.chosen_ids if k == 0 else pair.rejected_ids)
         if kept != wanted:
-            raise AuditError(f"{_where(pair)}: the collator kept {kept} of the {wanted} {which} label tokens "
+            raise AuditError(f"{located(pair)}: the collator kept {kept} of the {wanted} {which} label tokens "
                              f"(sequence_index {k})")
 
 
@@ -125,7 +121,7 @@ def audit_pairs(pairs: Sequence[PreferencePair], stats: PreferenceStats, tokeniz
             _check_collated(pair, collate, tokenizer.eos_id)
         if pair.identical:
             if identical == "error":
-                raise AuditError(f"{_where(pair)}: chosen and rejected are identical "
+                raise AuditError(f"{located(pair)}: chosen and rejected are identical "
                                  f"({counted(len(pair.chosen_ids), 'token')}"
                                  f"{' after truncation' if pair.truncated else ''}): the pair teaches nothing; "
                                  "fix the data, or set identical='warn' to keep such pairs")

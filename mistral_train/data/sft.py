@@ -15,14 +15,14 @@ tool results or tool definitions, nor an answer with weight 0.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import ClassVar, Iterable, Mapping, Optional
 
 from mistral_train.losses.ce import IGNORE_INDEX
 
 TRAIN_ON = ("assistant", "last_assistant", "all")
 OVERLONG = ("truncate", "drop")
-_MAX_LISTED = 5  # dropped row numbers kept per source for the report
+_MAX_LISTED = 5  # row numbers listed per source for the report (dropped, identical)
 
 
 @dataclass
@@ -49,20 +49,11 @@ class SourceStats:
     tool_calls: int = 0  # trained [TOOL_CALLS] tokens (one per call from v11, one per answer before)
     reasoning: int = 0  # trained [THINK] tokens (one per reasoning chunk)
 
-    def drop(self, row: int) -> None:
-        """Count a dropped row, keeping the first few row numbers for the report."""
-        self.dropped += 1
-        if len(self.dropped_rows) < _MAX_LISTED:
-            self.dropped_rows.append(row)
-
-    def add(self, other: "SourceStats") -> None:
-        self.examples += other.examples
-        self.tokens += other.tokens
-        self.label_tokens += other.label_tokens
-        self.truncated += other.truncated
-        self.dropped += other.dropped
-        self.tool_calls += other.tool_calls
-        self.reasoning += other.reasoning
+    def count_row(self, what: str, row: int) -> None:
+        """Count a row as `what` ("dropped"; pairs: "identical"), listing the first few row numbers for the report."""
+        setattr(self, what, getattr(self, what) + 1)
+        if len(getattr(self, f"{what}_rows")) < _MAX_LISTED:
+            getattr(self, f"{what}_rows").append(row)
 
 
 @dataclass
@@ -80,8 +71,11 @@ class Stats:
 
     def total(self) -> SourceStats:
         out = self.counts()
-        for stats in self.sources.values():
-            out.add(stats)
+        for counts in self.sources.values():
+            for f in fields(out):
+                value = getattr(counts, f.name)
+                if isinstance(value, int):  # the listed row numbers stay per source
+                    setattr(out, f.name, getattr(out, f.name) + value)
         return out
 
 
@@ -194,7 +188,7 @@ def tokenize_rows(rows: Iterable[Mapping], tokenizer, max_seq_len: int, train_on
         source, index, _ = row_where(row)
         counts = stats.source(source)
         if example is None:
-            counts.drop(index)
+            counts.count_row("dropped", index)
             continue
         examples.append(example)
         counts.examples += 1

@@ -32,17 +32,11 @@ class DataSpec:
 
 @dataclass(frozen=True)
 class Batching:
-    """How items become batches (these values always travel together).
+    """How items become batches: the trainer's settings data/ needs, which always travel together.
+    `pad_id` is only what padding is filled with (`pad_id_of`; padding is located by place); `eval_size` items
+    make a held-out batch; `padded_only`: the objective pools each row's last token, so packing is refused."""
 
-    packing: pack examples as documents into rows (data.packing); False pads one item per row.
-    max_seq_len: tokens per row at most (trainer.max_seq_len).
-    pad_id: the id padding is filled with (`pad_id_of`); padding is located by place, never by this id.
-    batch_size: items per training batch (trainer.batch_size); seed: the epoch orders'.
-    eval_size: items per held-out batch (no gradients kept: a whole accumulation window at once).
-    padded_only: the objective pools each sequence's last token (a reward model): packing is refused.
-    """
-
-    packing: bool
+    packing: bool  # data.packing
     max_seq_len: int
     pad_id: int
     batch_size: int

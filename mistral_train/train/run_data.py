@@ -15,19 +15,14 @@ from mistral_train.data.spec import Batching, pad_id_of
 from mistral_train.train.objectives import check_data_kind, objective_entry
 
 
-def batching(cfg: RunConfig, tokenizer) -> Batching:
-    spec, entry = cfg.trainer, objective_entry(cfg.trainer.objective)
-    return Batching(cfg.data.packing, spec.max_seq_len, pad_id_of(tokenizer), spec.batch_size, spec.seed,
-                    eval_size=spec.batch_size * spec.grad_accum_steps,  # no gradients kept: a whole window at once
-                    padded_only=entry.task == "sequence_classification")  # the head pools each row's last token
-
-
 def read_data(cfg: RunConfig, tokenizer, check: bool = True) -> TrainData:
     """The run's TrainData (data/batches.py: build_batches; `check` as there). Data of another kind than the
     objective trains on is refused naming the file (train/objectives.py: check_data_kind), never half-used."""
-    objective = cfg.trainer.objective
-    kind = objective_entry(objective).data_kind
-    train, held = load_splits(replace(cfg.data, format=resolve_format(cfg.data.format, cfg.data.path, kind)),
-                              cfg.trainer.seed)  # format auto with the bundled data: the bundled data of `kind`
-    check_data_kind(objective, train.kind, train.name)
-    return build_batches(cfg.data, batching(cfg, tokenizer), tokenizer, train, held, check)
+    spec, entry = cfg.trainer, objective_entry(cfg.trainer.objective)
+    fmt = resolve_format(cfg.data.format, cfg.data.path, entry.data_kind)  # auto + bundled: the bundled data of its kind
+    train, held = load_splits(replace(cfg.data, format=fmt), spec.seed)
+    check_data_kind(spec.objective, train.kind, train.name)
+    batching = Batching(cfg.data.packing, spec.max_seq_len, pad_id_of(tokenizer), spec.batch_size, spec.seed,
+                        eval_size=spec.batch_size * spec.grad_accum_steps,  # no gradients kept: a whole window at once
+                        padded_only=entry.task == "sequence_classification")  # the head pools each row's last token
+    return build_batches(cfg.data, batching, tokenizer, train, held, check)
