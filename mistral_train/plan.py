@@ -233,14 +233,12 @@ def split_plan_options(overrides: Sequence[str]) -> tuple[PlanOptions, list[str]
 
 def model_shape(spec: ModelSpec) -> MistralConfig:
     """The architecture: model.path's config.json (no weights read), else the spec's fields + the tokenizer's vocab."""
-    fields = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-              "head_dim", "sliding_window", "max_position_embeddings", "tie_word_embeddings")
     try:
         if spec.path:
             return MistralConfig.from_json_file(Path(spec.path) / "config.json")
         # the bundled vocabularies are known; another tokenizer file is cheap to read
         vocab = BUNDLED_VOCAB.get(spec.tokenizer) or load_tokenizer(resolve_tokenizer_path(spec.tokenizer)).vocab_size
-        return MistralConfig(vocab_size=vocab, **{f: getattr(spec, f) for f in fields})
+        return MistralConfig.from_spec(spec, vocab_size=vocab)
     except (ValueError, OSError) as err:  # the messages name the file or the field
         raise ConfigError(f"model.path={spec.path}: {err}" if spec.path else f"model: {err}") from err
 

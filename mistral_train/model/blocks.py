@@ -46,9 +46,13 @@ class MLP(nn.Module):
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
 
+MLPS = {"dense": MLP}  # config.mlp_kind -> its module (experts next)
+
+
 class Attention(nn.Module):
     def __init__(self, config: MistralConfig, layer_index: int) -> None:
         super().__init__()
+        self.window = config.layer_window(layer_index)  # None: full causal; the caller builds the mask for it
         self.n_heads, self.n_kv_heads, self.head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
         self.q_proj = nn.Linear(config.hidden_size, self.n_heads * self.head_dim, bias=False)
         self.k_proj = nn.Linear(config.hidden_size, self.n_kv_heads * self.head_dim, bias=False)
@@ -75,7 +79,9 @@ class Block(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = Attention(config, layer_index)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = MLP(config)
+        if config.mlp_kind not in MLPS:
+            raise ValueError(f"`mlp_kind` {config.mlp_kind!r} is not one of {sorted(MLPS)}")
+        self.mlp = MLPS[config.mlp_kind](config)
         self.recompute: Optional[str] = None  # "block" | "attention" | "mlp": see model/execution.py
 
     def forward(self, x: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor:

@@ -1,4 +1,9 @@
-"""MistralConfig: the architecture, read from and written to transformers' `config.json`."""
+"""MistralConfig: the architecture and its variant, read from and written to transformers' `config.json`.
+
+The variant (each layer's attention kind, the rotary kind, the MLP kind) is data the blocks read, set by
+the mapping of the file's `model_type` (MODEL_TYPES): a new Mistral-family variant is one entry there and,
+where its maths is new, one module in model/.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +11,7 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
+from typing import Any, Callable, Optional, Union, get_args, get_origin, get_type_hints
 
 from mistral_train.jsonfile import read_json_object
 
@@ -14,6 +19,9 @@ from mistral_train.jsonfile import read_json_object
 # regenerated on write, so a round trip does not accumulate stale metadata.
 _HF_BOOKKEEPING = {"architectures", "model_type", "transformers_version", "torch_dtype", "dtype"}
 _SUPPORTED_ACTIVATIONS = {"silu", "gelu", "gelu_pytorch_tanh", "relu"}
+ATTENTION_KINDS = ("full_attention", "sliding_attention")  # transformers' `layer_types` names
+ROPE_TYPES = ("default",)  # the rotary kinds model/rope.py computes
+_VARIANT = ("layer_types", "rope_type", "mlp_kind")  # set by the model_type's mapping, not read by key name
 
 
 @dataclass
@@ -40,6 +48,9 @@ class MistralConfig:
     sliding_window: Optional[int] = 4096  # None: full causal attention
     attention_dropout: float = 0.0
     num_labels: int = 2  # classification heads only
+    layer_types: Optional[list[str]] = None  # one of ATTENTION_KINDS a layer; None: every layer sliding (Mistral)
+    rope_type: str = "default"  # one of ROPE_TYPES
+    mlp_kind: str = "dense"  # a key of model/blocks.py's MLPS
     extra: dict[str, Any] = field(default_factory=dict)  # unknown keys, kept for the round trip
 
     def __post_init__(self) -> None:
@@ -68,27 +79,42 @@ class MistralConfig:
             raise ValueError(f"`head_dim` must be even for RoPE, got {self.head_dim}")
         if self.sliding_window is not None and self.sliding_window < 1:
             raise ValueError(f"`sliding_window` must be a positive integer or null, got {self.sliding_window}")
+        if self.layer_types is not None and (len(self.layer_types) != self.num_hidden_layers
+                                             or not set(self.layer_types) <= set(ATTENTION_KINDS)):
+            raise ValueError(f"`layer_types` must name one of {ATTENTION_KINDS} for each of the "
+                             f"{self.num_hidden_layers} layers, got {self.layer_types}")
+        if self.rope_type not in ROPE_TYPES:
+            raise ValueError(f"`rope_parameters.rope_type` {self.rope_type!r} is not supported (only 'default')")
+
+    def layer_window(self, layer: int) -> Optional[int]:
+        """What layer `layer` attends to: the last `sliding_window` tokens on a sliding layer, else (None) all."""
+        sliding = self.layer_types is None or self.layer_types[layer] == "sliding_attention"
+        return self.sliding_window if sliding else None
+
+    @classmethod
+    def from_spec(cls, spec: Any, **given: Any) -> "MistralConfig":
+        """The architecture a run's model spec names (config.ModelSpec: each attribute named like a field
+        here), `given` over it (the tokenizer's vocab_size and ids): model building and `plan` both use it."""
+        names = [f.name for f in dataclasses.fields(cls) if f.name != "extra" and hasattr(spec, f.name)]
+        return cls(**({name: getattr(spec, name) for name in names} | given))
 
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any], source: str = "config") -> "MistralConfig":
         """Build from a transformers config dict (v4 `rope_theta` or v5 `rope_parameters`)."""
         d = dict(d)
         model_type = d.get("model_type", "mistral")
-        if model_type != "mistral":
-            raise ValueError(f"{source}: `model_type` is {model_type!r}, expected 'mistral'")
-        rope = d.pop("rope_parameters", None) or d.pop("rope_scaling", None)
-        if rope:
-            rope_type = rope.get("rope_type", rope.get("type", "default"))
-            if rope_type != "default":
-                raise ValueError(f"{source}: `rope_parameters.rope_type` {rope_type!r} is not supported (only 'default')")
-            if "rope_theta" in rope:
-                d["rope_theta"] = rope["rope_theta"]
-        known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        if model_type not in MODEL_TYPES:
+            raise ValueError(f"{source}: `model_type` is {model_type!r}, expected one of {sorted(MODEL_TYPES)}")
+        rope = d.pop("rope_parameters", None) or d.pop("rope_scaling", None) or {}
+        if "rope_theta" in rope:
+            d["rope_theta"] = rope["rope_theta"]
+        known = {f.name for f in dataclasses.fields(cls)} - {"extra", *_VARIANT}
         required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
         for key in required:
             if key not in d:
                 raise ValueError(f"{source}: required key `{key}` is missing")
-        kwargs = {k: v for k, v in d.items() if k in known}
+        kwargs = {k: v for k, v in d.items() if k in known} | MODEL_TYPES[model_type](d)
+        kwargs["rope_type"] = rope.get("rope_type", rope.get("type", "default"))
         if isinstance(kwargs.get("rope_theta"), int):
             kwargs["rope_theta"] = float(kwargs["rope_theta"])
         eos_list = None
@@ -116,12 +142,15 @@ class MistralConfig:
 
     def to_hf_dict(self, architecture: str = "MistralForCausalLM") -> dict[str, Any]:
         """The dict transformers writes for this model, plus the unknown keys we were given."""
-        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("extra", "num_labels")}
+        if self.layer_types is not None or self.mlp_kind != "dense":  # transformers' Mistral would ignore them
+            raise ValueError("`layer_types` and `mlp_kind` other than dense have no model_type 'mistral' config.json")
+        skip = ("extra", "num_labels", *_VARIANT)
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in skip}
         d.update(self.extra)  # unknown keys, and a list of EOS ids over the single one
         d["architectures"] = [architecture]
         d["model_type"] = "mistral"
         # v5 reads `rope_parameters`; v4 reads `rope_theta`: write both so either loads it.
-        d["rope_parameters"] = {"rope_type": "default", "rope_theta": self.rope_theta}
+        d["rope_parameters"] = {"rope_type": self.rope_type, "rope_theta": self.rope_theta}
         if architecture != "MistralForCausalLM" and "id2label" not in d:
             d["id2label"] = {str(i): f"LABEL_{i}" for i in range(self.num_labels)}
             d["label2id"] = {f"LABEL_{i}": i for i in range(self.num_labels)}
@@ -132,6 +161,16 @@ class MistralConfig:
         if dtype is not None:
             d["dtype"] = dtype
         (Path(folder) / "config.json").write_text(json.dumps(d, indent=2) + "\n")
+
+
+def _mistral(d: dict[str, Any]) -> dict[str, Any]:
+    """transformers' Mistral: every layer alike (sliding when `sliding_window` is set), default rotary, a dense
+    MLP. A `layer_types` key stays an unknown key, as transformers ignores it for this model_type."""
+    return {}
+
+
+# model_type -> the variant fields its config.json implies (ministral, ministral3, mixtral come next)
+MODEL_TYPES: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {"mistral": _mistral}
 
 
 def _matches(value: Any, hint: Any) -> bool:

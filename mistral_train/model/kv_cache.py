@@ -56,8 +56,10 @@ class KVCache(nn.Module):
 
     @classmethod
     def for_model(cls, config, batch_size: int, max_length: int, dtype: torch.dtype, device, static: bool = False) -> "KVCache":
-        """A cache for `max_length` tokens: a rolling buffer of `sliding_window` slots when that is smaller."""
-        window = config.sliding_window
+        """A cache for `max_length` tokens: a rolling buffer of `sliding_window` slots when that is smaller
+        and every layer slides (a full-attention layer needs every token)."""
+        windows = {config.layer_window(i) for i in range(config.num_hidden_layers)}
+        window = None if None in windows else max(windows)
         rolling = window is not None and window < max_length
         capacity = window if rolling else max_length
         return cls(config.num_hidden_layers, batch_size, config.num_key_value_heads, config.head_dim,

@@ -143,20 +143,20 @@ class Mistral(nn.Module):
         x = self.model.embed_tokens(input_ids)
         cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
         keep = attention_mask.bool() if attention_mask is not None else None
-        window = self.config.sliding_window
+        kv_index, kv_keep, documents = index, keep, None
         if cache is not None:
             step_keep = keep if keep is not None else torch.ones(B, T, dtype=torch.bool, device=device)
             kv_index, kv_keep = cache.begin(index, step_keep)
-            mask = build_attention_mask(index, kv_index, window, kv_keep)
-        else:
-            documents = documents_from_positions(position_ids) if keep is None else None
-            if keep is None and documents is None and (window is None or window >= T):
-                mask = None  # plain causal: SDPA's fast path
-            else:
-                mask = build_attention_mask(index, index, window, keep, documents, documents)
-        inputs = AttentionInputs(cos, sin, mask, cache)
+        elif keep is None:
+            documents = documents_from_positions(position_ids)
+        plain = cache is None and keep is None and documents is None  # causal, unless a window cuts it
+        inputs = {}  # one mask per attention window the layers use (each layer's kind: config.layer_window)
+        for w in {block.self_attn.window for block in self.model.layers}:
+            fast = plain and (w is None or w >= T)  # None: SDPA's causal fast path
+            mask = None if fast else build_attention_mask(index, kv_index, w, kv_keep, documents, documents)
+            inputs[w] = AttentionInputs(cos, sin, mask, cache)
         for block in self.model.layers:
-            x = run_block(self, block, x, inputs)  # compiled, recomputed, offloaded: as set
+            x = run_block(self, block, x, inputs[block.self_attn.window])  # compiled, recomputed, offloaded: as set
         return self.model.norm(x)
 
     def forward(

@@ -61,11 +61,8 @@ def build_model(spec: ModelSpec, tokenizer, adapter: Optional[AdapterSpec] = Non
             raise ValueError(f"model.path {spec.path}: vocab_size {model.config.vocab_size} is smaller than the "
                              f"tokenizer's ({tokenizer.vocab_size}); is model.tokenizer the model's tokenizer?")
     else:
-        fields = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-                  "head_dim", "sliding_window", "rope_theta", "max_position_embeddings", "tie_word_embeddings",
-                  "initializer_range")
-        config = MistralConfig(vocab_size=tokenizer.vocab_size, bos_token_id=tokenizer.bos_id,
-                               eos_token_id=tokenizer.eos_id, **{f: getattr(spec, f) for f in fields})
+        config = MistralConfig.from_spec(spec, vocab_size=tokenizer.vocab_size, bos_token_id=tokenizer.bos_id,
+                                         eos_token_id=tokenizer.eos_id)
         model = Mistral(config, task=task).to(dtype)
     if task == "sequence_classification":
         one_label_head(model, pad_id)

@@ -10,7 +10,9 @@ import transformers
 
 from mistral_train import MistralConfig
 
-ARCH_FIELDS = [f.name for f in dataclasses.fields(MistralConfig) if f.name not in ("extra", "rope_theta", "num_labels")]
+VARIANT_FIELDS = ("layer_types", "rope_type", "mlp_kind")  # no transformers MistralConfig attribute: checked below
+ARCH_FIELDS = [f.name for f in dataclasses.fields(MistralConfig)
+               if f.name not in ("extra", "rope_theta", "num_labels", *VARIANT_FIELDS)]
 
 
 def _hf_dict(**kwargs) -> dict:
@@ -33,6 +35,9 @@ def _assert_same_architecture(ours: MistralConfig, hf: transformers.MistralConfi
     for name in ARCH_FIELDS:
         assert getattr(ours, name) == getattr(hf, name), f"`{name}`: ours {getattr(ours, name)!r}, transformers {getattr(hf, name)!r}"
     assert ours.rope_theta == hf.rope_parameters["rope_theta"]
+    # transformers' Mistral: every layer sees the same window, default rotary, a dense MLP
+    assert [ours.layer_window(i) for i in range(ours.num_hidden_layers)] == [hf.sliding_window] * hf.num_hidden_layers
+    assert (ours.rope_type, ours.mlp_kind) == (hf.rope_parameters["rope_type"], "dense")
 
 
 HF_CASES = {
