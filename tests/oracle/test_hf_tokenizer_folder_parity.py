@@ -87,13 +87,15 @@ def test_our_tokenizer_json_loaded_by_us_encodes_chats_as_sentencepiece(folder):
 
 
 def test_template_refuses_what_our_encoder_refuses(folder):
-    _, _, _, hf = folder
+    version, _, _, hf = folder
     with pytest.raises(jinja2.TemplateError, match="roles must alternate"):
         hf.apply_chat_template([U("a"), U("b")])
     with pytest.raises(jinja2.TemplateError, match="ends with a user message"):
         hf.apply_chat_template([U("a"), A("b")], add_generation_prompt=True)
     with pytest.raises(jinja2.TemplateError, match="cannot follow an assistant"):
         hf.apply_chat_template([U("a"), A("b"), S("c"), U("d")])
+    if version != "v1":  # v2/v3 take tools (tests/oracle/test_hf_tekken_folder_parity.py)
+        return
     with pytest.raises(jinja2.TemplateError, match="tool definitions are not in this chat template"):
         hf.apply_chat_template([U("a")], tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}])
     with pytest.raises(jinja2.TemplateError, match="without tool calls"):
