@@ -38,7 +38,7 @@ from mistral_train.dist.accelerator import (
 from mistral_train.dist.gather import FullModel
 from mistral_train.errors import reading_data
 from mistral_train.model import Mistral
-from mistral_train.preflight import preflight
+from mistral_train.train.preflight import preflight
 from mistral_train.tokenizer.files import tokenizer_json, write_tokenizer_files
 from mistral_train.tokenizer.tokenizer import load_tokenizer, resolve_tokenizer_path
 from mistral_train.tracking.metrics import MetricsLogger, progress_bar

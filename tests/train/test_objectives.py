@@ -9,7 +9,7 @@ from mistral_train.data.sources import bundled_chat_path
 from mistral_train.config import DataSpec, ModelSpec, RunConfig, RunSpec, TrackingSpec, TrainerSpec
 from mistral_train.data.formats import KIND_NAMES
 from mistral_train.errors import ConfigError
-from mistral_train.preflight import check_stage
+from mistral_train.train.preflight import check_stage
 from mistral_train.train.loop import fit
 from mistral_train.train.objectives import OBJECTIVES, ObjectiveEntry, loss_label, objective_entry
 from mistral_train.train.steps import Objective, StepOutput, count_label_tokens, pretrain_step
