@@ -5,7 +5,7 @@ is) plus `training_state.pt`, which holds only tensors and plain Python data (op
 scheduler, RNG states, data position, step) so it loads with `torch.load(weights_only=True)`.
 Under DeepSpeed and FSDP2 the optimizer state is sharded and lives in the engine's own files in
 a subfolder (train/resume.py); `training_state.pt` then holds None for it.
-Folders are written with `atomic_directory`, so any `step_N` folder present is complete.
+Folders are written with `atomic_directory` (train/resume.py), so any `step_N` folder present is complete.
 """
 
 from __future__ import annotations
@@ -15,12 +15,12 @@ import random
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
 
-from mistral_train.checkpoint.atomic import atomic_directory, remove_stale_temps
+from mistral_train.checkpoint.atomic import remove_stale_temps
 
 STATE_FILE = "training_state.pt"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -76,59 +76,6 @@ def read_state_file(directory: str | os.PathLike) -> dict[str, Any]:
     if not state_file.is_file():
         raise FileNotFoundError(f"{directory}: not a training checkpoint (no {STATE_FILE})")
     return torch.load(state_file, map_location="cpu", weights_only=True)
-
-
-def save_training_state(
-    directory: str | os.PathLike,
-    write_model: Callable[[Path], None],
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    step: int,
-    data_state: dict[str, Any],
-    rng: Optional[dict[str, Any]] = None,
-) -> Path:
-    """Write a complete checkpoint folder at `directory` atomically (one process); return its path.
-
-    `write_model(folder)` writes the weights (an HF folder, or an adapter) into the temp folder;
-    `step` is the number of optimizer steps already taken; `data_state` is the data iterator's
-    `state_dict()`; `rng` defaults to `capture_rng_state()` now. Several processes write a checkpoint
-    through train/resume.py, which adds the engines' own files.
-    """
-    with atomic_directory(directory) as tmp:
-        write_model(tmp)
-        write_state_file(tmp, run_state(step, optimizer, scheduler, data_state, rng))
-    return Path(directory)
-
-
-def load_training_state(
-    directory: str | os.PathLike,
-    load_model: Callable[[Path], None],
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-) -> dict[str, Any]:
-    """Load weights (`load_model(folder)`, in place), optimizer and scheduler; return {"step", "data", "rng"}.
-
-    The caller restores the data position and RNG (`restore_rng_state`) once everything
-    else that draws random numbers has been built.
-    """
-    state = read_state_file(directory)
-    load_model(Path(directory))
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    return {"step": state["step"], "data": state["data"], "rng": state["rng"]}
-
-
-def load_weights_in_place(model: torch.nn.Module, directory: str | os.PathLike) -> None:
-    """Copy weights from an HF folder into `model`, keeping its parameters (the optimizer
-    holds references to them) and their device and dtype."""
-    # from_pretrained knows the folder format (shards, tied weights); copy from its result.
-    loaded = type(model).from_pretrained(directory, task=getattr(model, "task", "causal_lm"))
-    missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
-    if missing or unexpected:
-        raise ValueError(
-            f"{directory}: checkpoint does not match the model "
-            f"(missing {missing[:5]}, unexpected {unexpected[:5]})"
-        )
 
 
 def list_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:

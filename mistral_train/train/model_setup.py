@@ -16,7 +16,6 @@ from typing import Optional
 import torch
 
 from mistral_train.adapters import LoraConfig, apply_lora, load_adapter, load_adapter_weights, write_adapter_files
-from mistral_train.checkpoint.state import load_weights_in_place
 from mistral_train.config import AdapterSpec, ModelSpec
 from mistral_train.folders import BASE_NOTE
 from mistral_train.model import Mistral, MistralConfig
@@ -119,8 +118,11 @@ def save_model_folder(model: Mistral, folder: Path, model_spec: ModelSpec, adapt
 
 
 def load_model_weights(model: Mistral, folder: Path) -> None:
-    """Inverse of `save_model_folder`, in place (the optimizer keeps its parameters)."""
+    """Inverse of `save_model_folder`, in place: the optimizer keeps its parameters, their device and dtype."""
     if is_adapted(model):
         load_adapter_weights(model, folder)
-    else:
-        load_weights_in_place(model, folder)
+        return
+    loaded = Mistral.from_pretrained(folder, task=model.task)  # knows the folder format (shards, tied weights)
+    missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{folder}: checkpoint does not match the model (missing {missing[:5]}, unexpected {unexpected[:5]})")
