@@ -14,9 +14,10 @@ from mistral_train.config import DataSpec, RunConfig, TrainerSpec
 from mistral_train.data.audit import AuditError
 from mistral_train.train.run_data import read_data
 from mistral_train.data.epochs import SmallDataError
+from mistral_train.data.pair_batches import attach_reference, pair_key
 from mistral_train.data.collate import padding_share
 from mistral_train.data.sft import tokenize_rows
-from mistral_train.data.sources import bundled_chat_path, load_rows
+from mistral_train.data.sources import bundled_chat_path, bundled_pairs_path, load_rows
 from mistral_train.tokenizer.tokenizer import bundled_tokenizer_path, load_tokenizer
 
 IGNORE = -100
@@ -315,3 +316,23 @@ def test_streamed_text_is_cut_into_trained_pieces_of_max_seq_len(tmp_path, token
     assert all(len(p.input_ids) <= 16 and p.labels[0] == IGNORE and p.labels[1:] == p.input_ids[1:] for p in pieces)
     with pytest.raises(ValueError, match="f row 4: 'text' must be a non-empty string"):
         text_pieces({**row, "text": " "}, tokenizer, 16)
+
+
+@pytest.mark.parametrize("packing", [True, False])
+def test_reference_log_probs_ride_in_training_and_held_out_batches_after_one_collate_swap(tokenizer, packing):
+    cfg = RunConfig(data=DataSpec(format="preference", eval_path=str(bundled_pairs_path("eval")), packing=packing),
+                    trainer=TrainerSpec(objective="dpo", max_seq_len=64, batch_size=4, grad_accum_steps=2))
+    data = read_data(cfg, tokenizer)
+    plain = [dict(b) for b in data.eval_batches]
+    # a table whose values say which pair and answer they belong to: +answer length (chosen), -length (rejected)
+    table = {pair_key(p): torch.tensor([len(p.chosen_ids), -len(p.rejected_ids)], dtype=torch.float32)
+             for p in list(data.train.items) + data.eval_items}
+    attach_reference(data, table)
+    for batch in [next(data.train), *data.eval_batches]:
+        index, trained = batch["sequence_index"], batch["labels"] != IGNORE  # sequences 0..B-1 chosen, B..2B-1 rejected
+        n = int(index.max()) + 1
+        lengths = torch.tensor([float(((index == k) & trained).sum()) for k in range(n)])
+        assert torch.equal(batch["ref_logps"], torch.cat([lengths[: n // 2], -lengths[n // 2 :]]))
+    assert len(data.eval_batches) == len(plain) and all(  # the same held-out batches, each with ref_logps added
+        same(plain[i], {k: v for k, v in b.items() if k != "ref_logps"}) for i, b in enumerate(data.eval_batches))
+    assert len(data.eval_batches[0]["ref_logps"]) == 2 * 8  # batch_size * grad_accum_steps pairs per held-out batch

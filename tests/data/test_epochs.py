@@ -84,3 +84,13 @@ def test_counts_agree_with_their_nouns():
     assert [counted(n, "batch") for n in (0, 1, 2)] == ["0 batches", "1 batch", "2 batches"]
     assert counted(1, "row") == "1 row" and counted(3, "row") == "3 rows"
     assert counted(2, "entry", "entries") == "2 entries"
+
+
+def test_held_out_batches_are_collated_like_training_and_follow_a_collate_swap():
+    data = TrainData(batches(12, 4), eval_items=[100, 101, 102, 103, 104, 105, 106], eval_size=3)
+    assert data.eval_batches == [[100, 101, 102], [103, 104, 105], [106]]  # training's collate (list), 3 at a time
+    first = next(data.train)
+    data.swap_collate(lambda items: [-x for x in items])  # e.g. one that adds reference log-probs
+    assert data.eval_batches == [[-100, -101, -102], [-103, -104, -105], [-106]]
+    assert next(data.train) == [-i for i in epoch_order(12, 7, 0)[4:8]] and first == epoch_order(12, 7, 0)[:4]
+    assert TrainData(batches(12, 4)).eval_batches is None  # no held-out split
