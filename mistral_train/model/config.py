@@ -143,7 +143,7 @@ class MistralConfig:
     def to_hf_dict(self, architecture: str = "MistralForCausalLM") -> dict[str, Any]:
         """The dict transformers writes for this model, plus the unknown keys we were given."""
         if self.layer_types is not None or self.mlp_kind != "dense":  # transformers' Mistral would ignore them
-            raise ValueError("`layer_types` and `mlp_kind` other than dense have no model_type 'mistral' config.json")
+            raise ValueError("`layer_types` or a non-dense `mlp_kind` cannot be written as model_type 'mistral'")
         skip = ("extra", "num_labels", *_VARIANT)
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in skip}
         d.update(self.extra)  # unknown keys, and a list of EOS ids over the single one
