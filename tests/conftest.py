@@ -18,6 +18,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
+from pathlib import Path
 from typing import Any, Callable, Optional
 
 import pytest
@@ -26,6 +27,27 @@ import torch
 # Every model in the suite is tiny: one intra-op thread is faster than two (thread hand-off
 # costs more than the maths), and `pytest -n 2` workers then do not fight over the cores.
 torch.set_num_threads(1)
+
+# Markers by place (registered in pyproject.toml). The fast subset is
+# `scripts/test.sh -m "not e2e and not distributed"` (README, docs/architecture.md). e2e: files whose tests
+# train whole runs (recipes, fit() over the bundled data, subprocesses killed and resumed), chosen by
+# measured time (pytest --durations).
+MARKED = {
+    "oracle": ("oracle/",),
+    "distributed": ("distributed/",),
+    "e2e": ("test_recipes.py", "train/test_resume_kill.py", "train/test_adapter_runs.py",
+            "train/test_preference_runs.py", "train/test_loop.py", "train/test_objectives.py"),
+}
+_TESTS = Path(__file__).resolve().parent
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        where = item.path.resolve().relative_to(_TESTS).as_posix()
+        for marker, places in MARKED.items():
+            if any(where == place or (place.endswith("/") and where.startswith(place)) for place in places):
+                item.add_marker(marker)
+
 
 TINY = dict(
     vocab_size=128,
