@@ -5,6 +5,7 @@ import json
 import pytest
 
 from mistral_train.cli import main
+from mistral_train.train.stages import summarize
 
 SHORT = ["trainer.max_steps=3", "trainer.max_seq_len=64", "trainer.batch_size=2", "tracking.progress_bar=false",
          "trainer.sample_max_new_tokens=2", "model.hidden_size=64", "model.intermediate_size=128",
@@ -74,3 +75,27 @@ def test_tiny_dpo_raises_held_out_preference_accuracy_above_a_coin_flip(tmp_path
     assert before["eval_rewards/margins"] == 0 and before["eval_loss"] == pytest.approx(0.6931, abs=1e-4)
     assert after["eval_rewards/accuracies"] > 0.55 and after["eval_rewards/margins"] > 0
     assert after["eval_loss"] < before["eval_loss"] - 0.02
+
+
+def _write_metrics(folder, rows):
+    folder.mkdir(parents=True)
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_a_staged_run_ends_with_a_before_after_table_and_the_last_sample(tmp_path):
+    _write_metrics(tmp_path / "pretrain", [{"step": 5, "loss": 9.0}, {"step": 100, "loss": 2.0}])
+    _write_metrics(tmp_path / "sft", [{"step": 0, "eval_loss": 8.5, "exact_match": 0.0},
+                                      {"step": 5, "loss": 3.0}, {"step": 30, "loss": 2.5, "exact_match": float("nan")},
+                                      {"step": 60, "loss": 1.0, "eval_loss": 0.5, "exact_match": 0.8}])
+    _write_metrics(tmp_path / "again", [{"step": 10, "loss": 1.0, "eval_loss": 0.4, "exact_match": 0.9}])
+    (tmp_path / "pretrain" / "sample.txt").write_text("The cat sat\n")
+    (tmp_path / "sft" / "sample.txt").write_text("[INST] Reverse: cat moon [/INST] moon cat\n")
+    header, pretrain, sft, again, sample = summarize(tmp_path, ["pretrain", "sft", "again"]).splitlines()
+    # columns only for what some stage logged: no preference accuracy here
+    assert header.split("  ")[0] == "stage" and "held-out exact match" in header and "preference" not in header
+    assert pretrain.split() == ["pretrain", "9.000", "->", "2.000", "-", "-"]
+    # before = the step-0 evaluation (the model the stage started from), after = its last one
+    assert "0.00 -> 0.80" in sft and "8.500 -> 0.500" in sft and "3.000 -> 1.000" in sft
+    assert "- -> 0.90" in again and "- -> 0.400" in again  # no step-0 evaluation: no "before"
+    # the sample of the last stage that wrote one
+    assert sample == "sample (sft): [INST] Reverse: cat moon [/INST] moon cat"
