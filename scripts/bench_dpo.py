@@ -41,7 +41,8 @@ import _bench_models as models  # noqa: E402
 from mistral_train.config import DPOSpec  # noqa: E402
 from mistral_train.data.preference import PreferencePair, collate_pairs  # noqa: E402
 from mistral_train.train.loop import backward_window  # noqa: E402
-from mistral_train.train.preference import build_reference, dpo_objective  # noqa: E402
+from mistral_train.train.reference import build_reference  # noqa: E402
+from mistral_train.train.steps import dpo_objective  # noqa: E402
 
 SIDES = ("ours", "trl")
 # reference kind -> (model kind, adapter folder)
