@@ -14,7 +14,8 @@ Formats and the fields they read (our names; `field_map` renames them, e.g.
 - `alpaca`:            `instruction`, optional `input`, `output`, optional `system`;
                        the user turn is `instruction + "\n\n" + input` when input is non-empty
 - `messages`:          `messages`: a list of `{role, content}`
-- `sharegpt`:          `conversations`: a list of `{from, value}`, from human|user, gpt|assistant, system
+- `sharegpt`:          `conversations`: a list of `{from, value}`, from human|user, gpt|assistant, system,
+                       function_call|observation (LLaMA-Factory's tool turns); optional `system`, `tools`
 - `prompt_completion`: `prompt`, `completion`: two strings (one user turn, one assistant turn) or,
                        as trl accepts, two message lists (the prompt's turns, then the completion's)
 - `preference`:        `prompt`, `chosen`, `rejected`: three strings (a user turn, and two answers to
@@ -24,6 +25,12 @@ Formats and the fields they read (our names; `field_map` renames them, e.g.
 - `chosen_only`:       a preference row read as one chat row, the prompt and its chosen answer (the rejected
                        answer is dropped): the explicit opt-in to fine-tune (SFT) on a pairs file; never
                        chosen by `auto`, which reads such a row as `preference`
+
+Tool use (data/tool_rows.py): `messages` (and prompt_completion's lists) take OpenAI's assistant
+`tool_calls` and `tool` messages, sharegpt LLaMA-Factory's `function_call` / `observation` turns; both take
+a row-level `tools` list of definitions (or a JSON string of one). The canonical conversation then holds
+assistant messages with `tool_calls`, each followed by one `tool` result per call (ids linked), and the
+example gains `"tools"`. An assistant message may also carry `weight` 0 (not trained) or 1.
 
 Data kinds: every format yields one kind of example, "text", "chat" or "preference" (`format_kind`),
 and every objective trains on one kind (its entry in train/objectives.py, the one place that says so,
@@ -38,6 +45,8 @@ from __future__ import annotations
 
 from typing import Any, Callable, Optional
 
+from mistral_train.data.tool_rows import (check_calls_defined, link_results, openai_calls, sharegpt_calls,
+                                          tool_definitions)
 from mistral_train.tokenizer.tokenizer import ROLES
 
 FORMATS = ("text", "alpaca", "messages", "sharegpt", "prompt_completion", "preference", "chosen_only")
@@ -48,9 +57,10 @@ KIND_NAMES = {"text": "plain text", "chat": "chat rows", "preference": "preferen
 BUNDLED_FORMATS = {"text": "text", "chat": "messages", "preference": "preference"}
 # Field names `field_map` may rename: top-level fields, then the keys inside one message.
 TOP_FIELDS = ("text", "instruction", "input", "output", "system", "messages", "conversations",
-              "prompt", "completion", "answer", "chosen", "rejected", "margin")
+              "prompt", "completion", "answer", "chosen", "rejected", "margin", "tools")
 MESSAGE_FIELDS = ("role", "content", "from", "value")
-SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system",
+                  "function_call": "function_call", "observation": "tool", "tool": "tool"}  # function_call: see _turn
 _EXPECTS = {
     "text": "a 'text' string",
     "alpaca": "'instruction' and 'output' strings (optional 'input', 'system')",
@@ -145,32 +155,47 @@ def to_canonical(row: Any, fmt: str, field_map: dict[str, str], where: str) -> d
     elif fmt == "sharegpt":
         messages = _message_list(row, "conversations", fm, where, fmt, "from", "value", SHAREGPT_ROLES)
         label = fm.get("conversations", "conversations")
+        system = _field(row, "system", fm, where, fmt, optional=True)  # LLaMA-Factory's system column
+        if system is not None and messages and messages[0]["role"] == "system":
+            raise ValueError(f"{where}: field {fm.get('system', 'system')!r} and a system turn in {label!r}: "
+                             "expected the system prompt once")
+        messages = ([{"role": "system", "content": system}] if system else []) + messages
     else:
         messages, label = _prompt_completion(row, fm, where), "turns (prompt, then completion)"
+    link_results(messages, label, where)
     check_conversation(messages, where, label)
     example: dict[str, Any] = {"messages": messages}
+    tools = tool_definitions(_field(row, "tools", fm, where, fmt, optional=True, kind=(str, list)),
+                             f"{where}: field {fm.get('tools', 'tools')!r}")
+    if tools:
+        check_calls_defined(messages, tools, label, where)
+        example["tools"] = tools
     answer = _field(row, "answer", fm, where, fmt, optional=True)
     if answer is not None:
         example["answer"] = answer
     return example
 
 
-def check_conversation(messages: list[dict[str, str]], where: str, label: str = "messages") -> None:
+def check_conversation(messages: list[dict[str, Any]], where: str, label: str = "messages") -> None:
     """Raise ValueError unless `messages` is an optional system turn, then user/assistant turns
-    alternating from user and ending with a non-empty assistant reply. `label` names the list in errors."""
+    alternating from user and ending with an assistant reply; an assistant message with tool_calls is
+    followed by its tool results, then by an assistant message. `label` names the list in errors."""
     if not messages:
         raise ValueError(f"{where}: empty conversation: {label!r} holds no turns (expected user/assistant turns)")
-    expected = "user"
+    expected = ("user",)
     for i, message in enumerate(messages):
         role = message["role"]
         if role == "system" and i == 0:
             continue
-        if role != expected:
-            raise ValueError(f"{where}: {label}[{i}] has role {role!r} where {expected!r} was expected (roles must "
-                             "alternate user/assistant, starting with user, after an optional leading system turn)")
-        if role == "assistant" and not message["content"].strip():
+        if role not in expected:
+            raise ValueError(f"{where}: {label}[{i}] has role {role!r} where {' or '.join(map(repr, expected))} was "
+                             "expected (roles must alternate user/assistant, starting with user, after an optional "
+                             "leading system turn; tool results follow the assistant message that calls the tool)")
+        calls = message.get("tool_calls")
+        if role == "assistant" and not message["content"].strip() and not calls:
             raise ValueError(f"{where}: {label}[{i}] is an assistant turn with empty content (nothing to train on)")
-        expected = "assistant" if role == "user" else "user"
+        expected = (("assistant",) if role == "user" else ("tool",) if calls
+                    else ("tool", "assistant") if role == "tool" else ("user",))
     if messages[-1]["role"] != "assistant":
         raise ValueError(f"{where}: {label} ends with a {messages[-1]['role']!r} turn; expected the conversation "
                          "to end with an assistant reply")
@@ -201,9 +226,10 @@ def _alpaca(row: dict, fm: dict, where: str) -> list[dict[str, str]]:
 
 
 def _message_list(row: dict, key: str, fm: dict, where: str, fmt: str, role_key: str, content_key: str,
-                  role_names: Optional[dict[str, str]], value: Any = None) -> list[dict[str, str]]:
-    """The turns of a list field, each `{role_key, content_key}`; `role_names` maps the file's role
-    names to ours (None: ours are used as they are)."""
+                  role_names: Optional[dict[str, str]], value: Any = None, start: int = 0) -> list[dict[str, Any]]:
+    """The turns of a list field, each `{role_key, content_key}` (+ tool fields, see `_turn`); `role_names`
+    maps the file's role names to ours (None: ours are used as they are). `start`: the index of the
+    list's first turn in the whole conversation (it places generated call ids)."""
     label = fm.get(key, key)
     items = _field(row, key, fm, where, fmt, kind=list) if value is None else value
     names = role_names or {r: r for r in ROLES}
@@ -213,17 +239,43 @@ def _message_list(row: dict, key: str, fm: dict, where: str, fmt: str, role_key:
         if not isinstance(item, dict):
             raise ValueError(f"{where}: {label}[{i}] must be an object with {role_field!r} and {content_field!r}, "
                              f"got {type(item).__name__} {_short(item)}")
-        for name in (role_field, content_field):
-            if item.get(name) is None:
-                raise ValueError(f"{where}: {label}[{i}] is missing field {name!r}; it has {sorted(item)}")
-        role, content = item[role_field], item[content_field]
+        role = item.get(role_field)
+        if role is None:
+            raise ValueError(f"{where}: {label}[{i}] is missing field {role_field!r}; it has {sorted(item)}")
         if not isinstance(role, str) or role not in names:
             raise ValueError(f"{where}: {label}[{i}] has unknown role {role!r}; expected one of {', '.join(names)}")
-        if not isinstance(content, str):
-            raise ValueError(f"{where}: {label}[{i}].{content_field} must be a string, got {type(content).__name__} "
-                             f"{_short(content)}")
-        messages.append({"role": names[role], "content": content})
+        messages.append(_turn(item, names[role], content_field, f"{label}[{i}]", where, start + i))
     return messages
+
+
+def _turn(item: dict, role: str, content_field: str, what: str, where: str, turn: int) -> dict[str, Any]:
+    """One canonical message from a list item whose role is already ours (or ShareGPT's function_call)."""
+    content = item.get(content_field)
+    calls = item.get("tool_calls") if role == "assistant" else None
+    if content is None and calls is None:  # an assistant message that only calls tools may have no content
+        raise ValueError(f"{where}: {what} is missing field {content_field!r}; it has {sorted(item)}")
+    if content is not None and not isinstance(content, str):
+        raise ValueError(f"{where}: {what}.{content_field} must be a string, got {type(content).__name__} "
+                         f"{_short(content)}")
+    try:
+        if role == "function_call":  # ShareGPT: the value is the call's JSON; the turn is an assistant message
+            return {"role": "assistant", "content": "", "tool_calls": sharegpt_calls(content, turn, what)}
+        message: dict[str, Any] = {"role": role, "content": content or ""}
+        if calls is not None:
+            message["tool_calls"] = openai_calls(calls, turn, f"{what}.tool_calls")
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}") from None
+    if role == "assistant" and item.get("weight") is not None:
+        if item["weight"] not in (0, 1) or isinstance(item["weight"], bool):
+            raise ValueError(f"{where}: {what}.weight must be 0 (not trained) or 1, got {item['weight']!r}")
+        message["weight"] = item["weight"]
+    if role == "tool":
+        for key in ("tool_call_id", "name"):
+            if item.get(key) is not None:
+                if not isinstance(item[key], str):
+                    raise ValueError(f"{where}: {what}.{key} must be a string, got {type(item[key]).__name__}")
+                message[key] = item[key]
+    return message
 
 
 def _prompt_completion(row: dict, fm: dict, where: str) -> list[dict[str, str]]:
@@ -234,7 +286,7 @@ def _prompt_completion(row: dict, fm: dict, where: str) -> list[dict[str, str]]:
     if isinstance(prompt, list) and isinstance(completion, list):
         args = (fm, where, "prompt_completion", "role", "content", None)
         return (_message_list(row, "prompt", *args, value=prompt)
-                + _message_list(row, "completion", *args, value=completion))
+                + _message_list(row, "completion", *args, value=completion, start=len(prompt)))
     raise ValueError(f"{where}: fields {fm.get('prompt', 'prompt')!r} and {fm.get('completion', 'completion')!r} "
                      f"must both be strings or both be message lists, got {type(prompt).__name__} and "
                      f"{type(completion).__name__}")
@@ -279,6 +331,7 @@ def _preference(row: dict, fm: dict, where: str) -> dict[str, list[dict[str, str
                              f"{[m['role'] for m in answer]}; earlier turns belong in {name('prompt')!r}")
         if not answer[0]["content"].strip():
             raise ValueError(f"{where}: {name(key)!r} is an empty answer (an assistant turn with no text)")
+        link_results(turns["prompt"] + answer, f"{name('prompt')} + {name(key)}", where)
         check_conversation(turns["prompt"] + answer, where, f"{name('prompt')} + {name(key)}")
     return turns
 
