@@ -5,6 +5,8 @@ tests/oracle/test_plan_deepspeed.py."""
 from __future__ import annotations
 
 import dataclasses
+import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -295,3 +297,20 @@ def test_plan_verb_user_errors_are_one_line_exit_2(argv, key, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("mistral-train: error:") and key in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("recipe, billions, gpu_gib", [("mistral_nemo_qlora_sft", 12.25, 24),
+                                                       ("mistral_small_24b_qlora_sft", 23.57, 24)])
+def test_mistral_recipes_plan_fits_the_gpu_their_header_names(recipe, billions, gpu_gib, tmp_path):
+    """The recipe's model.* shape (the published config, Tekken's 131072 vocabulary) written as the folder's
+    config.json, as `plan model.path=...` reads it: the parameter count is the model's size class, the single-GPU
+    row fits the header's GPU, and the header quotes this plan's total."""
+    cfg = load_run_config(recipe, [f"model.path={tmp_path}", "data.path=x.jsonl"])
+    (tmp_path / "config.json").write_text(json.dumps(MistralConfig.from_spec(cfg.model, vocab_size=131072).to_hf_dict()))
+    plan = plan_run(cfg, PlanOptions(device_gib=gpu_gib))
+    assert sum(module_sizes(plan.model).values()) / 1e9 == pytest.approx(billions, abs=0.005)
+    single = plan.rows[0]
+    assert single.strategy == "ddp" and single.optimizer == "adamw8bit" and single.fits
+    assert single.total / GIB + RESERVE_GIB <= gpu_gib
+    header = Path(f"recipes/{recipe}.yaml").read_text().split("defaults:")[0]
+    assert f"{single.total / GIB:.2f} GiB" in header and f"fits {gpu_gib} GiB" in header and f"device_gib={gpu_gib}" in header
