@@ -198,6 +198,8 @@ def register_schemas() -> None:
         store.store(group="schema", name=group, node=schema)
     if not OmegaConf.has_resolver("required"):
         OmegaConf.register_new_resolver("required", _required)
+    if not OmegaConf.has_resolver("bundled_data"):  # ${bundled_data:NAME}: a file of mistral_train/resources/data
+        OmegaConf.register_new_resolver("bundled_data", _bundled_data)
 
 
 def config_root() -> Path:
@@ -292,3 +294,14 @@ def _normalize(run: RunConfig) -> RunConfig:
 
 def _required(*hint: str) -> Any:
     raise ValueError(f"a required value is not set ({', '.join(hint)})")
+
+
+def _bundled_data(name: str) -> str:
+    """The path of a data file shipped in the package (recipes name bundled data sets this way, wherever
+    the package is installed)."""
+    from importlib import resources
+
+    path = Path(str(resources.files("mistral_train") / "resources" / "data" / name))
+    if not path.is_file():
+        raise ValueError(f"no bundled data file {name!r} in {path.parent}")
+    return str(path)

@@ -1,13 +1,17 @@
 """Held-out evaluation: token-weighted loss and perplexity, and greedy exact match on chat rows
-whose reply can be checked (rows with an "answer" field, as the bundled tiny_chat_eval.jsonl).
+whose reply can be checked: rows with an "answer" field (as the bundled tiny_chat_eval.jsonl), or rows
+whose last message is an assistant tool call (as tiny_tools_eval.jsonl).
 
 Exact match compares normalised strings (see `normalize_answer`): the prediction is the greedy
-continuation of the prompt up to EOS (or `max_new_tokens`), decoded without special tokens.
+continuation of the prompt up to EOS (or `max_new_tokens`), decoded without special tokens. A tool-call
+row matches when the continuation parses (tokenizer/tool_calls.parse_answer) into the same calls, each
+the same name with the same arguments (as JSON values); the ids are not compared.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import re
 from typing import Any, Callable, ContextManager, Iterable, Optional, Sequence
@@ -15,6 +19,7 @@ from typing import Any, Callable, ContextManager, Iterable, Optional, Sequence
 import torch
 
 from mistral_train.generate import generate
+from mistral_train.tokenizer.tool_calls import ToolCallError, parse_answer
 
 Batch = dict[str, torch.Tensor]
 StepFn = Callable[[torch.nn.Module, Batch], Any]  # -> train/steps.StepOutput
@@ -94,18 +99,38 @@ def _where(row: dict, index: int) -> str:
     return f"{row['source']} row {row['row']}" if "source" in row and "row" in row else f"eval row {index}"
 
 
+def expected_calls(row: dict) -> Optional[list[tuple[str, Any]]]:
+    """[(name, arguments)] of the row's last message when it is an assistant tool call, else None."""
+    last = (row.get("messages") or [{}])[-1]
+    if last.get("role") != "assistant" or not last.get("tool_calls"):
+        return None
+    return [_name_args(call) for call in last["tool_calls"]]
+
+
+def _name_args(call: dict) -> tuple[str, Any]:
+    arguments = call["function"].get("arguments")
+    if isinstance(arguments, str):
+        arguments = json.loads(arguments) if arguments.strip() else {}
+    return call["function"]["name"], arguments
+
+
+def checkable(row: dict) -> bool:
+    """Whether exact match can score `row`: it has an "answer", or its last message is a tool call."""
+    return "answer" in row or expected_calls(row) is not None
+
+
 def _checked(rows: Iterable[dict]) -> list[dict]:
-    """The rows with an answer; every row needs one unless none has (then: nothing to score)."""
+    """The rows with an answer (or an expected tool call); every row needs one unless none has (then:
+    nothing to score)."""
     rows = list(rows)
-    with_answer = [row for row in rows if "answer" in row]
-    if not with_answer:
+    if not any(checkable(row) for row in rows):
         return []
     for index, row in enumerate(rows):
         where = _where(row, index)
-        if "answer" not in row:
-            raise ValueError(f"{where}: no 'answer' field, but other held-out rows have one; exact match "
-                             "needs an answer on every held-out row (or on none)")
-        if not isinstance(row["answer"], str):
+        if not checkable(row):
+            raise ValueError(f"{where}: no 'answer' field (nor a final tool call), but other held-out rows have one; "
+                             "exact match needs an answer on every held-out row (or on none)")
+        if "answer" in row and not isinstance(row["answer"], str):
             raise ValueError(f"{where}: 'answer' must be a string, got {type(row['answer']).__name__}")
         if "messages" not in row:
             raise ValueError(f"{where}: has an 'answer' but no chat messages; exact match needs chat rows")
@@ -156,7 +181,7 @@ def exact_match(
     for index, row in enumerate(rows):
         try:
             prompts.append(tokenizer.apply_chat_template(prompt_messages(row["messages"]), chat_format,
-                                                         add_generation_prompt=True))
+                                                         add_generation_prompt=True, tools=row.get("tools")))
         except ValueError as err:
             raise ValueError(f"{_where(row, index)}: cannot build the prompt ({err})") from None
     pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id  # masked out anyway
@@ -170,11 +195,24 @@ def exact_match(
         for offset, new in enumerate(out[:, ids.shape[1]:].tolist()):
             if tokenizer.eos_id in new:
                 new = new[:new.index(tokenizer.eos_id)]
-            row = rows[start + offset]
-            prediction = tokenizer.decode(new).strip()
-            hit = normalize_answer(prediction) == normalize_answer(row["answer"])
+            row, calls = rows[start + offset], expected_calls(rows[start + offset])
+            if calls is None:
+                prediction, answer = tokenizer.decode(new).strip(), row["answer"]
+                hit = normalize_answer(prediction) == normalize_answer(answer)
+            else:
+                prediction, answer = tokenizer.decode(new, skip_special=False).strip(), json.dumps(calls)
+                hit = _predicted_calls(tokenizer, new, chat_format) == calls
             correct += hit
             if len(samples) < n_samples:
                 samples.append({"prompt": tokenizer.decode(chunk[offset], skip_special=False),
-                                "answer": row["answer"], "prediction": prediction, "correct": hit})
+                                "answer": answer, "prediction": prediction, "correct": hit})
     return {"exact_match": correct / len(rows), "n": len(rows), "samples": samples}
+
+
+def _predicted_calls(tokenizer: Any, ids: list[int], chat_format: Optional[str]) -> Optional[list[tuple[str, Any]]]:
+    """[(name, arguments)] of the calls a generated answer makes; None when it makes none or they do not parse."""
+    try:
+        message = parse_answer(tokenizer, ids, chat_format)
+    except ToolCallError:
+        return None
+    return [_name_args(call) for call in message.get("tool_calls", [])] or None

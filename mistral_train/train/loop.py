@@ -43,7 +43,7 @@ from mistral_train.tokenizer.files import tokenizer_json, write_tokenizer_files
 from mistral_train.tokenizer.tokenizer import load_tokenizer, resolve_tokenizer_path
 from mistral_train.tracking.metrics import MetricsLogger, progress_bar
 from mistral_train.tracking.plots import plot_run
-from mistral_train.train.evaluate import evaluate_loss, exact_match
+from mistral_train.train.evaluate import checkable, evaluate_loss, exact_match
 from mistral_train.train.export import export_final, merge_adapter_folder, write_sample
 from mistral_train.train.model_setup import build_model, compile_enabled, load_model_weights, save_model_folder
 from mistral_train.train.neftune import NEFTune
@@ -116,7 +116,7 @@ def evaluate(model, objective: Objective, data: TrainData, tokenizer, cfg: RunCo
     entry = objective_entry(cfg.trainer.objective)
     if data.eval_batches:  # perplexity of a DPO or reward loss means nothing
         metrics.update(evaluate_loss(model, objective.step, data.eval_batches, autocast, perplexity=entry.perplexity))
-    answered = any("answer" in row for row in data.eval_rows or [])
+    answered = any(checkable(row) for row in data.eval_rows or [])  # an "answer", or a final tool call
     samples: list[dict] = []
     if answered and entry.generates and cfg.trainer.eval_max_new_tokens > 0:
         # gathering is collective under sharding: every process takes part, the main one generates
