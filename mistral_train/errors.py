@@ -25,6 +25,16 @@ class ConfigError(UserError):
     """A run configuration that cannot be built; the message names the key, file or option at fault."""
 
 
+class FolderError(UserError):
+    """A model, tokenizer, adapter or checkpoint file the user gave cannot be read or does not fit the
+    model; the message names the file (and tensor or key). Raised by the readers themselves."""
+
+
+class TensorNameError(FolderError, KeyError):
+    """A tensor a folder lacks, or holds but the model has no place for (a KeyError, as a state-dict
+    lookup would raise)."""
+
+
 class DataError(UserError):
     """The training or evaluation data cannot be read or used; the message names the file and row."""
 

@@ -398,3 +398,35 @@ def test_deepspeed_accelerator_warning_only_when_deepspeed_runs():
     assert "Setting accelerator to CPU" not in output("run")
     if not torch.cuda.is_available():  # the warning this test looks for does appear without the fix
         assert "Setting accelerator to CPU" in output("control")
+
+
+def _good_chat(tmp_path) -> Path:
+    path = tmp_path / "chat.jsonl"
+    path.write_text(CHAT_ROW * 16)
+    return path
+
+
+@pytest.mark.parametrize("damage, needle", [
+    ("drop_tensor", "checkpoint lacks 1 tensor(s)"),
+    ("truncate_weights", "not a readable safetensors file"),
+    ("corrupt_tokenizer", "cannot parse as a sentencepiece tokenizer"),
+])
+def test_a_damaged_model_folder_is_one_line_naming_the_file(tmp_path, tiny_folder, damage, needle, capsys):
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_folder[0], folder)
+    weights = folder / "model.safetensors"
+    if damage == "drop_tensor":
+        tensors = load_file(weights)
+        save_file({k: v for k, v in tensors.items() if k != "model.norm.weight"}, weights)
+    elif damage == "truncate_weights":
+        weights.write_bytes(weights.read_bytes()[:1000])
+    tokenizer = []
+    if damage == "corrupt_tokenizer":
+        (folder / "tokenizer.model").write_bytes(b"not a sentencepiece model")
+        tokenizer = [f"model.tokenizer={folder / 'tokenizer.model'}"]
+    assert main(_train(tmp_path, f"data.path={_good_chat(tmp_path)}", f"model.path={folder}", "trainer.batch_size=1",
+                       *tokenizer)) == 2
+    line = _one_error_line(capsys)
+    assert needle in line and str(folder) in line

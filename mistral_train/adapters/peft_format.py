@@ -21,6 +21,7 @@ from mistral_train.adapters.inject import TrainableCopy, apply_lora, find_target
 from mistral_train.adapters.lora import ALL_LINEAR, PEFT_INIT, LoraConfig, LoRALinear
 from mistral_train.checkpoint.atomic import atomic_directory
 from mistral_train.jsonfile import read_json_object
+from mistral_train.errors import FolderError
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -65,7 +66,7 @@ def load_adapter_weights(model: nn.Module, folder: Union[str, Path]) -> nn.Modul
     try:
         tensors = load_file(str(weights))
     except (SafetensorError, FileNotFoundError) as e:
-        raise ValueError(f"{weights}: not a readable adapter file ({e})") from e
+        raise FolderError(f"{weights}: not a readable adapter file ({e})") from e
     return load_adapter_weights_from_tensors(model, tensors, str(weights))
 
 
@@ -74,7 +75,7 @@ def load_adapter_weights_from_tensors(model: nn.Module, tensors: dict[str, torch
     """`load_adapter_weights` from a {PEFT key: tensor} dict (`peft_state_dict`'s form)."""
     live = _live_tensors(model)
     if not live:
-        raise ValueError(f"{source}: the model carries no adapter to load these weights into")
+        raise FolderError(f"{source}: the model carries no adapter to load these weights into")
     if set(tensors) != set(live):
         extra, missing = sorted(set(tensors) - set(live)), sorted(set(live) - set(tensors))
         raise ValueError(f"{source}: adapter keys differ from the model's (not in the model: {extra[:3]}, "

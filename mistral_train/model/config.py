@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Union, get_args, get_origin, get_type_hints
 
 from mistral_train.jsonfile import read_json_object
+from mistral_train.errors import FolderError
 
 # Keys transformers writes that describe the file, not the architecture: dropped on read,
 # regenerated on write, so a round trip does not accumulate stale metadata.
@@ -104,7 +105,7 @@ class MistralConfig:
         d = dict(d)
         model_type = d.get("model_type", "mistral")
         if model_type not in MODEL_TYPES:
-            raise ValueError(f"{source}: `model_type` is {model_type!r}, expected one of {sorted(MODEL_TYPES)}")
+            raise FolderError(f"{source}: `model_type` is {model_type!r}, expected one of {sorted(MODEL_TYPES)}")
         rope = d.pop("rope_parameters", None) or d.pop("rope_scaling", None) or {}
         if "rope_theta" in rope:
             d["rope_theta"] = rope["rope_theta"]
@@ -112,7 +113,7 @@ class MistralConfig:
         required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
         for key in required:
             if key not in d:
-                raise ValueError(f"{source}: required key `{key}` is missing")
+                raise FolderError(f"{source}: required key `{key}` is missing")
         kwargs = {k: v for k, v in d.items() if k in known} | MODEL_TYPES[model_type](d)
         kwargs["rope_type"] = rope.get("rope_type", rope.get("type", "default"))
         if isinstance(kwargs.get("rope_theta"), int):
@@ -131,7 +132,7 @@ class MistralConfig:
         try:
             return cls(**kwargs, extra=extra)
         except ValueError as e:
-            raise ValueError(f"{source}: {e}") from e
+            raise FolderError(f"{source}: {e}") from e
 
     @classmethod
     def from_json_file(cls, path: Union[str, Path]) -> "MistralConfig":

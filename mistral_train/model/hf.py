@@ -21,6 +21,7 @@ from mistral_train.checkpoint.atomic import atomic_directory
 from mistral_train.model.blocks import score_layer
 from mistral_train.model.config import MistralConfig
 from mistral_train.quant.loading import QUANTIZE_MODES, NF4Loading, prequantized_config
+from mistral_train.errors import FolderError, TensorNameError
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -40,7 +41,7 @@ def weight_files(folder: Path) -> list[Path]:
         try:
             weight_map = json.loads(index_path.read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ValueError(f"{index_path}: expected JSON with a `weight_map` object ({e})") from e
+            raise FolderError(f"{index_path}: expected JSON with a `weight_map` object ({e})") from e
         names = list(dict.fromkeys(weight_map.values()))
         missing = [n for n in names if not (folder / n).is_file()]
         if missing:
@@ -86,10 +87,10 @@ def load_pretrained(
                     if nf4 is not None and nf4.offer(key, f, str(file)):
                         continue
                     if key not in expected:
-                        raise KeyError(f"{file}: unexpected tensor `{key}` (not a parameter of a Mistral {task} model)")
+                        raise TensorNameError(f"{file}: unexpected tensor `{key}` (not a parameter of a Mistral {task} model)")
                     tensor = f.get_tensor(key)
                     if tuple(tensor.shape) != tuple(expected[key]):
-                        raise ValueError(
+                        raise FolderError(
                             f"{file}: `{key}` has shape {tuple(tensor.shape)}, the model expects {tuple(expected[key])}"
                         )
                     if dtype is not None and tensor.is_floating_point():
@@ -97,7 +98,7 @@ def load_pretrained(
                     _assign(model, key, tensor)
                     loaded.add(key)
         except SafetensorError as e:
-            raise ValueError(f"{file}: not a readable safetensors file ({e}); is it truncated?") from e
+            raise FolderError(f"{file}: not a readable safetensors file ({e}); is it truncated?") from e
     if nf4 is not None:
         loaded |= nf4.finish(str(folder))
     if config.tie_word_embeddings and task == "causal_lm":
@@ -111,7 +112,7 @@ def load_pretrained(
         loaded.update(name for name, _ in score.named_parameters(prefix="score"))
     missing = sorted(set(expected) - loaded)
     if missing:
-        raise KeyError(f"{folder}: checkpoint lacks {len(missing)} tensor(s), e.g. {missing[:5]}")
+        raise TensorNameError(f"{folder}: checkpoint lacks {len(missing)} tensor(s), e.g. {missing[:5]}")
     return model
 
 

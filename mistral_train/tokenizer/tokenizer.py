@@ -26,6 +26,7 @@ from mistral_train.tokenizer import chat_formats
 from mistral_train.tokenizer.chat_messages import VERSIONS as CHAT_FORMATS
 from mistral_train.jsonfile import read_json_object
 from mistral_train.tokenizer.tekken import TEKKEN_PATTERN, Tekken, is_tekken_json
+from mistral_train.errors import FolderError
 
 KINDS = ("sentencepiece", "hf_json", "tekken")
 ROLES = ("system", "user", "assistant", "tool")
@@ -182,7 +183,7 @@ def _config_tokens(folder: Path) -> dict[str, tuple[Optional[str], Path]]:
             value = data[f"{key}_token"]
             value = value.get("content") if isinstance(value, dict) else value  # older files: AddedToken dicts
             if value is not None and not isinstance(value, str):
-                raise ValueError(f"{file}: {key}_token must be a string, an object with 'content', or null; got {value!r}")
+                raise FolderError(f"{file}: {key}_token must be a string, an object with 'content', or null; got {value!r}")
             found[key] = (value, file)
     return found
 
@@ -206,7 +207,7 @@ def load_tokenizer(path: Union[str, Path], kind: Optional[str] = None) -> "Token
             backend = _SentencePiece(file) if kind == "sentencepiece" else _HFJson(file, data)
     # tokenizers raises a bare Exception on parse errors, sentencepiece a RuntimeError/OSError
     except Exception as err:  # noqa: BLE001 - re-raised with the path and what was expected
-        raise ValueError(f"{file}: cannot parse as a {kind} tokenizer ({err}); expected a SentencePiece "
+        raise FolderError(f"{file}: cannot parse as a {kind} tokenizer ({err}); expected a SentencePiece "
                          "model, a tekken file or an HF tokenizers tokenizer.json") from err
     ids = dict(backend.defaults)
     for key, (token, origin) in (_config_tokens(path) if path.is_dir() else {}).items():
@@ -215,10 +216,10 @@ def load_tokenizer(path: Union[str, Path], kind: Optional[str] = None) -> "Token
             continue
         ids[key] = backend.token_id(token)
         if ids[key] is None:
-            raise ValueError(f"{origin}: {key}_token {token!r} is not in the vocabulary of {file}")
+            raise FolderError(f"{origin}: {key}_token {token!r} is not in the vocabulary of {file}")
     for key in ("bos", "eos"):
         if ids[key] is None:
-            raise ValueError(f"{file}: no {key.upper()} token found; name it as {key}_token in a "
+            raise FolderError(f"{file}: no {key.upper()} token found; name it as {key}_token in a "
                              "tokenizer_config.json beside the tokenizer")
     return Tokenizer(backend, file, kind, ids["bos"], ids["eos"], ids["pad"])
 

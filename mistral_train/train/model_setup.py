@@ -19,6 +19,7 @@ from mistral_train.adapters import LoraConfig, apply_lora, load_adapter, load_ad
 from mistral_train.config import AdapterSpec, ModelSpec
 from mistral_train.folders import BASE_NOTE
 from mistral_train.model import Mistral, MistralConfig
+from mistral_train.errors import FolderError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ADAPTER_KINDS = ("none", "lora", "qlora")
@@ -57,7 +58,7 @@ def build_model(spec: ModelSpec, tokenizer, adapter: Optional[AdapterSpec] = Non
         model = Mistral.from_pretrained(spec.path, dtype=dtype, task=task,
                                         quantize="nf4" if adapter.kind == "qlora" else None)
         if model.config.vocab_size < tokenizer.vocab_size:
-            raise ValueError(f"model.path {spec.path}: vocab_size {model.config.vocab_size} is smaller than the "
+            raise FolderError(f"model.path {spec.path}: vocab_size {model.config.vocab_size} is smaller than the "
                              f"tokenizer's ({tokenizer.vocab_size}); is model.tokenizer the model's tokenizer?")
     else:
         config = MistralConfig.from_spec(spec, vocab_size=tokenizer.vocab_size, bos_token_id=tokenizer.bos_id,
@@ -125,4 +126,4 @@ def load_model_weights(model: Mistral, folder: Path) -> None:
     loaded = Mistral.from_pretrained(folder, task=model.task)  # knows the folder format (shards, tied weights)
     missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
     if missing or unexpected:
-        raise ValueError(f"{folder}: checkpoint does not match the model (missing {missing[:5]}, unexpected {unexpected[:5]})")
+        raise FolderError(f"{folder}: checkpoint does not match the model (missing {missing[:5]}, unexpected {unexpected[:5]})")
