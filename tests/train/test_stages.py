@@ -6,7 +6,7 @@ import json
 import pytest
 
 from mistral_train.cli import main
-from mistral_train.config import list_recipes, load_run_config
+from mistral_train.config import list_recipes
 from mistral_train.errors import ConfigError
 from mistral_train.train.run_data import read_data
 from mistral_train.data.formats import resolve_format
