@@ -33,10 +33,6 @@ def fully_shard_model(model: torch.nn.Module, device: torch.device, reshard_afte
     return model
 
 
-def is_fsdp(model: torch.nn.Module) -> bool:
-    return isinstance(model, FSDPModule)
-
-
 def reshard(model: torch.nn.Module) -> None:
     """Register the sharded parameters again everywhere. A unit gathered by a forward without a backward
     (the root, which keeps its weights gathered, after an evaluation) still holds plain full tensors, which

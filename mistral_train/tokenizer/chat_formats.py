@@ -46,10 +46,6 @@ class Vocab:
     settings_builder: Optional[dict] = None  # a v15 tekken file's model_settings_builder
 
 
-def supported(vocab: Vocab, version: str) -> bool:
-    return version in VERSIONS and all(vocab.control(t) is not None for t in NEEDS[version])
-
-
 def encode_chat(vocab: Vocab, version: str, messages: Sequence[dict], tools: Optional[list] = None,
                 reasoning_effort: Optional[str] = None) -> tuple[list[int], list[bool]]:
     """(ids, mask) of `messages` in chat format `version`; mask[t] is True on trained tokens."""

@@ -24,8 +24,6 @@ from mistral_train.tokenizer.tekken import Tekken
 from mistral_train.tokenizer.tekken_json import tekken_to_tokenizers
 from mistral_train.tokenizer.tokenizer import Tokenizer
 
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "generation_config.json")
 # our own key in tokenizer_config.json: the chat format the template was written for, so that a folder
 # rewritten from this one (merge) keeps it; transformers keeps unknown keys as init kwargs
 CHAT_FORMAT_KEY = "mistral_train_chat_format"

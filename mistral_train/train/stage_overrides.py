@@ -203,10 +203,6 @@ def _apply_stage_overrides(sections: dict, for_stages: list[Override]) -> None:
                 _set(sections[name], rest, o.value())
 
 
-def _dicts(sections: dict) -> list[dict]:
-    return [s for s in sections.values() if isinstance(s, dict)]
-
-
 def _value(run: RunConfig, key: str) -> Any:
     """The composed value at `key` as plain data; a whole model/adapter group without its starting point."""
     node: Any = run
