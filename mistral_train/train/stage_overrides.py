@@ -13,6 +13,8 @@ key, silently. Here what the user types wins over recipe files, at every level:
   the kind read from the file's first row (data.format=auto) or from data.format; the other stages keep
   the recipe's data. A kind that no stage that runs reads is an error naming each stage and its kind.
   Without a path or a format to tell the kind (`data.eval_fraction=0.1` alone) the keys reach every stage.
+  A `data.path` without a `data.eval_path` also takes the recipe's top-level eval_path (usually none) to
+  those stages: a stage's own held-out set belongs to the stage's own data.
 """
 
 from __future__ import annotations
@@ -65,6 +67,8 @@ def load_routed(recipe: str, overrides: Sequence[str] = (), compose: Compose = l
     routes = {key: _receivers(key, run, staged, running) for key in typed
               if key not in _STARTING_POINTS and key.split(".")[0] != "data"}
     data_keys = [k for k in typed if k.split(".")[0] == "data"]
+    if "data.path" in data_keys and "data.eval_path" not in data_keys:
+        data_keys.append("data.eval_path")  # a held-out set belongs to its data: a stage's own would score the wrong task
     if data_keys:
         preview = copy.deepcopy(sections)  # with every key but data's in place: each stage's objective
         for key, to in routes.items():

@@ -52,6 +52,16 @@ def test_a_chat_file_and_max_steps_reach_the_sft_stage_and_pretraining_keeps_the
     assert (pretrain.data.path, _fmt(pretrain), pretrain.trainer.max_steps) == (None, "text", 3)
 
 
+def test_a_users_chat_file_replaces_the_stages_held_out_set_unless_one_is_given(files, tmp_path):
+    # the default recipe's sft stage holds out the bundled task lists; a user's own chats are not scored on them
+    assert _stages("tiny_pretrain_sft", [])["sft"].data.eval_path.endswith("tiny_tasks_eval.jsonl")
+    sft = _stages("tiny_pretrain_sft", [f"data.path={files['chat']}"])["sft"]
+    assert (sft.data.path, sft.data.eval_path) == (files["chat"], None)
+    held = _jsonl(tmp_path / "held.jsonl", [{"messages": [U("q"), A("a")]}])
+    sft = _stages("tiny_pretrain_sft", [f"data.path={files['chat']}", f"data.eval_path={held}"])["sft"]
+    assert (sft.data.path, sft.data.eval_path) == (files["chat"], held)
+
+
 def test_a_stage_key_beats_the_same_top_level_key_in_any_order(files):
     for overrides in (["trainer.max_steps=3", "stages.sft.trainer.max_steps=7"],
                       ["stages.sft.trainer.max_steps=7", "trainer.max_steps=3"]):
@@ -79,7 +89,8 @@ def test_pairs_go_to_the_dpo_stage_and_the_earlier_stages_keep_their_data(files)
 
 def test_text_goes_to_pretraining_only(files):
     stages = _stages("tiny_pretrain_sft", [f"data.path={files['text']}"])
-    assert (stages["pretrain"].data.path, stages["sft"].data.path) == (files["text"], None)
+    assert stages["pretrain"].data.path == files["text"]
+    assert stages["sft"].data.path.endswith("tiny_tasks.jsonl")  # the recipe's own fine-tuning data
 
 
 def test_data_keys_that_name_no_kind_reach_every_stage():
