@@ -36,7 +36,7 @@ torch_now="torch==$("$PY" -c 'import importlib.metadata as m; print(m.version("t
 tf_now="transformers==$("$PY" -c 'import importlib.metadata as m; print(m.version("transformers"))')"
 pip_q --no-deps -e . || die "cannot install mistral-train (editable) into $VENV"
 pip_q "$torch_now" "$tf_now" "safetensors>=0.4" "hydra-core>=1.3,<1.4" "omegaconf>=2.3,<2.4" \
-  "sentencepiece>=0.2" "tokenizers>=0.19" "mistral-common>=1.5" "accelerate>=1.0" "datasets>=3.0" \
+  "sentencepiece>=0.2" "tokenizers>=0.19" "tiktoken>=0.7" "mistral-common>=1.5" "accelerate>=1.0" "datasets>=3.0" \
   "tqdm>=4.60" "matplotlib>=3.7" "peft>=0.17" "pytest>=8" \
   || die "cannot install mistral-train's own dependencies without moving torch/transformers"
 
