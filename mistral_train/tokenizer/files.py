@@ -61,9 +61,12 @@ def _tokenizer_json_of(path: str, kind: str, mtime_ns: int) -> tuple[str, Option
     return hf.to_str(pretty=True), getattr(hf.model, "unk_token", None)
 
 
-def tokenizer_json(tokenizer: Tokenizer) -> tuple[str, Optional[str]]:
+def tokenizer_json(tokenizer: Tokenizer) -> Optional[tuple[str, Optional[str]]]:
     """(tokenizer.json text, unk token) of a SentencePiece or Tekken tokenizer, cached: a run calls it once
-    before training so that its first checkpoint write costs what the later ones do."""
+    before training so that its first checkpoint write costs what the later ones do. None for a tokenizer
+    read from a tokenizer.json, which folders get as it is."""
+    if tokenizer.kind not in ("sentencepiece", "tekken"):
+        return None
     return _tokenizer_json_of(str(tokenizer.path), tokenizer.kind, os.stat(tokenizer.path).st_mtime_ns)
 
 
@@ -80,10 +83,11 @@ def write_tokenizer_files(tokenizer: Tokenizer, folder: Union[str, Path], chat_f
     """
     folder = Path(folder)
     fmt = tokenizer.chat_format(chat_format)
-    if tokenizer.kind in ("sentencepiece", "tekken"):
+    converted = tokenizer_json(tokenizer)
+    if converted is not None:
         own = "tekken.json" if tokenizer.kind == "tekken" else "tokenizer.model"
         shutil.copyfile(tokenizer.path, folder / own)  # copyfile: the new file follows the umask
-        text, unk = tokenizer_json(tokenizer)
+        text, unk = converted
         (folder / "tokenizer.json").write_text(text, encoding="utf-8")
     else:
         shutil.copyfile(tokenizer.path, folder / "tokenizer.json")

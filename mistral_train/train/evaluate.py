@@ -162,7 +162,7 @@ def exact_match(
     Args:
         model: a causal-LM `Mistral` (the unwrapped model under Accelerate); run as `generate` does
             (eval mode, weights' dtype), its training mode restored afterwards.
-        tokenizer: a `mistral_train.tokenizer.tokenizer.Tokenizer`.
+        tokenizer: a `mistral_train.tokenizer.Tokenizer`.
         rows: canonical rows ({"messages": [...], "answer": str, "source", "row"}). Every row needs
             an answer, unless none has one: then nothing is scored and n is 0.
         chat_format: v1 | v2 | v3 | None (the tokenizer's own), as in training.

@@ -236,8 +236,7 @@ def _setup(cfg: RunConfig, accelerator) -> Run:
     resume_from = resolve_resume(cfg.resume, run_dir)
     seed_everything(spec.seed)
     tokenizer = load_tokenizer(resolve_tokenizer_path(cfg.model.tokenizer, cfg.model.path))
-    if tokenizer.kind in ("sentencepiece", "tekken"):  # its tokenizer.json, converted now rather than inside the first checkpoint write
-        tokenizer_json(tokenizer)
+    tokenizer_json(tokenizer)  # the folders' tokenizer.json, converted now (cached) rather than inside the first checkpoint write
     with reading_data():  # a ValueError here is about the user's rows: a one-line DataError (errors.py)
         data = read_data(cfg, tokenizer, check=False)  # reads, tokenizes, audits: bad data stops before the model loads
         say("\n".join(data.summary))  # counts, audit table and "warning: " lines (examples dropped or cut for length)
