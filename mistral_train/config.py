@@ -36,6 +36,9 @@ class ModelSpec:
     # a folder / file, "bundled:v1|v2|v3" (shipped in mistral-common), or null: the model folder's
     # own tokenizer (bundled:v1 for a fresh model). A fresh model's vocabulary is the tokenizer's.
     tokenizer: Optional[str] = None
+    # the published model's vocabulary (131072 for Tekken models), for `plan` of a recipe without model.path;
+    # null: the tokenizer's. A run never reads it: a folder's config.json, or a fresh model's tokenizer, decides.
+    vocab_size: Optional[int] = None
     hidden_size: int = 256
     intermediate_size: int = 768
     num_hidden_layers: int = 4

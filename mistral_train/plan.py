@@ -236,8 +236,10 @@ def model_shape(spec: ModelSpec) -> MistralConfig:
     try:
         if spec.path:
             return MistralConfig.from_json_file(Path(spec.path) / "config.json")
-        # the bundled vocabularies are known; another tokenizer file is cheap to read
-        vocab = BUNDLED_VOCAB.get(spec.tokenizer) or load_tokenizer(resolve_tokenizer_path(spec.tokenizer)).vocab_size
+        # a preset's published vocabulary (its tokenizer lives in a folder not given); the bundled vocabularies
+        # are known; another tokenizer file is cheap to read
+        vocab = (spec.vocab_size or BUNDLED_VOCAB.get(spec.tokenizer)
+                 or load_tokenizer(resolve_tokenizer_path(spec.tokenizer)).vocab_size)
         return MistralConfig.from_spec(spec, vocab_size=vocab)
     except (ValueError, OSError) as err:  # the messages name the file or the field
         raise ConfigError(f"model.path={spec.path}: {err}" if spec.path else f"model: {err}") from err
