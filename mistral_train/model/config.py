@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Union, get_args, get_origin, get_type_hints
@@ -22,7 +23,7 @@ _HF_BOOKKEEPING = {"architectures", "model_type", "transformers_version", "torch
 _SUPPORTED_ACTIVATIONS = {"silu", "gelu", "gelu_pytorch_tanh", "relu"}
 ATTENTION_KINDS = ("full_attention", "sliding_attention")  # transformers' `layer_types` names
 ROPE_TYPES = ("default",)  # the rotary kinds model/rope.py computes
-_VARIANT = ("layer_types", "rope_type", "mlp_kind")  # set by the model_type's mapping, not read by key name
+_VARIANT = ("model_type", "layer_types", "rope_type", "mlp_kind")  # set by the model_type's mapping, not read by key name
 
 
 @dataclass
@@ -52,6 +53,7 @@ class MistralConfig:
     layer_types: Optional[list[str]] = None  # one of ATTENTION_KINDS a layer; None: every layer sliding (Mistral)
     rope_type: str = "default"  # one of ROPE_TYPES
     mlp_kind: str = "dense"  # a key of model/blocks.py's MLPS
+    model_type: str = "mistral"  # a key of MODEL_TYPES: the transformers class family written back on save
     extra: dict[str, Any] = field(default_factory=dict)  # unknown keys, kept for the round trip
 
     def __post_init__(self) -> None:
@@ -84,6 +86,8 @@ class MistralConfig:
                                              or not set(self.layer_types) <= set(ATTENTION_KINDS)):
             raise ValueError(f"`layer_types` must name one of {ATTENTION_KINDS} for each of the "
                              f"{self.num_hidden_layers} layers, got {self.layer_types}")
+        if self.model_type not in MODEL_TYPES:
+            raise ValueError(f"`model_type` {self.model_type!r} is not one of {sorted(MODEL_TYPES)}")
         if self.rope_type not in ROPE_TYPES:
             raise ValueError(f"`rope_parameters.rope_type` {self.rope_type!r} is not supported (only 'default')")
 
@@ -91,6 +95,14 @@ class MistralConfig:
         """What layer `layer` attends to: the last `sliding_window` tokens on a sliding layer, else (None) all."""
         sliding = self.layer_types is None or self.layer_types[layer] == "sliding_attention"
         return self.sliding_window if sliding else None
+
+    def attention_kinds(self) -> list[str]:
+        """Each layer's kind, spelled out as transformers' `layer_types` (None above means every layer
+        slides, which is full attention when there is no window)."""
+        if self.layer_types is not None:
+            return list(self.layer_types)
+        kind = "sliding_attention" if self.sliding_window is not None else "full_attention"
+        return [kind] * self.num_hidden_layers
 
     @classmethod
     def from_spec(cls, spec: Any, **given: Any) -> "MistralConfig":
@@ -114,7 +126,8 @@ class MistralConfig:
         for key in required:
             if key not in d:
                 raise FolderError(f"{source}: required key `{key}` is missing")
-        kwargs = {k: v for k, v in d.items() if k in known} | MODEL_TYPES[model_type](d)
+        kwargs = {k: v for k, v in d.items() if k in known} | MODEL_TYPES[model_type].variant(d)
+        kwargs["model_type"] = model_type
         kwargs["rope_type"] = rope.get("rope_type", rope.get("type", "default"))
         if isinstance(kwargs.get("rope_theta"), int):
             kwargs["rope_theta"] = float(kwargs["rope_theta"])
@@ -124,7 +137,8 @@ class MistralConfig:
             kwargs["eos_token_id"] = eos_list[0] if eos_list else None  # generation stops on the first
         if kwargs.get("num_key_value_heads") is None:
             kwargs["num_key_value_heads"] = kwargs["num_attention_heads"]
-        extra = {k: v for k, v in d.items() if k not in known and k not in _HF_BOOKKEEPING}
+        consumed = set(MODEL_TYPES[model_type].writes)  # read by the mapping: fields now, not unknown keys
+        extra = {k: v for k, v in d.items() if k not in known and k not in _HF_BOOKKEEPING and k not in consumed}
         if eos_list is not None:
             extra["eos_token_id"] = eos_list  # written back in place of the int, so the list survives
         if "id2label" in d and "num_labels" not in d:
@@ -142,14 +156,26 @@ class MistralConfig:
         return cls.from_hf_dict(read_json_object(path), source=str(path))
 
     def to_hf_dict(self, architecture: str = "MistralForCausalLM") -> dict[str, Any]:
-        """The dict transformers writes for this model, plus the unknown keys we were given."""
-        if self.layer_types is not None or self.mlp_kind != "dense":  # transformers' Mistral would ignore them
-            raise ValueError("`layer_types` or a non-dense `mlp_kind` cannot be written as model_type 'mistral'")
+        """The dict transformers writes for this model, plus the unknown keys we were given.
+
+        Args:
+            architecture: the head's transformers class as Mistral names it (`MistralForCausalLM`,
+                `MistralForSequenceClassification`, ...); written as the model_type's own class
+                (`MinistralForCausalLM` for ministral), so a folder loads back as the class it came from.
+        """
+        entry = MODEL_TYPES[self.model_type]
+        variant = {"layer_types": self.layer_types is not None, "mlp_kind": self.mlp_kind != "dense"}
+        lost = [name for name, used in variant.items() if used and name not in entry.writes]
+        if lost:  # transformers would ignore them and compute another model
+            raise ValueError(f"`{'` and `'.join(lost)}` cannot be written as model_type {self.model_type!r}"
+                             + ("; use model_type 'ministral' for per-layer attention kinds" if "layer_types" in lost else ""))
         skip = ("extra", "num_labels", *_VARIANT)
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in skip}
         d.update(self.extra)  # unknown keys, and a list of EOS ids over the single one
-        d["architectures"] = [architecture]
-        d["model_type"] = "mistral"
+        if "layer_types" in entry.writes:
+            d["layer_types"] = self.attention_kinds()
+        d["architectures"] = [re.sub(r"^Mistral(?=For)", entry.class_prefix, architecture)]
+        d["model_type"] = self.model_type
         # v5 reads `rope_parameters`; v4 reads `rope_theta`: write both so either loads it.
         d["rope_parameters"] = {"rope_type": self.rope_type, "rope_theta": self.rope_theta}
         if architecture != "MistralForCausalLM" and "id2label" not in d:
@@ -164,14 +190,36 @@ class MistralConfig:
         (Path(folder) / "config.json").write_text(json.dumps(d, indent=2) + "\n")
 
 
+@dataclass(frozen=True)
+class ModelType:
+    """How one transformers `model_type` maps onto our fields."""
+
+    class_prefix: str  # its transformers classes: f"{class_prefix}ForCausalLM", ...
+    variant: Callable[[dict[str, Any]], dict[str, Any]]  # its config.json -> our variant fields
+    writes: tuple[str, ...] = ()  # the variant fields its config.json carries back on save
+
+
 def _mistral(d: dict[str, Any]) -> dict[str, Any]:
     """transformers' Mistral: every layer alike (sliding when `sliding_window` is set), default rotary, a dense
     MLP. A `layer_types` key stays an unknown key, as transformers ignores it for this model_type."""
     return {}
 
 
-# model_type -> the variant fields its config.json implies (ministral, ministral3, mixtral come next)
-MODEL_TYPES: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {"mistral": _mistral}
+def _ministral(d: dict[str, Any]) -> dict[str, Any]:
+    """transformers' Ministral (Ministral-8B-2410): each layer full or sliding as `layer_types` says; without
+    the key every layer slides when there is a window and none does otherwise (its config's default)."""
+    layer_types = d.get("layer_types")
+    if layer_types is None:
+        window = d.get("sliding_window", MistralConfig.sliding_window)
+        layer_types = ["sliding_attention" if window is not None else "full_attention"] * d["num_hidden_layers"]
+    return {"layer_types": layer_types}
+
+
+# model_type -> how its config.json maps onto ours (ministral3, mixtral come next)
+MODEL_TYPES: dict[str, ModelType] = {
+    "mistral": ModelType("Mistral", _mistral),
+    "ministral": ModelType("Ministral", _ministral, writes=("layer_types",)),
+}
 
 
 def _matches(value: Any, hint: Any) -> bool:
