@@ -159,3 +159,32 @@ def test_head_dim_default_matches_transformers(hidden, heads, head_dim):
         del d["head_dim"]
     assert MistralConfig.from_hf_dict(d, source="x").head_dim == ours.head_dim
     assert json.loads(json.dumps(ours.to_hf_dict()))["head_dim"] == ours.head_dim
+
+
+# Mistral-Nemo-Base-2407's published config.json (transformers 4.43 layout): head_dim 128 while hidden / heads is 160,
+# the Tekken vocabulary of 131072; layers cut from 40 to 1, as every layer has the same shapes.
+NEMO = {"architectures": ["MistralForCausalLM"], "attention_dropout": 0.0, "bos_token_id": 1, "eos_token_id": 2,
+        "head_dim": 128, "hidden_act": "silu", "hidden_size": 5120, "initializer_range": 0.02,
+        "intermediate_size": 14336, "max_position_embeddings": 1024000, "model_type": "mistral",
+        "num_attention_heads": 32, "num_hidden_layers": 1, "num_key_value_heads": 8, "rms_norm_eps": 1e-05,
+        "rope_theta": 1000000.0, "sliding_window": None, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+        "transformers_version": "4.43.0.dev0", "use_cache": True, "vocab_size": 131072}
+
+
+def test_nemo_shapes_equal_transformers_parameter_for_parameter():
+    """Nemo's head_dim != hidden / heads: every parameter of ours has the shape of transformers' (meta device,
+    no memory), and the written config.json keeps head_dim and the vocabulary."""
+    import torch
+
+    from mistral_train import Mistral
+
+    ours_config = MistralConfig.from_hf_dict(NEMO, source="nemo")
+    assert (ours_config.head_dim, ours_config.vocab_size, ours_config.sliding_window) == (128, 131072, None)
+    with torch.device("meta"):
+        ours = Mistral(ours_config)
+        theirs = transformers.MistralForCausalLM(transformers.MistralConfig(**NEMO))
+    expected = {name: tuple(p.shape) for name, p in theirs.named_parameters()}
+    assert {name: tuple(p.shape) for name, p in ours.named_parameters()} == expected
+    assert expected["model.layers.0.self_attn.q_proj.weight"] == (32 * 128, 5120)  # not (5120, 5120)
+    written = ours_config.to_hf_dict()
+    assert (written["head_dim"], written["vocab_size"]) == (128, 131072)

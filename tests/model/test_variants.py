@@ -5,6 +5,7 @@ the architecture from a run's ModelSpec shared by model building and `plan`."""
 from __future__ import annotations
 
 import dataclasses
+import json
 from types import SimpleNamespace
 
 import pytest
@@ -80,6 +81,41 @@ def test_a_mistral_file_with_layer_types_keeps_every_layer_alike():
     assert ours.to_hf_dict()["layer_types"] == ["full_attention", "sliding_attention"]
 
 
+MINISTRAL_FILES = {
+    "interleaved": dict(sliding_window=5, layer_types=["sliding_attention", "full_attention", "sliding_attention"]),
+    "no_layer_types_window": dict(sliding_window=5),  # transformers: every layer slides
+    "no_layer_types_no_window": dict(sliding_window=None),  # transformers: every layer full
+    "all_full_with_window": dict(sliding_window=5, layer_types=["full_attention"] * 3),
+}
+
+
+@pytest.mark.parametrize("case", MINISTRAL_FILES)
+def test_ministral_layer_kinds_are_transformers_own(case, tiny, tmp_path):
+    """Each layer's window is the one transformers' Ministral gives it (its `layer_types`, with its default when the
+    file has none); written back, the file loads in transformers as MinistralConfig with the same kinds."""
+    hf = transformers.MinistralConfig(**tiny(num_hidden_layers=3, **MINISTRAL_FILES[case]))
+    ours = MistralConfig.from_hf_dict(json.loads(hf.to_json_string()), source=case)
+    expected = [hf.sliding_window if kind == "sliding_attention" else None for kind in hf.layer_types]
+    assert [ours.layer_window(i) for i in range(3)] == expected
+    assert "layer_types" not in ours.extra, "a key the variant reads is a field, not an unknown key"
+    written = ours.to_hf_dict()
+    assert (written["model_type"], written["architectures"]) == ("ministral", ["MinistralForCausalLM"])
+    ours.save(tmp_path)
+    again = transformers.AutoConfig.from_pretrained(tmp_path)
+    assert type(again) is transformers.MinistralConfig and again.layer_types == hf.layer_types
+    assert MistralConfig.from_json_file(tmp_path / "config.json") == ours
+
+
+def test_ministral_heads_save_as_ministral_classes(tiny):
+    """The head's class is written under the model_type's own name, so transformers builds the same class."""
+    ours = MistralConfig(**tiny(sliding_window=3), layer_types=["sliding_attention", "full_attention"],
+                         model_type="ministral")
+    for ours_name, theirs in (("MistralForSequenceClassification", "MinistralForSequenceClassification"),
+                              ("MistralForTokenClassification", "MinistralForTokenClassification")):
+        assert ours.to_hf_dict(ours_name)["architectures"] == [theirs]
+        assert hasattr(transformers, theirs)
+
+
 def test_variant_errors_name_the_key(tiny):
     with pytest.raises(ValueError, match="layer_types"):
         MistralConfig(**tiny(), layer_types=["full_attention"])  # two layers
@@ -87,8 +123,11 @@ def test_variant_errors_name_the_key(tiny):
         MistralConfig(**tiny(), layer_types=["full_attention", "chunked_attention"])
     with pytest.raises(ValueError, match="mlp_kind"):
         Mistral(MistralConfig(**tiny(), mlp_kind="experts"))
-    with pytest.raises(ValueError, match="layer_types"):  # transformers' Mistral would read it as all sliding
+    with pytest.raises(ValueError, match="`layer_types` cannot be written as model_type 'mistral'.*'ministral'"):
+        # transformers' Mistral would read it as all sliding
         MistralConfig(**tiny(), layer_types=["full_attention", "sliding_attention"]).to_hf_dict()
+    with pytest.raises(ValueError, match="`model_type` 'gemma'"):
+        MistralConfig(**tiny(), model_type="gemma")
     with pytest.raises(ValueError, match=r"x: `model_type` is 'llama'"):
         MistralConfig.from_hf_dict({**transformers.MistralConfig().to_dict(), "model_type": "llama"}, source="x")
 
