@@ -46,9 +46,17 @@ def _mistral() -> transformers.PreTrainedModel:
     return transformers.MistralForCausalLM(transformers.MistralConfig(**TEXT))
 
 
+def _ministral() -> transformers.PreTrainedModel:
+    """MinistralForCausalLM (Ministral-8B-2410's class): a sliding layer (window 8) then a full one."""
+    config = transformers.MinistralConfig(**{**TEXT, "sliding_window": 8},
+                                          layer_types=["sliding_attention", "full_attention"])
+    return transformers.MinistralForCausalLM(config)
+
+
 # case -> the transformers model it saves (seeded before the call)
 CASES: dict[str, Callable[[], transformers.PreTrainedModel]] = {
     "mistral_nemo_head_dim": _mistral,
+    "ministral_layer_types": _ministral,
 }
 
 
