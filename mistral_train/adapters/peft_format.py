@@ -9,6 +9,7 @@ Safetensors only; pickled adapters (`adapter_model.bin`) are refused.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -22,6 +23,7 @@ from mistral_train.adapters.lora import ALL_LINEAR, PEFT_INIT, LoraConfig, LoRAL
 from mistral_train.checkpoint.atomic import atomic_directory
 from mistral_train.jsonfile import read_json_object
 from mistral_train.errors import FolderError
+from mistral_train.model.vision_language import of as vision_parts, our_module_name, peft_module_name
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -37,18 +39,24 @@ _UNSUPPORTED = (
 )
 
 
+def _disk(model: nn.Module, name: str) -> str:
+    """The PEFT key prefix of our module `name`: peft's module name on the transformers model (the one place
+    where a vision-language model's language prefix enters, model/vision_language.py)."""
+    return f"{PREFIX}{peft_module_name(model, name)}"
+
+
 def _live_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     """PEFT key -> the model's own adapter tensor (not a copy)."""
     tensors: dict[str, torch.Tensor] = {}
     for name, m in model.named_modules():
         if isinstance(m, LoRALinear):
-            tensors[f"{PREFIX}{name}.lora_A.weight"] = m.lora_A
-            tensors[f"{PREFIX}{name}.lora_B.weight"] = m.lora_B
+            tensors[f"{_disk(model, name)}.lora_A.weight"] = m.lora_A
+            tensors[f"{_disk(model, name)}.lora_B.weight"] = m.lora_B
             if m.use_dora:
-                tensors[f"{PREFIX}{name}.lora_magnitude_vector"] = m.lora_magnitude_vector
+                tensors[f"{_disk(model, name)}.lora_magnitude_vector"] = m.lora_magnitude_vector
         elif isinstance(m, TrainableCopy):
             for key, value in m.modules_to_save.state_dict(keep_vars=True).items():
-                tensors[f"{PREFIX}{name}.{key}"] = value
+                tensors[f"{_disk(model, name)}.{key}"] = value
     return tensors
 
 
@@ -94,8 +102,11 @@ def peft_config_dict(model: nn.Module, base_model_name_or_path: Optional[str] = 
     if cfg is None:
         raise ValueError("the model has no LoRA (no `lora_config`): apply_lora or load_adapter first")
     targets: Any = cfg.target_modules
-    if targets == ALL_LINEAR:  # peft also stores the expanded module names
-        targets = sorted(name for name, m in model.named_modules() if isinstance(m, LoRALinear))
+    # peft also stores the expanded module names for all-linear; on a vision-language model always, as a short
+    # name (q_proj) would also match the vision tower's linears on the transformers model
+    if targets == ALL_LINEAR or vision_parts(model) is not None:
+        targets = sorted(peft_module_name(model, name) for name, m in model.named_modules() if isinstance(m, LoRALinear))
+    saved = [peft_module_name(model, name) for name in cfg.modules_to_save]
     alpha = int(cfg.alpha) if float(cfg.alpha).is_integer() else cfg.alpha
     return {
         "peft_type": "LORA",
@@ -107,7 +118,7 @@ def peft_config_dict(model: nn.Module, base_model_name_or_path: Optional[str] = 
         "lora_alpha": alpha,
         "lora_dropout": cfg.dropout,
         "target_modules": targets,
-        "modules_to_save": list(cfg.modules_to_save) or None,
+        "modules_to_save": saved or None,
         "bias": "none",
         "fan_in_fan_out": False,
         "use_rslora": cfg.use_rslora,
@@ -175,13 +186,13 @@ def _expected_shapes(model: nn.Module, cfg: LoraConfig) -> dict[str, tuple[str, 
     expected: dict[str, tuple[str, tuple[int, ...]]] = {}
     for name in lora_names:
         m = model.get_submodule(name)
-        expected[f"{PREFIX}{name}.lora_A.weight"] = (f"{name}.lora_A", (cfg.r, m.in_features))
-        expected[f"{PREFIX}{name}.lora_B.weight"] = (f"{name}.lora_B", (m.out_features, cfg.r))
+        expected[f"{_disk(model, name)}.lora_A.weight"] = (f"{name}.lora_A", (cfg.r, m.in_features))
+        expected[f"{_disk(model, name)}.lora_B.weight"] = (f"{name}.lora_B", (m.out_features, cfg.r))
         if cfg.use_dora:
-            expected[f"{PREFIX}{name}.lora_magnitude_vector"] = (f"{name}.lora_magnitude_vector", (m.out_features,))
+            expected[f"{_disk(model, name)}.lora_magnitude_vector"] = (f"{name}.lora_magnitude_vector", (m.out_features,))
     for name in saved_names:
         for key, value in model.get_submodule(name).state_dict().items():
-            expected[f"{PREFIX}{name}.{key}"] = (f"{name}.modules_to_save.{key}", tuple(value.shape))
+            expected[f"{_disk(model, name)}.{key}"] = (f"{name}.modules_to_save.{key}", tuple(value.shape))
     return expected
 
 
@@ -194,6 +205,13 @@ def load_adapter(model: nn.Module, folder: Union[str, Path]) -> nn.Module:
     """
     folder = Path(folder)
     cfg = read_adapter_config(folder)
+    if vision_parts(model) is not None:  # peft's module names on the transformers vision-language model -> ours
+        if isinstance(cfg.target_modules, list):
+            cfg.target_modules = [our_module_name(model, name) for name in cfg.target_modules]
+        elif cfg.target_modules != ALL_LINEAR:  # a regex over peft's names: the modules it picks, by our names
+            cfg.target_modules = [name for name, _ in model.named_modules()
+                                  if re.fullmatch(cfg.target_modules, peft_module_name(model, name))]
+    cfg.modules_to_save = [our_module_name(model, name) for name in cfg.modules_to_save]
     weights = folder / WEIGHTS_FILE
     if not weights.is_file():
         hint = ""
