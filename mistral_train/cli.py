@@ -7,6 +7,7 @@
                                                           per-device memory of the run per strategy; does it fit
     mistral-train generate FOLDER --prompt TEXT [...]     continue a prompt with an HF Mistral folder or a LoRA adapter
     mistral-train merge ADAPTER [--base DIR] --out DIR [--overwrite]   merge a LoRA/QLoRA adapter into a full HF folder
+    mistral-train export FOLDER --out DIR [--format hf|native]   a model or adapter (merged) as an HF or native folder
     mistral-train plot RUN_DIR                            redraw RUN_DIR/loss.png from metrics.jsonl
 
 argparse reads the verbs and their flags; everything after `train`/`config`/`audit`/`plan` is a Hydra override
@@ -59,6 +60,7 @@ examples:
   mistral-train plan recipe=mistral7b_full_sft num_processes=8 strategy=zero3   GiB per GPU; fits in 80 GiB?
   mistral-train generate runs/tiny_pretrain_sft/sft/final --chat --prompt "What is three plus four?"
   mistral-train merge runs/tiny_lora_sft/sft/final --out merged/      adapter + base -> one HF folder
+  mistral-train export runs/tiny_lora_sft/sft/final --format native --out native/   params.json for vLLM/mistral-inference
   mistral-train plot runs/tiny_pretrain_sft/sft
 """
 
@@ -146,6 +148,21 @@ def cmd_merge(args: argparse.Namespace) -> int:
     if out.exists() and not args.overwrite:  # checked before the base loads: a slip must not cost a merged model
         raise ConfigError(f"--out {out} exists; pass --overwrite to replace it, or name a new folder")
     merge_adapter_folder(adapter, out, base=args.base, dtype=args.dtype)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from mistral_train.folders import is_adapter_folder, is_model_folder
+    from mistral_train.train.export import export_folder
+
+    folder, out = Path(args.folder), Path(args.out)
+    if not folder.is_dir() or not (is_model_folder(folder) or is_adapter_folder(folder)):
+        raise ConfigError(f"{folder} is not a model folder (config.json or params.json) nor a LoRA adapter folder "
+                          "(adapter_config.json); try runs/NAME/final")
+    if out.exists() and not args.overwrite:  # checked before the model loads
+        raise ConfigError(f"--out {out} exists; pass --overwrite to replace it, or name a new folder")
+    export_folder(folder, out, args.format, base=args.base, dtype=args.dtype, tokenizer=args.tokenizer)
+    print(f"wrote {out} ({args.format})")
     return 0
 
 
@@ -289,6 +306,26 @@ def build_parser() -> argparse.ArgumentParser:
                        help="dtype of the merged weights (default: the run's model.dtype)")
     merge.add_argument("--overwrite", action="store_true", help="replace --out when it exists (default: refuse)")
     merge.set_defaults(handler=cmd_merge)
+
+    export = verbs.add_parser("export", help="write a model (or an adapter merged into its base) as an HF folder or "
+                                             "in Mistral's native format",
+                              description="Write the model of FOLDER (an HF or native model folder, or a LoRA/QLoRA "
+                                          "adapter folder, merged into a full-precision copy of its base first) as an "
+                                          "HF folder or in Mistral's native format: params.json + "
+                                          "consolidated.safetensors + tekken.json or tokenizer.model.vN, what "
+                                          "mistral-inference and vLLM (--config-format mistral --load-format mistral "
+                                          "--tokenizer-mode mistral) read.")
+    export.add_argument("folder", help="a run's final/ (model or adapter), a checkpoint, or any model folder")
+    export.add_argument("--out", required=True, help="the folder to write")
+    export.add_argument("--format", default="hf", choices=["hf", "native"], help="hf (default) or native")
+    export.add_argument("--base", default=None, help="for an adapter FOLDER: its base model folder (default: the one "
+                                                     "it names)")
+    export.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                        help="dtype of the written weights (default: the stored ones; an adapter's run's model.dtype)")
+    export.add_argument("--tokenizer", default=None, help="used when FOLDER (and its base) hold no tokenizer: a file, "
+                                                          "folder or bundled:v1|v2|v3")
+    export.add_argument("--overwrite", action="store_true", help="replace --out when it exists (default: refuse)")
+    export.set_defaults(handler=cmd_export)
 
     plot = verbs.add_parser("plot", help="redraw a run's loss.png from its metrics.jsonl")
     plot.add_argument("run_dir", help="a run directory, e.g. runs/tiny_pretrain_sft/sft")

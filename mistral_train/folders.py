@@ -11,8 +11,8 @@ from typing import Optional
 from mistral_train.adapters.peft_format import _TASK_TYPES as PEFT_TASK_TYPES, CONFIG_FILE as ADAPTER_CONFIG
 from mistral_train.errors import ConfigError
 from mistral_train.jsonfile import read_json_object
-from mistral_train.model.config import MistralConfig
-from mistral_train.model.hf import weight_files
+from mistral_train.model import native
+from mistral_train.model.hf import folder_config, weight_files
 
 MODEL_CONFIG = "config.json"
 BASE_NOTE = "mistral_train_base.json"  # how the base was loaded, next to an adapter we write
@@ -21,13 +21,21 @@ _HEAD_SUFFIXES = {"ForSequenceClassification": "sequence_classification",
                   "ForTokenClassification": "token_classification"}
 
 
+def is_model_folder(folder: Path) -> bool:
+    """An HF model folder (config.json) or one in Mistral's native format (params.json, model/native.py)."""
+    return (folder / MODEL_CONFIG).is_file() or native.is_native_folder(folder)
+
+
 def is_adapter_folder(folder: Path) -> bool:
     """A PEFT adapter (adapter_config.json) without a model of its own (no config.json)."""
     return (folder / ADAPTER_CONFIG).is_file() and not (folder / MODEL_CONFIG).is_file()
 
 
 def model_task(folder: Path) -> str:
-    """causal_lm, sequence_classification or token_classification, from config.json's `architectures`."""
+    """causal_lm, sequence_classification or token_classification, from config.json's `architectures`
+    (a native folder holds a causal LM)."""
+    if native.is_native_folder(folder):
+        return "causal_lm"
     for name in read_json_object(folder / MODEL_CONFIG).get("architectures") or []:
         for suffix, task in _HEAD_SUFFIXES.items():
             if str(name).endswith(suffix):
@@ -54,7 +62,7 @@ def adapter_base(folder: Path, base: Optional[str] = None) -> tuple[str, dict]:
     """
     note = read_json_object(folder / BASE_NOTE) if (folder / BASE_NOTE).is_file() else {}
     base = base or note.get("base") or read_json_object(folder / ADAPTER_CONFIG).get("base_model_name_or_path")
-    if not base or not (Path(base) / MODEL_CONFIG).is_file():
+    if not base or not is_model_folder(Path(base)):
         raise ConfigError(f"{folder}: the adapter's base model folder {base!r} is not an HF folder here; "
                           "pass the base with --base DIR")
     return str(base), note
@@ -78,11 +86,11 @@ def check_model_folder(path: str, key: str = "model.path") -> None:
         raise ConfigError(f"{key}={path} is a LoRA adapter folder, not a model: continue it with model.path={base} "
                           f"adapter=lora adapter.path={path}, or merge it first (mistral-train merge {path} --out DIR) "
                           "and pass model.path=DIR")
-    if not (folder / MODEL_CONFIG).is_file():
-        raise ConfigError(f"{key}={path} has no {MODEL_CONFIG}; {expected}")
+    if not is_model_folder(folder):
+        raise ConfigError(f"{key}={path} has no {MODEL_CONFIG} (nor {native.PARAMS_FILE}); {expected}")
     try:
-        MistralConfig.from_json_file(folder / MODEL_CONFIG)  # model_type and the required shape keys
-        weight_files(folder)
+        folder_config(folder)  # model_type and the required shape keys
+        native.weight_files(folder) if native.is_native_folder(folder) else weight_files(folder)
     except (ValueError, FileNotFoundError) as err:
         raise ConfigError(f"{key}={path}: {err}") from err
 

@@ -30,14 +30,15 @@ def load_for_generation(folder: Union[str, Path], base: Optional[str] = None) ->
     """
     from mistral_train.adapters import load_adapter  # here: generation itself needs none of the folder machinery
     from mistral_train.errors import ConfigError
-    from mistral_train.folders import ADAPTER_CONFIG, MODEL_CONFIG, adapter_base, folder_task, is_adapter_folder
+    from mistral_train.folders import (ADAPTER_CONFIG, MODEL_CONFIG, adapter_base, folder_task, is_adapter_folder,
+                                       is_model_folder)
 
     folder = Path(folder)
     if not folder.is_dir():
         raise ConfigError(f"{folder} does not exist; give an HF model folder or a LoRA adapter folder, "
                           "e.g. runs/NAME/final")
     adapter = is_adapter_folder(folder)
-    if not adapter and not (folder / MODEL_CONFIG).is_file():
+    if not adapter and not is_model_folder(folder):
         raise ConfigError(f"{folder} is not an HF model folder (no {MODEL_CONFIG}) nor a LoRA adapter folder "
                           f"(no {ADAPTER_CONFIG}); try runs/NAME/final")
     task = folder_task(folder)

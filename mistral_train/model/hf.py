@@ -20,6 +20,7 @@ from torch import nn
 from mistral_train.checkpoint.atomic import atomic_directory
 from mistral_train.model.blocks import score_layer
 from mistral_train.model.config import MistralConfig
+from mistral_train.model import native
 from mistral_train.quant.loading import QUANTIZE_MODES, NF4Loading, prequantized_config
 from mistral_train.errors import FolderError, TensorNameError
 
@@ -60,7 +61,8 @@ def load_pretrained(
     """Read an HF Mistral folder into `model_class(config, task)` (Mistral.from_pretrained passes its class).
 
     Args:
-        path: folder with config.json and model.safetensors (or an index + shards).
+        path: folder with config.json and model.safetensors (or an index + shards), or a folder in Mistral's
+            native format (params.json + consolidated.safetensors, model/native.py).
         dtype: cast floating weights to this dtype; None keeps the stored dtypes.
         task: the head to build. A classification head loaded from a causal-LM folder
             drops `lm_head.weight` and starts its `score` layer fresh (as transformers does).
@@ -72,15 +74,16 @@ def load_pretrained(
     folder = Path(path)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: not a folder (expected an HF checkpoint folder with config.json)")
-    config = MistralConfig.from_json_file(folder / "config.json")
+    config = folder_config(folder)
     with torch.device("meta"):
         model = model_class(config, task=task)
     nf4 = _nf4_loading(model, quantize, dtype, folder)
     expected = {name: p.shape for name, p in model.named_parameters(remove_duplicate=False)}
     loaded: set[str] = set()
-    for file in weight_files(folder):
+    is_native = native.is_native_folder(folder)  # params.json: names and rotary layout converted while reading
+    for file in (native.weight_files(folder) if is_native else weight_files(folder)):
         try:
-            with safe_open(str(file), framework="pt") as f:
+            with (native.NativeWeights(file, config) if is_native else safe_open(str(file), framework="pt")) as f:
                 for key in f.keys():
                     if _IGNORED_KEY.match(key) or (task != "causal_lm" and key == "lm_head.weight"):
                         continue
@@ -114,6 +117,13 @@ def load_pretrained(
     if missing:
         raise TensorNameError(f"{folder}: checkpoint lacks {len(missing)} tensor(s), e.g. {missing[:5]}")
     return model
+
+
+def folder_config(folder: Path) -> MistralConfig:
+    """The architecture of a model folder: config.json, or params.json in Mistral's native format (model/native.py)."""
+    if native.is_native_folder(folder):
+        return native.read_params(folder)
+    return MistralConfig.from_json_file(folder / "config.json")
 
 
 def _nf4_loading(model: nn.Module, quantize: Optional[str], dtype: Optional[torch.dtype], folder: Path):

@@ -216,7 +216,8 @@ class Mistral(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, dtype: Optional[torch.dtype] = None, task: str = "causal_lm", quantize: Optional[str] = None) -> "Mistral":
-        """Load an HF Mistral folder (config.json + safetensors); see model/hf.py."""
+        """Load an HF Mistral folder (config.json + safetensors) or a native one (params.json +
+        consolidated.safetensors); see model/hf.py and model/native.py."""
         return hf.load_pretrained(cls, path, dtype=dtype, task=task, quantize=quantize)
 
     def save_pretrained(self, path, max_shard_size: int | str = "5GB") -> None:

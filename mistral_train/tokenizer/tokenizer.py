@@ -61,7 +61,7 @@ def resolve_tokenizer_path(spec: Optional[str], model_folder: Optional[Union[str
         if model_folder is None:
             return bundled_tokenizer_path("v1")
         folder = Path(model_folder)
-        if not any((folder / name).is_file() for name, _ in _FOLDER_FILES):
+        if not any((folder / name).is_file() for name, _ in _FOLDER_FILES) and _native_sentencepiece(folder) is None:
             raise FileNotFoundError(
                 f"{folder}: no tokenizer.model or tokenizer.json (nor tekken.json); set model.tokenizer to a tokenizer file or bundled:v1|v2|v3"
             )
@@ -157,6 +157,9 @@ def _resolve(path: Path, kind: Optional[str]) -> tuple[Path, str]:
         for name, file_kind in _FOLDER_FILES:
             if (path / name).is_file() and kind in (None, file_kind):
                 return path / name, file_kind
+        native = _native_sentencepiece(path)
+        if native is not None and kind in (None, "sentencepiece"):
+            return native, "sentencepiece"
         wanted = " or ".join(f"{n} ({k})" for n, k in _FOLDER_FILES if kind in (None, k))
         raise FileNotFoundError(f"{path}: no {wanted} in this folder")
     if not path.is_file():
@@ -166,6 +169,13 @@ def _resolve(path: Path, kind: Optional[str]) -> tuple[Path, str]:
         with path.open("rb") as handle:
             kind = "hf_json" if handle.read(256).lstrip().startswith(b"{") else "sentencepiece"
     return path, kind
+
+
+def _native_sentencepiece(folder: Path) -> Optional[Path]:
+    """The `tokenizer.model.vN` of a folder in Mistral's native format (model/native.py), else None; of several,
+    the last by name, as mistral-common picks."""
+    files = sorted(f for f in folder.glob("tokenizer.model.v*") if _FILE_VERSION.search(f.name))
+    return files[-1] if files else None
 
 
 def _config_tokens(folder: Path) -> dict[str, tuple[Optional[str], Path]]:
