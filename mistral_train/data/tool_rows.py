@@ -23,6 +23,8 @@ import json
 import string
 from typing import Any, Optional
 
+from mistral_train.tokenizer.chat_messages import call_arguments
+
 _ID_CHARS = string.ascii_letters + string.digits
 _CALL = '{"name": ..., "arguments": {...}}'
 
@@ -34,16 +36,14 @@ def call_id(turn: int, k: int) -> str:
 
 
 def _arguments(raw: Any, what: str) -> dict:
-    """A call's arguments as a JSON object: given as an object or as a JSON string of one."""
-    if raw is None:
-        return {}
-    value = raw
-    if isinstance(raw, str):
-        try:
-            value = json.loads(raw) if raw.strip() else {}
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{what} is not JSON ({err.msg} at character {err.pos}): {raw[:80]!r}; expected a "
-                             "JSON object of the call's arguments") from None
+    """A call's arguments as a JSON object: given as an object or as a JSON string of one (blank: {})."""
+    try:
+        value = call_arguments(raw.strip() if isinstance(raw, str) else raw)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{what} is not JSON ({err.msg} at character {err.pos}): {raw[:80]!r}; expected a "
+                         "JSON object of the call's arguments") from None
+    except TypeError:
+        value = raw  # refused below, naming the type
     if not isinstance(value, dict):
         raise ValueError(f"{what} must be a JSON object of the call's arguments, got {type(value).__name__} {raw!r:.80}")
     return value

@@ -58,6 +58,16 @@ def parse_json(text: str) -> Any:
         return text
 
 
+def call_arguments(raw: Any) -> Any:
+    """A tool call's `arguments` as a JSON value: an object as given, a JSON string parsed (json.JSONDecodeError
+    when it is not JSON: the caller keeps or refuses it), {} for None or ""; TypeError for any other type."""
+    if raw is not None and not isinstance(raw, (str, dict)):
+        raise TypeError(f"tool call arguments must be a JSON string or an object, got {type(raw).__name__}")
+    if isinstance(raw, str) and raw:
+        return json.loads(raw)
+    return raw or {}
+
+
 def _chunks(raw: Any, role: str, where: str) -> list[Chunk]:
     if raw is None or isinstance(raw, str):
         return [("text", raw or "")]
@@ -100,13 +110,13 @@ def _call(raw: Any, where: str) -> Call:
     fn = raw.get("function") if isinstance(raw, dict) else None
     if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
         raise ValueError(f"{where}: tool call {raw!r} needs a 'function' with a 'name'")
-    args = fn.get("arguments")
-    if isinstance(args, dict):
-        args = json.dumps(args)
-    elif args is not None and not isinstance(args, str):
-        raise ValueError(f"{where}: tool call arguments must be a JSON string or an object, got {type(args).__name__}")
-    call_id = raw.get("id") or "null"
-    return Call(str(call_id), fn["name"], parse_json(args) if args else {})
+    try:
+        args = call_arguments(fn.get("arguments"))
+    except TypeError as err:
+        raise ValueError(f"{where}: {err}") from None
+    except json.JSONDecodeError:
+        args = fn["arguments"]  # kept as the string, as mistral-common does
+    return Call(str(raw.get("id") or "null"), fn["name"], args)
 
 
 def parse(messages: Sequence[dict], version: str) -> list[Message]:

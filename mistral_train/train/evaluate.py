@@ -19,6 +19,7 @@ from typing import Any, Callable, ContextManager, Iterable, Optional, Sequence
 import torch
 
 from mistral_train.generate import generate
+from mistral_train.tokenizer.chat_messages import call_arguments
 from mistral_train.tokenizer.tool_calls import ToolCallError, parse_answer
 
 Batch = dict[str, torch.Tensor]
@@ -108,10 +109,7 @@ def expected_calls(row: dict) -> Optional[list[tuple[str, Any]]]:
 
 
 def _name_args(call: dict) -> tuple[str, Any]:
-    arguments = call["function"].get("arguments")
-    if isinstance(arguments, str):
-        arguments = json.loads(arguments) if arguments.strip() else {}
-    return call["function"]["name"], arguments
+    return call["function"]["name"], call_arguments(call["function"].get("arguments"))
 
 
 def checkable(row: dict) -> bool:
