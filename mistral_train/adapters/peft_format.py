@@ -23,7 +23,6 @@ from mistral_train.adapters.lora import ALL_LINEAR, PEFT_INIT, LoraConfig, LoRAL
 from mistral_train.checkpoint.atomic import atomic_directory
 from mistral_train.jsonfile import read_json_object
 from mistral_train.errors import FolderError
-from mistral_train.model.vision_language import of as vision_parts, our_module_name, peft_module_name
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -39,9 +38,27 @@ _UNSUPPORTED = (
 )
 
 
+def _vision_language(model: nn.Module) -> Any:
+    """The parts a text model loaded from a Mistral3ForConditionalGeneration folder carries (model/hf.py sets
+    them; model/vision_language.py), else None. By attribute: adapters/ imports no model code."""
+    return getattr(model, "vision_language", None)
+
+
+def peft_module_name(model: nn.Module, name: str) -> str:
+    """peft's name for our module `name` on the transformers twin of `model` (the one place where a
+    vision-language model's language prefix enters: model.layers.0 -> model.language_model.layers.0)."""
+    parts = _vision_language(model)
+    return name if parts is None else parts.peft_module_name(name)
+
+
+def our_module_name(model: nn.Module, name: str) -> str:
+    """Inverse of peft_module_name."""
+    parts = _vision_language(model)
+    return name if parts is None else parts.our_module_name(name)
+
+
 def _disk(model: nn.Module, name: str) -> str:
-    """The PEFT key prefix of our module `name`: peft's module name on the transformers model (the one place
-    where a vision-language model's language prefix enters, model/vision_language.py)."""
+    """The PEFT key prefix of our module `name`."""
     return f"{PREFIX}{peft_module_name(model, name)}"
 
 
@@ -104,7 +121,7 @@ def peft_config_dict(model: nn.Module, base_model_name_or_path: Optional[str] = 
     targets: Any = cfg.target_modules
     # peft also stores the expanded module names for all-linear; on a vision-language model always, as a short
     # name (q_proj) would also match the vision tower's linears on the transformers model
-    if targets == ALL_LINEAR or vision_parts(model) is not None:
+    if targets == ALL_LINEAR or _vision_language(model) is not None:
         targets = sorted(peft_module_name(model, name) for name, m in model.named_modules() if isinstance(m, LoRALinear))
     saved = [peft_module_name(model, name) for name in cfg.modules_to_save]
     alpha = int(cfg.alpha) if float(cfg.alpha).is_integer() else cfg.alpha
@@ -205,7 +222,7 @@ def load_adapter(model: nn.Module, folder: Union[str, Path]) -> nn.Module:
     """
     folder = Path(folder)
     cfg = read_adapter_config(folder)
-    if vision_parts(model) is not None:  # peft's module names on the transformers vision-language model -> ours
+    if _vision_language(model) is not None:  # peft's module names on the transformers vision-language model -> ours
         if isinstance(cfg.target_modules, list):
             cfg.target_modules = [our_module_name(model, name) for name in cfg.target_modules]
         elif cfg.target_modules != ALL_LINEAR:  # a regex over peft's names: the modules it picks, by our names

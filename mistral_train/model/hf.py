@@ -21,6 +21,7 @@ from mistral_train.checkpoint.atomic import atomic_directory
 from mistral_train.model.blocks import score_layer
 from mistral_train.model.config import MistralConfig
 from mistral_train.model import native
+from mistral_train.model import vision_language
 from mistral_train.quant.loading import QUANTIZE_MODES, NF4Loading, prequantized_config
 from mistral_train.errors import FolderError, TensorNameError
 
@@ -74,7 +75,8 @@ def load_pretrained(
     folder = Path(path)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: not a folder (expected an HF checkpoint folder with config.json)")
-    config = folder_config(folder)
+    vision = vision_language.read_folder(folder, weight_files, task)  # model_type mistral3: its language model
+    config = vision.text_config if vision is not None else folder_config(folder)
     with torch.device("meta"):
         model = model_class(config, task=task)
     nf4 = _nf4_loading(model, quantize, dtype, folder)
@@ -84,6 +86,8 @@ def load_pretrained(
     for file in (native.weight_files(folder) if is_native else weight_files(folder)):
         try:
             with (native.NativeWeights(file, config) if is_native else safe_open(str(file), framework="pt")) as f:
+                if vision is not None:  # language tensors under our names; the vision tower is carried
+                    f = vision_language.LanguageView(f)
                 for key in f.keys():
                     if _IGNORED_KEY.match(key) or (task != "causal_lm" and key == "lm_head.weight"):
                         continue
@@ -116,6 +120,8 @@ def load_pretrained(
     missing = sorted(set(expected) - loaded)
     if missing:
         raise TensorNameError(f"{folder}: checkpoint lacks {len(missing)} tensor(s), e.g. {missing[:5]}")
+    if vision is not None:
+        model.vision_language = vision  # save_pretrained writes a Mistral3ForConditionalGeneration folder again
     return model
 
 
@@ -123,6 +129,9 @@ def folder_config(folder: Path) -> MistralConfig:
     """The architecture of a model folder: config.json, or params.json in Mistral's native format (model/native.py)."""
     if native.is_native_folder(folder):
         return native.read_params(folder)
+    vision = vision_language.read_folder(folder, weight_files, "causal_lm")  # mistral3: its `text_config`
+    if vision is not None:
+        return vision.text_config
     return MistralConfig.from_json_file(folder / "config.json")
 
 
@@ -166,10 +175,13 @@ def save_pretrained(model: nn.Module, path: Union[str, Path], max_shard_size: Un
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     if model.task == "causal_lm" and model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
+    vision = vision_language.of(model)
+    if vision is not None:  # language keys under transformers' prefix, then the carried tensors (read when written)
+        state = vision.saved_entries(state)
     shards: list[dict[str, torch.Tensor]] = [{}]
     shard_bytes = 0
     for key, tensor in state.items():
-        size = tensor.numel() * tensor.element_size()
+        size = vision_language.entry_bytes(tensor)
         if shards[-1] and shard_bytes + size > limit:
             shards.append({})
             shard_bytes = 0
@@ -177,15 +189,18 @@ def save_pretrained(model: nn.Module, path: Union[str, Path], max_shard_size: Un
         shard_bytes += size
     dtype = str(next(iter(state.values())).dtype).removeprefix("torch.")
     with atomic_directory(path) as tmp:
-        model.config.save(tmp, architecture=_ARCHITECTURES[model.task], dtype=dtype)
+        if vision is not None:
+            vision.save_config(tmp, model.config, dtype)
+        else:
+            model.config.save(tmp, architecture=_ARCHITECTURES[model.task], dtype=dtype)
         if len(shards) == 1:
-            save_file(shards[0], str(tmp / SINGLE_FILE), metadata={"format": "pt"})
+            save_file(vision_language.loaded(shards[0]), str(tmp / SINGLE_FILE), metadata={"format": "pt"})
             return
         weight_map = {}
         for i, shard in enumerate(shards, start=1):
             name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, str(tmp / name), metadata={"format": "pt"})
+            save_file(vision_language.loaded(shard), str(tmp / name), metadata={"format": "pt"})
             weight_map.update({key: name for key in shard})
-        total = sum(t.numel() * t.element_size() for t in state.values())
+        total = sum(vision_language.entry_bytes(t) for t in state.values())
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")

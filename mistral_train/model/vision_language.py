@@ -128,6 +128,17 @@ class VisionLanguage:
     def save_config(self, folder: Path, text_config: MistralConfig, dtype: Optional[str]) -> None:
         (Path(folder) / "config.json").write_text(json.dumps(self.config_dict(text_config, dtype), indent=2) + "\n")
 
+    # adapters/ (below model/) reaches these through the model's `vision_language` attribute, by duck typing.
+    def peft_module_name(self, name: str) -> str:
+        """The module name peft uses for our module `name` on the transformers Mistral3ForConditionalGeneration."""
+        return transformers_module_name(name)
+
+    def our_module_name(self, name: str) -> str:
+        """Inverse of peft_module_name (either transformers layout); a name outside the language model is
+        returned unchanged, so that the adapter loader reports it as a module the model lacks."""
+        ours = language_name(name)
+        return name if ours is None else ours
+
 
 class LanguageView:
     """An open safetensors file seen as the text model's: its language tensors under our names."""
@@ -192,20 +203,6 @@ def read_folder(folder: Path, weight_files: Callable[[Path], list[Path]], task: 
 def of(model: nn.Module) -> Optional[VisionLanguage]:
     """The vision-language parts a model loaded from a mistral3 folder carries (model/hf.py sets them), else None."""
     return getattr(model, "vision_language", None)
-
-
-def peft_module_name(model: nn.Module, name: str) -> str:
-    """The module name peft uses for our module `name` on the transformers twin of `model`."""
-    return transformers_module_name(name) if of(model) is not None else name
-
-
-def our_module_name(model: nn.Module, name: str) -> str:
-    """Inverse of peft_module_name (either transformers layout); names outside the language model unchanged,
-    so that the adapter loader reports them as modules the model lacks."""
-    if of(model) is None:
-        return name
-    ours = language_name(name)
-    return name if ours is None else ours
 
 
 def _fingerprint(file: Path) -> tuple[int, int]:
