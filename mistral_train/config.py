@@ -39,6 +39,9 @@ class ModelSpec:
     # the published model's vocabulary (131072 for Tekken models), for `plan` of a recipe without model.path;
     # null: the tokenizer's. A run never reads it: a folder's config.json, or a fresh model's tokenizer, decides.
     vocab_size: Optional[int] = None
+    # likewise for a vision-language model (Mistral3ForConditionalGeneration): its vision tower's shape, which
+    # plan counts as carried (mistral_train/plan_vision.py: TOWER_KEYS, PROJECTOR_KEYS); a run carries the folder's
+    vision: Optional[dict[str, Any]] = None
     hidden_size: int = 256
     intermediate_size: int = 768
     num_hidden_layers: int = 4

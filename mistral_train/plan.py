@@ -31,6 +31,8 @@ from typing import Optional, Sequence
 
 from mistral_train.config import AdapterSpec, ModelSpec, RunConfig, TrainerSpec
 from mistral_train.errors import ConfigError
+from mistral_train import plan_vision
+from mistral_train.jsonfile import read_json_object
 from mistral_train.model.config import MistralConfig
 from mistral_train.tokenizer.tokenizer import load_tokenizer, resolve_tokenizer_path
 
@@ -232,10 +234,17 @@ def split_plan_options(overrides: Sequence[str]) -> tuple[PlanOptions, list[str]
 
 
 def model_shape(spec: ModelSpec) -> MistralConfig:
-    """The architecture: model.path's config.json (no weights read), else the spec's fields + the tokenizer's vocab."""
+    """The architecture: model.path's config.json (no weights read; a mistral3 file's `text_config`), else the
+    spec's fields + the tokenizer's vocab."""
     try:
         if spec.path:
-            return MistralConfig.from_json_file(Path(spec.path) / "config.json")
+            path = Path(spec.path) / "config.json"
+            d = read_json_object(path) if path.is_file() else {}
+            if d.get("model_type") == "mistral3":  # a vision-language folder: its language model is what trains
+                if not isinstance(d.get("text_config"), dict):
+                    raise ValueError(f"{path}: a mistral3 config needs a `text_config` object")
+                return MistralConfig.from_hf_dict(d["text_config"], source=f"{path} `text_config`")
+            return MistralConfig.from_json_file(path)
         # a preset's published vocabulary (its tokenizer lives in a folder not given); the bundled vocabularies
         # are known; another tokenizer file is cheap to read
         vocab = (spec.vocab_size or BUNDLED_VOCAB.get(spec.tokenizer)
@@ -243,6 +252,15 @@ def model_shape(spec: ModelSpec) -> MistralConfig:
         return MistralConfig.from_spec(spec, vocab_size=vocab)
     except (ValueError, OSError) as err:  # the messages name the file or the field
         raise ConfigError(f"model.path={spec.path}: {err}" if spec.path else f"model: {err}") from err
+
+
+def carried(spec: ModelSpec, shape: MistralConfig) -> int:
+    """Parameters a run carries untouched beside the language model (a mistral3 folder's vision tower and
+    projector, plan_vision.py): counted, never on the device."""
+    if spec.path:
+        path = Path(spec.path) / "config.json"
+        return plan_vision.of_config_json(read_json_object(path), str(path))
+    return plan_vision.of_spec(spec.vision, shape.hidden_size)
 
 
 def loop_optimizer(trainer: TrainerSpec, w: Weights) -> str:
@@ -265,6 +283,7 @@ class Plan:
     weights: Weights  # as our loop holds them (ddp)
     options: PlanOptions
     rows: list[Row] = field(default_factory=list)
+    carried: int = 0  # parameters carried untouched, no device memory (a vision tower and projector)
 
 
 def plan_run(cfg: RunConfig, options: Optional[PlanOptions] = None) -> Plan:
@@ -284,7 +303,7 @@ def plan_run(cfg: RunConfig, options: Optional[PlanOptions] = None) -> Plan:
     strategies = [opts.strategy] if opts.strategy else [  # DeepSpeed rows only with an optimizer DeepSpeed runs
         s for s in STRATEGIES if not (n == 1 and s in SHARDING_ONLY) and not (s in DEEPSPEED and opts.optimizer
                                                                               in NOT_DEEPSPEED)]
-    plan = Plan(cfg, shape, run_weights(shape, cfg.adapter, b), opts)
+    plan = Plan(cfg, shape, run_weights(shape, cfg.adapter, b), opts, carried=carried(cfg.model, shape))
     for s in strategies:
         ds16 = s in DEEPSPEED and (b == 2 or autocast)  # DeepSpeed's bf16 casts every float weight, adapters too
         wb = 2 if ds16 else b
@@ -316,6 +335,8 @@ def format_plan(plan: Plan) -> str:
     return "\n".join([
         f"model: {w.total:,} parameters ({w.total / 1e9:.2f} B), {w.trainable:,} trained (adapter={run.adapter.kind})"
         f"; weights {run.model.dtype}, precision {run.trainer.precision}",
+        *([f"carried untouched: {plan.carried:,} parameters ({plan.carried / 1e9:.2f} B: vision tower and projector, "
+           "copied from the folder when saving, never on the device)"] if plan.carried else []),
         f"shape: hidden {m.hidden_size}, {m.num_hidden_layers} layers, {m.num_attention_heads} heads / "
         f"{m.num_key_value_heads} KV heads x {m.head_dim}, intermediate {m.intermediate_size}, vocab {m.vocab_size}, "
         f"tied lm_head: {m.tie_word_embeddings}",

@@ -25,10 +25,20 @@ SMALL_24B = dict(vocab_size=131072, hidden_size=5120, intermediate_size=32768, n
                  num_attention_heads=32, num_key_value_heads=8, head_dim=128, sliding_window=None,
                  rope_theta=100000000.0, max_position_embeddings=32768, tie_word_embeddings=False)
 
-# preset -> (published config, transformers class, published round figure in billions and where it is published)
+# Mistral-Small-3.2-24B-Instruct-2506 (Mistral3ForConditionalGeneration): text_config, vision_config (Pixtral) and the
+# projector's top-level keys
+SMALL_3_2 = dict(SMALL_24B, rope_theta=1000000000.0, max_position_embeddings=131072)
+PIXTRAL = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16, head_dim=64,
+               patch_size=14, num_channels=3, image_size=1540, rope_theta=10000.0)
+PROJECTOR = dict(spatial_merge_size=2, multimodal_projector_bias=False, projector_hidden_act="gelu",
+                 image_token_index=10, vision_feature_layer=-1)
+
+# preset -> (published config, its vision tower and projector or None, transformers class, published round figure
+# in billions: the Hub's model size)
 ROWS = {
-    "mistral_nemo_12b": (NEMO, "MistralForCausalLM", 12.2),  # the Hub's model size of Mistral-Nemo-Base-2407
-    "mistral_small_24b": (SMALL_24B, "MistralForCausalLM", 23.6),  # the Hub's size of Mistral-Small-24B-Base-2501
+    "mistral_nemo_12b": (NEMO, None, "MistralForCausalLM", 12.2),  # Mistral-Nemo-Base-2407
+    "mistral_small_24b": (SMALL_24B, None, "MistralForCausalLM", 23.6),  # Mistral-Small-24B-Base-2501
+    "mistral_small_3_2_24b": (SMALL_3_2, (PIXTRAL, PROJECTOR), "Mistral3ForConditionalGeneration", 24.0),
 }
 
 
@@ -41,32 +51,72 @@ def decoder_parameters(c: dict) -> int:
     return c["num_hidden_layers"] * layer + c["vocab_size"] * h * (1 if c["tie_word_embeddings"] else 2) + h
 
 
-def transformers_parameters(class_name: str, config: dict) -> int:
+def vision_parameters(tower: dict, projector: dict, text_hidden: int) -> int:
+    """Hand count of a Pixtral tower (patch conv without bias, ln_pre, per layer two norms, q k v o, gate up down)
+    and Mistral3's projector (norm, 2x2 patch merger, two linears to the text width, no biases)."""
+    h, i, p = tower["hidden_size"], tower["intermediate_size"], tower["patch_size"]
+    assert projector["spatial_merge_size"] == 2 and not projector["multimodal_projector_bias"]
+    tower_count = 3 * p * p * h + h + tower["num_hidden_layers"] * (2 * h + 4 * h * h + 3 * h * i)
+    return tower_count + h + 4 * h * h + h * text_hidden + text_hidden * text_hidden
+
+
+def transformers_parameters(class_name: str, config: dict, vision) -> int:
     """The parameters transformers' class has for `config`, built on the meta device (no memory is allocated)."""
+    if vision is None:
+        hf_config = transformers.AutoConfig.for_model("mistral", **config)
+    else:  # the published checkpoints store lm_head: untied at the top level too
+        hf_config = transformers.Mistral3Config(text_config=transformers.MistralConfig(**config),
+                                                vision_config=transformers.PixtralVisionConfig(**vision[0]),
+                                                tie_word_embeddings=False, **vision[1])
     with torch.device("meta"):
-        model = getattr(transformers, class_name)(transformers.AutoConfig.for_model("mistral", **config))
+        model = getattr(transformers, class_name)(hf_config)
     return sum(p.numel() for p in model.parameters())
 
 
-def planned_parameters(preset: str, capsys) -> int:
-    """The count `mistral-train plan recipe=mistral7b_qlora_sft model=PRESET` prints (no model.path: the preset's
-    shape, its published vocabulary)."""
+def planned_parameters(preset: str, capsys) -> tuple[int, int]:
+    """(trained model, carried untouched) counts `mistral-train plan recipe=mistral7b_qlora_sft model=PRESET` prints
+    (no model.path: the preset's shape, its published vocabulary)."""
     assert main(["plan", "recipe=mistral7b_qlora_sft", f"model={preset}", "device_gib=24"]) == 0
     out = capsys.readouterr().out
-    return int(re.search(r"model: ([\d,]+) parameters", out).group(1).replace(",", ""))
+    carried = re.search(r"carried untouched: ([\d,]+) parameters", out)
+    return (int(re.search(r"model: ([\d,]+) parameters", out).group(1).replace(",", "")),
+            int(carried.group(1).replace(",", "")) if carried else 0)
 
 
 @pytest.mark.parametrize("preset", list(ROWS))
 def test_preset_reproduces_the_published_config(preset):
-    public, _, _ = ROWS[preset]
+    public, vision, _, _ = ROWS[preset]
     values = yaml.safe_load((PRESETS / f"{preset}.yaml").read_text())
     assert {k: values[k] for k in public} == public
+    if vision is not None:  # the numbers plan needs, as published
+        tower, projector = vision
+        assert values["vision"] == {**{k: tower[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
+                                                             "patch_size", "num_channels")},
+                                    **{k: projector[k] for k in ("spatial_merge_size", "multimodal_projector_bias")}}
 
 
 @pytest.mark.parametrize("preset", list(ROWS))
 def test_plan_counts_the_published_models_parameters(preset, capsys):
-    public, class_name, billions = ROWS[preset]
-    by_hand = decoder_parameters(public)
-    assert planned_parameters(preset, capsys) == by_hand
-    assert transformers_parameters(class_name, public) == by_hand
-    assert by_hand / 1e9 == pytest.approx(billions, rel=0.01)
+    public, vision, class_name, billions = ROWS[preset]
+    text = decoder_parameters(public)
+    tower = 0 if vision is None else vision_parameters(*vision, public["hidden_size"])
+    assert planned_parameters(preset, capsys) == (text, tower)
+    assert transformers_parameters(class_name, public, vision) == text + tower
+    assert (text + tower) / 1e9 == pytest.approx(billions, rel=0.01)
+
+
+def test_the_carried_vision_tower_takes_no_device_memory(capsys):
+    """Small 3.2 plans as Small-24B does: the tower is counted, the rows are the language model's."""
+    rows = {}
+    for preset in ("mistral_small_24b", "mistral_small_3_2_24b"):
+        assert main(["plan", "recipe=mistral7b_qlora_sft", f"model={preset}", "device_gib=24"]) == 0
+        rows[preset] = [line for line in capsys.readouterr().out.splitlines() if line.startswith("single")]
+    assert rows["mistral_small_24b"] == rows["mistral_small_3_2_24b"] and len(rows["mistral_small_24b"]) == 1
+
+
+@pytest.mark.parametrize("override, message", [("+model.vision.patch_sise=14", "unknown key(s) ['patch_sise']"),
+                                               ("~model.vision.patch_size", "missing patch_size")])
+def test_a_wrong_vision_key_is_one_line_naming_it(override, message, capsys):
+    assert main(["plan", "recipe=mistral7b_qlora_sft", "model=mistral_small_3_2_24b", override]) == 2
+    err = capsys.readouterr().err
+    assert "model.vision" in err and message in err and err.count("\n") == 1
