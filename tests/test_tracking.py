@@ -9,7 +9,7 @@ import torch
 
 from mistral_train.config import TrackingSpec, load_run_config
 from mistral_train.tracking.trackers import tracker_names
-from mistral_train.tracking.metrics import MetricsLogger, read_metrics
+from mistral_train.tracking.metrics import Meter, MetricsLogger, read_metrics
 
 SAMPLES = [{"prompt": "<s>[INST] Which colour is the ball? [/INST]", "answer": "brown", "prediction": "Brown.",
             "correct": True},
@@ -50,6 +50,19 @@ def test_resume_drops_rows_after_the_checkpoint(tmp_path):
     with MetricsLogger(tmp_path, resume_step=10) as logger:
         logger.log(15, {"loss": 0.0})
     assert [(r["step"], r["loss"]) for r in read_metrics(tmp_path)] == [(1, 1.0), (5, 5.0), (10, 10.0), (15, 0.0)]
+
+
+def test_meter_rows_average_since_the_last_row_and_keep_the_first_and_last_loss():
+    padded = {"input_ids": torch.zeros(2, 4), "attention_mask": torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])}
+    packed = {"input_ids": torch.zeros(1, 8), "pad_mask": torch.tensor([[False] * 6 + [True] * 2])}
+    meter = Meter()
+    assert meter.add([padded, packed], seconds=2.0, loss=3.0) == 16 / 2.0  # tokens drawn / seconds
+    meter.add([{"input_ids": torch.zeros(1, 4)}], seconds=2.0, loss=2.0)  # no padding key: no share
+    # (8 + 8 + 4) tokens over 4 s; padding shares 3/8 and 2/8, averaged per batch
+    assert meter.row(epoch=0.5) == {"tokens_per_s": 5.0, "epoch": 0.5, "padding_share": (3 / 8 + 2 / 8) / 2}
+    meter.add([packed], seconds=1.0, loss=1.0)
+    assert meter.row(epoch=1.0) == {"tokens_per_s": 8.0, "epoch": 1.0, "padding_share": 2 / 8}  # restarted
+    assert (meter.first_loss, meter.last_loss) == (3.0, 1.0)
 
 
 def test_disabled_logger_writes_nothing(tmp_path):

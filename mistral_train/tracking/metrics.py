@@ -1,16 +1,19 @@
-"""Where metrics go: `metrics.jsonl` always, the trackers the run names (see trackers.py), a tqdm bar."""
+"""Where metrics go: `metrics.jsonl` always, the trackers the run names (see trackers.py), a tqdm bar; what a
+step measures (`Meter`: throughput, padding share, first and last loss)."""
 
 from __future__ import annotations
 
 import json
 import math
 import os
+import time
 from pathlib import Path
 from typing import Any, Optional
 
 from tqdm.auto import tqdm
 
 from mistral_train.config import TrackingSpec
+from mistral_train.data.collate import padding_share
 from mistral_train.tracking.trackers import SAMPLE_COLUMNS, require_tracker, start_tracker, tracker_names
 
 METRICS_FILE = "metrics.jsonl"
@@ -132,6 +135,32 @@ class MetricsLogger:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+class Meter:
+    """Throughput over training steps only (evaluation and checkpoint writes excluded) and the padding
+    share, both averaged over the steps since the last log row; the first and last loss of the run."""
+
+    def __init__(self) -> None:
+        self.began, self.first_loss, self.last_loss = time.perf_counter(), None, math.nan
+        self.tokens, self.seconds, self.shares = 0, 0.0, []
+
+    def add(self, drawn: list[dict[str, Any]], seconds: float, loss: float) -> float:
+        """Count one step (every batch drawn, over all processes); return its tokens per second."""
+        n_inputs = sum(batch["input_ids"].numel() for batch in drawn)
+        self.tokens, self.seconds = self.tokens + n_inputs, self.seconds + seconds
+        self.shares += [padding_share(b) for b in drawn if "attention_mask" in b or "pad_mask" in b]
+        self.first_loss = loss if self.first_loss is None else self.first_loss
+        self.last_loss = loss
+        return n_inputs / seconds
+
+    def row(self, epoch: float) -> dict[str, float]:
+        """tokens_per_s, epoch and padding_share (when batches carry padding) since the last row; restart."""
+        row = {"tokens_per_s": self.tokens / self.seconds, "epoch": epoch}  # epoch: items served / items per epoch
+        if self.shares:
+            row["padding_share"] = sum(self.shares) / len(self.shares)
+        self.tokens, self.seconds, self.shares = 0, 0.0, []
+        return row
 
 
 def progress_bar(total: int, initial: int = 0, enabled: bool = True) -> tqdm:

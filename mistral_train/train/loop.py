@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 import random
 import time
 from dataclasses import dataclass
@@ -29,7 +28,6 @@ import torch
 
 from mistral_train.checkpoint.state import restore_rng_state
 from mistral_train.config import RunConfig, dump_run_config
-from mistral_train.data.collate import padding_share
 from mistral_train.data.epochs import EpochBatches, TrainData
 from mistral_train.data.spec import pad_id_of
 from mistral_train.dist.accelerator import (
@@ -41,7 +39,7 @@ from mistral_train.model import Mistral
 from mistral_train.train.preflight import preflight
 from mistral_train.tokenizer.files import tokenizer_json, write_tokenizer_files
 from mistral_train.tokenizer.tokenizer import load_tokenizer, resolve_tokenizer_path
-from mistral_train.tracking.metrics import MetricsLogger, progress_bar
+from mistral_train.tracking.metrics import Meter, MetricsLogger, progress_bar
 from mistral_train.tracking.plots import plot_run
 from mistral_train.train.evaluate import checkable, evaluate_loss, exact_match
 from mistral_train.train.export import export_final, merge_adapter_folder, write_sample
@@ -173,32 +171,6 @@ class Run:
         if samples:
             self.logger.log_samples(step, samples)
         return {**metrics, **results}
-
-
-class Meter:
-    """Throughput over training steps only (evaluation and checkpoint writes excluded) and the padding
-    share, both averaged over the steps since the last log row; the first and last loss of the run."""
-
-    def __init__(self) -> None:
-        self.began, self.first_loss, self.last_loss = time.perf_counter(), None, math.nan
-        self.tokens, self.seconds, self.shares = 0, 0.0, []
-
-    def add(self, drawn: list[Batch], seconds: float, loss: float) -> float:
-        """Count one step (every batch drawn, over all processes); return its tokens per second."""
-        n_inputs = sum(batch["input_ids"].numel() for batch in drawn)
-        self.tokens, self.seconds = self.tokens + n_inputs, self.seconds + seconds
-        self.shares += [padding_share(b) for b in drawn if "attention_mask" in b or "pad_mask" in b]
-        self.first_loss = loss if self.first_loss is None else self.first_loss
-        self.last_loss = loss
-        return n_inputs / seconds
-
-    def row(self, epoch: float) -> dict[str, float]:
-        """tokens_per_s, epoch and padding_share (when batches carry padding) since the last row; restart."""
-        row = {"tokens_per_s": self.tokens / self.seconds, "epoch": epoch}  # epoch: items served / items per epoch
-        if self.shares:
-            row["padding_share"] = sum(self.shares) / len(self.shares)
-        self.tokens, self.seconds, self.shares = 0, 0.0, []
-        return row
 
 
 def _train(cfg: RunConfig, accelerator) -> Path:
