@@ -53,11 +53,25 @@ def _ministral() -> transformers.PreTrainedModel:
     return transformers.MinistralForCausalLM(config)
 
 
+def _mistral3() -> transformers.PreTrainedModel:
+    """Mistral3ForConditionalGeneration (Mistral-Small 3.1/3.2's class): the Nemo-like mistral text model beside a
+    one-layer Pixtral tower and the projector, which a run carries untouched; the head untied, as published."""
+    vision = transformers.PixtralVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                              num_attention_heads=2, head_dim=32, patch_size=4, image_size=16)
+    config = transformers.Mistral3Config(text_config=transformers.MistralConfig(**TEXT), vision_config=vision,
+                                         tie_word_embeddings=False)
+    return transformers.Mistral3ForConditionalGeneration(config)
+
+
 # case -> the transformers model it saves (seeded before the call)
 CASES: dict[str, Callable[[], transformers.PreTrainedModel]] = {
     "mistral_nemo_head_dim": _mistral,
     "ministral_layer_types": _ministral,
+    "mistral3_vision_language": _mistral3,
 }
+# the language model's TARGETS in either layout (transformers 5 names Mistral3's `model.language_model.layers`):
+# a regex, so a peft adapter leaves the vision tower's own q_proj, v_proj and down_proj alone
+LANGUAGE_TARGETS = r"model\.(language_model\.)?layers\.\d+\.(self_attn\.(q_proj|v_proj)|mlp\.down_proj)"
 
 
 @pytest.fixture(scope="module", params=list(CASES))
@@ -71,7 +85,8 @@ def family(request, tmp_path_factory) -> tuple[str, Path]:
 
 def _transformers(folder: Path) -> transformers.PreTrainedModel:
     """The folder as transformers loads it (the class its config.json names)."""
-    return transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    architecture = json.loads((folder / "config.json").read_text())["architectures"][0]
+    return getattr(transformers, architecture).from_pretrained(folder).eval()
 
 
 def _lines(source: Path, dest: Path, n: int) -> str:
@@ -160,7 +175,7 @@ def test_a_peft_adapter_loads_in_ours_with_equal_logits(family, tmp_path):
     _, folder = family
     torch.manual_seed(1)  # init_lora_weights=False: random A and B, so the adapter changes the logits
     theirs = peft.get_peft_model(_transformers(folder), peft.LoraConfig(
-        r=4, lora_alpha=8, target_modules=list(TARGETS), init_lora_weights=False, task_type="CAUSAL_LM")).eval()
+        r=4, lora_alpha=8, target_modules=LANGUAGE_TARGETS, init_lora_weights=False, task_type="CAUSAL_LM")).eval()
     theirs.save_pretrained(tmp_path / "peft")
     ours = load_adapter(Mistral.from_pretrained(folder), tmp_path / "peft").eval()
     ids = _ids()
@@ -204,5 +219,7 @@ def test_plan_counts_the_folders_parameters(family):
     _, folder = family
     cfg = RunConfig(model=ModelSpec(path=str(folder), dtype="bfloat16"), adapter=AdapterSpec(kind="qlora"))
     plan = plan_run(cfg)
-    assert plan.weights.total == sum(p.numel() for p in _transformers(folder).parameters())
+    # a vision tower and projector are counted as carried untouched (no device memory); the rest is the model
+    assert plan.weights.total + plan.carried == sum(p.numel() for p in _transformers(folder).parameters())
+    assert (plan.carried > 0) == (json.loads((folder / "config.json").read_text())["model_type"] == "mistral3")
     assert plan.model.vocab_size == bundled("v1").vocab_size and plan.rows[0].fits
