@@ -16,6 +16,7 @@ from mistral_train.errors import ConfigError
 from mistral_train.folders import adapter_base, is_adapter_folder, model_task
 from mistral_train.model import Mistral
 from mistral_train.model.native import save_native
+from mistral_train.quant import dequantize_model
 from mistral_train.tokenizer.tokenizer import load_tokenizer, resolve_tokenizer_path
 from mistral_train.tokenizer.files import folder_chat_format, write_tokenizer_files
 from mistral_train.train.model_setup import one_label_head, torch_dtype
@@ -73,7 +74,9 @@ def merged_model(adapter_folder: Path, base: Optional[str] = None, dtype: Option
         adapted = model(ids)
         merge_and_unload(model)
         difference = float((model(ids) - adapted).abs().max())
-    model.config.extra.pop("quantization_config", None)  # a plain full-precision model now
+    # QLoRA: the linears the adapter did not target are still NF4; dequantized (fp32, as loaded) they save as a
+    # plain full-precision folder (this also drops `quantization_config`)
+    dequantize_model(model)
     model.to(torch_dtype(dtype or note.get("dtype") or "float32"))
     return model, base, difference
 

@@ -249,3 +249,22 @@ def test_qlora_adapter_loads_in_peft_on_transformers_bitsandbytes(tmp_path):
             m.support_avx512bf16_for_cpu = False  # fp32 math, not the bf16 gemv (STACK-NOTES, trap 1)
     theirs = peft.PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
     assert _max_diff(_logits(ours.eval(), _ids()), _logits(theirs, _ids())) <= TOL
+
+
+def test_merged_qlora_adapter_on_some_linears_is_a_plain_mistral3_folder(tmp_path):
+    """A QLoRA adapter on q_proj only: `merge` dequantizes the untargeted NF4 linears too, so transformers
+    reads a full-precision folder (no packed weights left behind) with the adapter model's logits."""
+    from mistral_train.folders import BASE_NOTE
+    from mistral_train.train.export import merge_adapter_folder
+
+    source = _save_source(tmp_path / "source", "legacy")
+    ours = Mistral.from_pretrained(source, dtype=torch.float32, quantize="nf4")
+    apply_lora(ours, LoraConfig(r=4, alpha=8, target_modules=["q_proj"]))
+    _train_one_step(ours, _ids(seed=5))
+    save_adapter(ours, tmp_path / "adapter")
+    (tmp_path / "adapter" / BASE_NOTE).write_text(json.dumps({"base": str(source), "quantize": "nf4"}))
+    merge_adapter_folder(tmp_path / "adapter", tmp_path / "merged")
+    saved = _raw_tensors(tmp_path / "merged")
+    assert not [k for k in saved if "quant" in k or "absmax" in k], "NF4 state left in the merged folder"
+    assert _carried(saved) == _carried(_raw_tensors(source))
+    assert _max_diff(_logits(ours.eval(), _ids()), _logits(_hf_load(tmp_path / "merged"), _ids())) <= TOL
