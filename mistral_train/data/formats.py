@@ -26,11 +26,9 @@ Formats and the fields they read (our names; `field_map` renames them, e.g.
                        answer is dropped): the explicit opt-in to fine-tune (SFT) on a pairs file; never
                        chosen by `auto`, which reads such a row as `preference`
 
-Tool use (data/tool_rows.py): `messages` (and prompt_completion's lists) take OpenAI's assistant
-`tool_calls` and `tool` messages, sharegpt LLaMA-Factory's `function_call` / `observation` turns; both take
-a row-level `tools` list of definitions (or a JSON string of one). The canonical conversation then holds
-assistant messages with `tool_calls`, each followed by one `tool` result per call (ids linked), and the
-example gains `"tools"`. An assistant message may also carry `weight` 0 (not trained) or 1.
+Tool use: `messages` (and prompt_completion's lists) and `sharegpt` rows carry tool calls, their results and
+a row-level `tools` list, mapped to canonical form by data/tool_rows.py (the example gains `"tools"`). An
+assistant message may also carry `weight` 0 (not trained) or 1.
 
 Data kinds: every format yields one kind of example, "text", "chat" or "preference" (`format_kind`),
 and every objective trains on one kind (its entry in train/objectives.py, the one place that says so,
@@ -47,7 +45,7 @@ from typing import Any, Callable, Optional
 
 from mistral_train.data.tool_rows import (check_calls_defined, link_results, openai_calls, sharegpt_calls,
                                           tool_definitions)
-from mistral_train.tokenizer.tokenizer import ROLES
+from mistral_train.tokenizer.chat_messages import ROLES
 
 FORMATS = ("text", "alpaca", "messages", "sharegpt", "prompt_completion", "preference", "chosen_only")
 CHAT_FORMATS = ("alpaca", "messages", "sharegpt", "prompt_completion", "chosen_only")
@@ -95,10 +93,8 @@ def check_field_map(field_map: dict[str, str], origin: str = "data.field_map") -
 
 
 def detect_format(row: Any, field_map: Optional[dict[str, str]] = None, where: str = "row") -> str:
-    """The format of `row` from the fields it has (after `field_map`), for `data.format: auto`.
-
-    Precedence when several match: preference, messages, sharegpt, alpaca, prompt_completion, text.
-    """
+    """The format of `row` from the fields it has (after `field_map`), for `data.format: auto`; the first that
+    matches in the order below."""
     fm = field_map or {}
     if not isinstance(row, dict):
         raise ValueError(f"{where}: expected an object (a row of named fields), got {type(row).__name__}")
@@ -120,11 +116,7 @@ def detect_format(row: Any, field_map: Optional[dict[str, str]] = None, where: s
 def to_canonical(row: Any, fmt: str, field_map: dict[str, str], where: str) -> dict[str, Any]:
     """One row of format `fmt` -> `{"text": str}`, `{"messages": [...]}` (+ `"answer"` when present) or,
     for `preference`, `{"prompt": [...], "chosen": [...], "rejected": [...]}` (+ `"answer"`, and a
-    numeric `"margin"` for reward models, when present).
-
-    Raises:
-        ValueError: starting with `where`, naming the field and what was expected.
-    """
+    numeric `"margin"` for reward models, when present)."""
     if fmt not in FORMATS:
         raise ValueError(f"{where}: unknown data.format {fmt!r}; expected one of {', '.join(FORMATS)} or auto")
     if not isinstance(row, dict):

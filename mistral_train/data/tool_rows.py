@@ -20,19 +20,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-import string
 from typing import Any, Optional
 
-from mistral_train.tokenizer.chat_messages import call_arguments
+from mistral_train.tokenizer.chat_messages import CALL_ID_CHARS, call_arguments
 
-_ID_CHARS = string.ascii_letters + string.digits
 _CALL = '{"name": ..., "arguments": {...}}'
 
 
 def call_id(turn: int, k: int) -> str:
     """The id of call `k` of message `turn` when the data gives none: 9 letters/digits, fixed by the place."""
     n = int.from_bytes(hashlib.blake2b(f"{turn}:{k}".encode(), digest_size=8).digest(), "big")
-    return "".join(_ID_CHARS[(n // 62**j) % 62] for j in range(9))
+    return "".join(CALL_ID_CHARS[(n // 62**j) % 62] for j in range(9))
 
 
 def _arguments(raw: Any, what: str) -> dict:

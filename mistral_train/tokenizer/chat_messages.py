@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import re
+import string
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence, Union
 
@@ -25,6 +26,7 @@ ROLES = ("system", "user", "assistant", "tool")
 VERSIONS = ("v1", "v2", "v3", "v7", "v11", "v13", "v15")
 _NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 _CALL_ID = re.compile(r"^[a-zA-Z0-9]{9}$")  # v3 to v11
+CALL_ID_CHARS = string.ascii_letters + string.digits  # what a call id is made of
 Chunk = tuple  # ("text", str) | ("think", str, closed)
 
 

@@ -23,6 +23,7 @@ from typing import Optional
 import tiktoken
 
 from mistral_train.jsonfile import read_json_object
+from mistral_train.tokenizer.chat_messages import VERSIONS
 
 # The special tokens of Tekken files written before the list moved into the file (Nemo, Pixtral);
 # mistral-common 1.13 uses this same list for files without `special_tokens` (versions <= v7).
@@ -37,7 +38,6 @@ TEKKEN_PATTERN = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{
                   r"\s*[\r\n]+|\s+(?!\S)|\s+")
 _PARALLEL_MIN_CHARS = 1 << 20  # below this, one thread is faster than cutting and joining
 _CUT = re.compile(r"\n(?=[A-Za-z])")  # a regex piece always ends after a line break before a letter
-_VERSIONS = ("v1", "v2", "v3", "v7", "v11", "v13", "v15")
 
 
 class Tekken:
@@ -52,8 +52,8 @@ class Tekken:
         except (KeyError, TypeError, ValueError) as err:
             raise ValueError(f"{path}: not a tekken file ({err!r} missing or malformed); expected 'config' with "
                              "pattern, default_vocab_size, default_num_special_tokens, and 'vocab'") from err
-        if version not in _VERSIONS:
-            raise ValueError(f"{path}: config.version {version!r} unknown; expected one of {_VERSIONS}")
+        if version not in VERSIONS:
+            raise ValueError(f"{path}: config.version {version!r} unknown; expected one of {VERSIONS}")
         specials = [t["token_str"] for t in data["special_tokens"]] if data.get("special_tokens") else list(LEGACY_SPECIALS)
         if len(set(specials)) != len(specials) or len(specials) > n_special:
             raise ValueError(f"{path}: special_tokens must be unique and at most default_num_special_tokens={n_special}")

@@ -29,7 +29,6 @@ from mistral_train.tokenizer.tekken import TEKKEN_PATTERN, Tekken, is_tekken_jso
 from mistral_train.errors import FolderError
 
 KINDS = ("sentencepiece", "hf_json", "tekken")
-ROLES = ("system", "user", "assistant", "tool")
 # the Llama-3 split regex some Tekken models' tokenizer.json carry instead of Tekken's (transformers#42299)
 _LLAMA3_PATTERN = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 _FILE_VERSION = re.compile(r"\.(v\d+)(m\d+)?$")  # mistral-common's names: tokenizer.model.v3, *.model.v7m1

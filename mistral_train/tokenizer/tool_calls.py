@@ -15,13 +15,10 @@ from __future__ import annotations
 
 import json
 import secrets
-import string
 from typing import Any, Optional, Sequence
 
-from mistral_train.tokenizer.chat_messages import number
+from mistral_train.tokenizer.chat_messages import CALL_ID_CHARS, number
 from mistral_train.tokenizer.tokenizer import Tokenizer
-
-_ID_CHARS = string.ascii_letters + string.digits
 
 
 class ToolCallError(ValueError):
@@ -30,7 +27,7 @@ class ToolCallError(ValueError):
 
 def fresh_call_id() -> str:
     """A 9-character id, the form v3 to v11 require."""
-    return "".join(secrets.choice(_ID_CHARS) for _ in range(9))
+    return "".join(secrets.choice(CALL_ID_CHARS) for _ in range(9))
 
 
 def _split(ids: list[int], token: Optional[int]) -> list[list[int]]:
