@@ -1,9 +1,7 @@
 """Pre-flight audit of tokenized preference pairs: counts per source, checks, one marked pair.
 
 Every pair is checked as two sequences (prompt + chosen, prompt + rejected) with the SFT audit's own
-per-example checks (data/audit.py): exactly one BOS, at position 0; labels aligned with input_ids;
-at least one label; an EOS that closes the trained answer is itself a label, and present unless the
-answer was cut. On top, per pair:
+per-example checks (data/audit.py). On top, per pair:
 - each answer ends with EOS (unless cut) and holds a token besides it (no empty answer);
 - both sequences start their labels right after the same prompt tokens (the DPO boundary);
 - round trip (with `rows`): each answer's trained tokens decode to the row's answer text, and the
