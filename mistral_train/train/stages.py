@@ -10,9 +10,8 @@ A recipe with `stages` (RunConfig.stages, a mapping in run order) runs one fit()
 A stage marked `if_no_model: true` runs only when the command line (or recipe) gives no `model.path`:
 given one, the stage is left out and the next stage starts from that model (so `recipe=tiny_dpo
 model.path=runs/.../sft/final` skips the pretraining and SFT that would otherwise produce it).
-Command-line overrides win over the sections: `load_run_config` writes them into the sections of the
-stages they are meant for (train/stage_overrides.py: `data.*` to the stages that read that kind of
-data, other keys to every stage); `stages.NAME.KEY=VALUE` changes one stage and wins over both.
+Command-line overrides win over the sections, each written into the sections of the stages it is meant
+for (train/stage_overrides.py says which); `stages.NAME.KEY=VALUE` changes one stage and wins over both.
 Before anything is written, `run_stages` reads the first row of every stage's data and refuses data
 of a kind the stage's objective does not train on; each stage then prints where its data and its
 starting model come from. A run whose first stage fails before writing its folder leaves no run folder.
