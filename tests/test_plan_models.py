@@ -30,6 +30,10 @@ SMALL_24B = dict(vocab_size=131072, hidden_size=5120, intermediate_size=32768, n
 SMALL_3_2 = dict(SMALL_24B, rope_theta=1000000000.0, max_position_embeddings=131072)
 PIXTRAL = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16, head_dim=64,
                patch_size=14, num_channels=3, image_size=1540, rope_theta=10000.0)
+# Ministral-3-8B-Base-2512's text_config (model_type ministral3; its rotary scaling does not change the count)
+MINISTRAL3_8B = dict(vocab_size=131072, hidden_size=4096, intermediate_size=14336, num_hidden_layers=34,
+                     num_attention_heads=32, num_key_value_heads=8, head_dim=128, sliding_window=None,
+                     rope_theta=1000000.0, max_position_embeddings=262144, tie_word_embeddings=False)
 PROJECTOR = dict(spatial_merge_size=2, multimodal_projector_bias=False, projector_hidden_act="gelu",
                  image_token_index=10, vision_feature_layer=-1)
 
@@ -39,6 +43,9 @@ ROWS = {
     "mistral_nemo_12b": (NEMO, None, "MistralForCausalLM", 12.2),  # Mistral-Nemo-Base-2407
     "mistral_small_24b": (SMALL_24B, None, "MistralForCausalLM", 23.6),  # Mistral-Small-24B-Base-2501
     "mistral_small_3_2_24b": (SMALL_3_2, (PIXTRAL, PROJECTOR), "Mistral3ForConditionalGeneration", 24.0),
+    # the card says "8.4B language model + 0.4B vision encoder", truncating (its 3B and 14B siblings' 3.4 and 13.5
+    # round 3.43 and 13.51): 8.49 + 0.43 = 8.92
+    "ministral3_8b": (MINISTRAL3_8B, (PIXTRAL, PROJECTOR), "Mistral3ForConditionalGeneration", 8.9),
 }
 
 
@@ -65,7 +72,8 @@ def transformers_parameters(class_name: str, config: dict, vision) -> int:
     if vision is None:
         hf_config = transformers.AutoConfig.for_model("mistral", **config)
     else:  # the published checkpoints store lm_head: untied at the top level too
-        hf_config = transformers.Mistral3Config(text_config=transformers.MistralConfig(**config),
+        text_class = transformers.Ministral3Config if config is MINISTRAL3_8B else transformers.MistralConfig
+        hf_config = transformers.Mistral3Config(text_config=text_class(**config),
                                                 vision_config=transformers.PixtralVisionConfig(**vision[0]),
                                                 tie_word_embeddings=False, **vision[1])
     with torch.device("meta"):
@@ -120,3 +128,26 @@ def test_a_wrong_vision_key_is_one_line_naming_it(override, message, capsys):
     assert main(["plan", "recipe=mistral7b_qlora_sft", "model=mistral_small_3_2_24b", override]) == 2
     err = capsys.readouterr().err
     assert "model.vision" in err and message in err and err.count("\n") == 1
+
+
+def test_the_ministral3_preset_is_transformers_own_ministral_3_8b_default():
+    """transformers documents Ministral3Config's defaults as mistralai/Ministral-3-8B-Base-2512: a second witness."""
+    default = transformers.Ministral3Config()
+    assert {k: getattr(default, k) for k in MINISTRAL3_8B if k != "rope_theta"} == {
+        k: v for k, v in MINISTRAL3_8B.items() if k != "rope_theta"}
+    assert default.rope_parameters["rope_theta"] == MINISTRAL3_8B["rope_theta"]
+
+
+@pytest.mark.parametrize("recipe, gpu_gib", [("ministral3_8b_qlora_sft", 16), ("mistral_small3_qlora_sft", 24)])
+def test_vision_language_recipes_quote_their_plan_and_fit_the_gpu_they_name(recipe, gpu_gib, capsys):
+    """`mistral-train plan recipe=R device_gib=G` (the preset's shape, no download): the single-GPU row fits, and
+    the recipe's header quotes its total, the GPU and the carried tower."""
+    assert main(["plan", f"recipe={recipe}", f"device_gib={gpu_gib}"]) == 0
+    out = capsys.readouterr().out
+    single = next(line.split() for line in out.splitlines() if line.startswith("single"))
+    total, fits = single[6], single[-1]
+    assert fits == "yes" and float(total) + 1 <= gpu_gib
+    header = (Path(__file__).resolve().parents[1] / "recipes" / f"{recipe}.yaml").read_text().split("defaults:")[0]
+    carried = re.search(r"\(([\d.]+) B: vision tower", out).group(1)
+    assert f"{total} GiB" in header and f"fits {gpu_gib} GiB" in header and f"device_gib={gpu_gib}" in header
+    assert f"{carried} B carried untouched" in header
