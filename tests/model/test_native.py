@@ -62,6 +62,20 @@ def test_folder_round_trip_is_exact(tmp_path, tied):
         assert torch.equal(back(ids), model(ids))
 
 
+def test_interleaved_layers_round_trip_as_a_window_list(tmp_path):
+    """Ministral's full and sliding layers: params.json lists each layer's window (null: full), as vLLM reads it."""
+    kinds = ["full_attention", "sliding_attention", "sliding_attention", "full_attention"]
+    model = _model(model_type="ministral", num_hidden_layers=4, layer_types=kinds, sliding_window=3)
+    native.save_native(model, tmp_path / "n")
+    assert json.loads((tmp_path / "n" / native.PARAMS_FILE).read_text())["sliding_window"] == [None, 3, 3, None]
+    back = Mistral.from_pretrained(tmp_path / "n").eval()
+    assert back.config.model_type == "ministral" and back.config.layer_types == kinds
+    ids = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(back(ids), model(ids))
+        assert not torch.allclose(back(ids), _model(sliding_window=3, num_hidden_layers=4)(ids))
+
+
 def test_native_names_and_layout_on_disk(tmp_path):
     """Each stored tensor under its native name; wq/wk rows interleaved, every other weight as ours."""
     model = _model()

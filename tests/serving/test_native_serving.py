@@ -3,7 +3,7 @@ consolidated.safetensors + tekken.json / tokenizer.model.vN) in its mistral mode
 tokenizer_mode "mistral": vLLM's own params.json reader, key map and rotary permutation, and mistral-common's
 tokenizer) exactly as our model: chat prompt ids equal our encode_chat, prompt log-probs within 1e-5 (fp32) and
 greedy tokens equal; for a Tekken file and a v3 SentencePiece one, untied and tied heads, every layer sliding
-over a window shorter than the prompts, and full attention."""
+over a window shorter than the prompts, full attention, and Ministral's interleaved full and sliding layers."""
 
 from __future__ import annotations
 
@@ -19,21 +19,26 @@ from tests.serving._served import (CHATS, close_engine, first_difference, format
                                    write_full_folder)
 
 FP32_TOL = 1e-5
-# (FORMATS case of _served.py, tied output head, sliding window)
-CASES = {"tekken-v7": ("tekken-v7", False, None), "sentencepiece-v3": ("v3", True, 8)}
+# FORMATS case of _served.py, and the model's config overrides
+CASES = {"tekken-v7": ("tekken-v7", dict(tie_word_embeddings=False, sliding_window=None)),
+         "sentencepiece-v3": ("v3", dict(tie_word_embeddings=True, sliding_window=8)),
+         # Ministral: full and sliding layers interleaved, written as a per-layer window list
+         "ministral-interleaved": ("tekken-v3", dict(model_type="ministral", num_hidden_layers=4, sliding_window=6,
+                                                     layer_types=["sliding_attention", "full_attention"] * 2))}
 
 
 @pytest.fixture(scope="module", params=list(CASES))
 def served(request, tmp_path_factory):
-    case, tied, window = CASES[request.param]
+    case, overrides = CASES[request.param]
     root = tmp_path_factory.mktemp(f"native_{request.param}")
     tokenizer, fmt = format_tokenizer(case, root)
-    model = tiny_model(tokenizer.vocab_size, seed=11, tie_word_embeddings=tied, sliding_window=window)
+    model = tiny_model(tokenizer.vocab_size, seed=11, **overrides)
     final = write_full_folder(model, tokenizer, root / "final", fmt)  # what a full fine-tune's run leaves
     assert main(["export", str(final), "--format", "native", "--out", str(root / "native")]) == 0
     assert not (root / "native" / "config.json").exists()  # vLLM reads params.json, nothing else
     llm = start_engine(root / "native", config_format="mistral", load_format="mistral", tokenizer_mode="mistral")
-    yield types.SimpleNamespace(model=model, tokenizer=tokenizer, fmt=fmt, llm=llm, window=window, folder=root / "native")
+    yield types.SimpleNamespace(model=model, tokenizer=tokenizer, fmt=fmt, llm=llm, window=overrides["sliding_window"],
+                                folder=root / "native")
     close_engine(llm)
 
 
@@ -43,7 +48,9 @@ def test_vllm_reads_the_native_config(served):
     assert config.head_dim == 64 and config.num_key_value_heads == 1
     assert config.tie_word_embeddings is served.model.config.tie_word_embeddings
     assert getattr(config, "sliding_window", None) == served.window  # no key: full attention
-    assert getattr(config, "layer_types", None) == (None if served.window is None else ["sliding_attention"] * 2)
+    kinds = [("full_attention" if served.model.config.layer_window(i) is None else "sliding_attention")
+             for i in range(served.model.config.num_hidden_layers)]
+    assert getattr(config, "layer_types", None) == (None if served.window is None else kinds)
     # and our own loader reads the folder vLLM served into the same model
     back = Mistral.from_pretrained(served.folder)
     assert all(back.state_dict()[k].equal(v) for k, v in served.model.state_dict().items())
