@@ -33,6 +33,7 @@ from mistral_train.config import AdapterSpec, ModelSpec, RunConfig, TrainerSpec
 from mistral_train.errors import ConfigError
 from mistral_train import plan_vision
 from mistral_train.jsonfile import read_json_object
+from mistral_train.model import native
 from mistral_train.model.config import MistralConfig
 from mistral_train.tokenizer.tokenizer import load_tokenizer, resolve_tokenizer_path
 
@@ -237,6 +238,8 @@ def model_shape(spec: ModelSpec) -> MistralConfig:
     """The architecture: model.path's config.json (no weights read; a mistral3 file's `text_config`), else the
     spec's fields + the tokenizer's vocab."""
     try:
+        if spec.path and native.is_native_folder(Path(spec.path)):  # params.json: Mistral's native format
+            return native.read_params(Path(spec.path))
         if spec.path:
             path = Path(spec.path) / "config.json"
             d = read_json_object(path) if path.is_file() else {}
@@ -257,6 +260,8 @@ def model_shape(spec: ModelSpec) -> MistralConfig:
 def carried(spec: ModelSpec, shape: MistralConfig) -> int:
     """Parameters a run carries untouched beside the language model (a mistral3 folder's vision tower and
     projector, plan_vision.py): counted, never on the device."""
+    if spec.path and native.is_native_folder(Path(spec.path)):
+        return 0  # a native folder we read holds the language model only (model/native.py refuses vision keys)
     if spec.path:
         path = Path(spec.path) / "config.json"
         return plan_vision.of_config_json(read_json_object(path), str(path))
