@@ -16,6 +16,7 @@ a native folder and the HF folder it converts to give the same model.
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 from pathlib import Path
@@ -99,6 +100,7 @@ def hf_config_dict(params: dict[str, Any], source: str) -> dict[str, Any]:
         raise FolderError(f"{source}: `model_type` is {params['model_type']!r}; only 'transformer' (a dense "
                           "Mistral decoder) is supported")
     d: dict[str, Any] = {_RENAMED[k]: v for k, v in params.items() if k in _RENAMED}
+    d.setdefault("head_dim", params["dim"] // params["n_heads"])  # as vLLM; never a class's own default
     d.setdefault("num_key_value_heads", params["n_heads"])
     d.setdefault("rope_theta", _DEFAULT_ROPE_THETA)
     if "max_position_embeddings" not in d and "max_seq_len" in params:
@@ -111,7 +113,7 @@ def hf_config_dict(params: dict[str, Any], source: str) -> dict[str, Any]:
     elif window is not None:
         d["sliding_window"] = int(window)  # some files hold it as a string (transformers' script says so)
     if params.get("yarn") or params.get("llama_4_scaling"):
-        d.update(_ministral3_rope(params, d.pop("rope_theta"), source))
+        d.update(_rope_parameters(params, d.pop("rope_theta"), source))
     return d
 
 
@@ -126,34 +128,41 @@ def _layer_types(pattern: list, n_layers: int, source: str) -> dict[str, Any]:
             "sliding_window": int(next(iter(windows))) if windows else None}
 
 
-def _ministral3_rope(params: dict[str, Any], rope_theta: float, source: str) -> dict[str, Any]:
-    """`yarn` and `llama_4_scaling` -> transformers' Ministral 3 `rope_parameters` (names as vLLM's
-    _remap_mistral_yarn_args and transformers' convert_ministral3_weights_to_hf.py give them)."""
+def _rope_parameters(params: dict[str, Any], rope_theta: float, source: str) -> dict[str, Any]:
+    """`yarn` and `llama_4_scaling` -> transformers' `rope_parameters`, as vLLM's _remap_mistral_yarn_args reads
+    them (beta -> beta_fast, alpha -> beta_slow, mscale_all_dim 1 and no mscale, so YaRN's magnitude correction is
+    0.1 ln(factor) + 1 unless `apply_scale` is false). Queries scaled by position (llama_4_scaling) are
+    transformers' Ministral 3, which keeps their beta in rope_parameters; YaRN alone is a Mistral."""
     yarn, llama4 = dict(params.get("yarn") or {}), dict(params.get("llama_4_scaling") or {})
-    names = {"factor": ("factor", float), "original_max_position_embeddings": ("original_max_position_embeddings", int),
-             "beta": ("beta_fast", float), "alpha": ("beta_slow", float)}
-    rope: dict[str, Any] = {"rope_type": "yarn", "rope_theta": rope_theta, "mscale": 1.0, "mscale_all_dim": 1.0}
-    for key, (name, cast) in names.items():
-        if key in yarn:
-            rope[name] = cast(yarn.pop(key))
-    if not yarn.pop("apply_scale", True):
-        rope["attention_factor"] = 1.0  # no magnitude correction, as vLLM reads it
+    rope: dict[str, Any] = {"rope_type": "default", "rope_theta": rope_theta}
     if yarn:
-        raise FolderError(f"{source}: `yarn.{sorted(yarn)[0]}` is not supported; expected factor, "
-                          "original_max_position_embeddings, beta, alpha, apply_scale")
+        names = {"factor": ("factor", float), "beta": ("beta_fast", float), "alpha": ("beta_slow", float),
+                 "original_max_position_embeddings": ("original_max_position_embeddings", int)}
+        rope.update(rope_type="yarn", mscale_all_dim=1.0)
+        for key, (name, cast) in names.items():
+            if key in yarn:
+                rope[name] = cast(yarn.pop(key))
+        if not yarn.pop("apply_scale", True):
+            rope["attention_factor"] = 1.0  # no magnitude correction
+        if yarn:
+            raise FolderError(f"{source}: `yarn.{sorted(yarn)[0]}` is not supported; expected factor, "
+                              "original_max_position_embeddings, beta, alpha, apply_scale")
+        if "factor" not in rope or "original_max_position_embeddings" not in rope:
+            raise FolderError(f"{source}: `yarn` needs `factor` and `original_max_position_embeddings`")
+    if not llama4:
+        return {"rope_parameters": rope}
+    original = llama4.pop("original_max_position_embeddings", None)
+    if "beta" not in llama4 or original is None:
+        raise FolderError(f"{source}: `llama_4_scaling` needs `beta` and `original_max_position_embeddings`")
+    if rope.setdefault("original_max_position_embeddings", int(original)) != int(original):
+        raise FolderError(f"{source}: `llama_4_scaling.original_max_position_embeddings` ({original}) differs from "
+                          f"`yarn.original_max_position_embeddings` ({rope['original_max_position_embeddings']}); "
+                          "transformers' Ministral 3 has one value for both")
+    rope["llama_4_scaling_beta"] = float(llama4.pop("beta"))
     if llama4:
-        original = llama4.pop("original_max_position_embeddings", None)
-        if "beta" not in llama4 or original is None:
-            raise FolderError(f"{source}: `llama_4_scaling` needs `beta` and `original_max_position_embeddings`")
-        if rope.setdefault("original_max_position_embeddings", int(original)) != int(original):
-            raise FolderError(f"{source}: `llama_4_scaling.original_max_position_embeddings` ({original}) differs from "
-                              f"`yarn.original_max_position_embeddings` ({rope['original_max_position_embeddings']}); "
-                              "transformers' Ministral 3 has one value for both")
-        rope["llama_4_scaling_beta"] = float(llama4.pop("beta"))
-        if llama4:
-            raise FolderError(f"{source}: `llama_4_scaling.{sorted(llama4)[0]}` is not supported")
+        raise FolderError(f"{source}: `llama_4_scaling.{sorted(llama4)[0]}` is not supported")
     if "ministral3" not in MODEL_TYPES:
-        raise FolderError(f"{source}: `yarn` / `llama_4_scaling` describe a Ministral 3 model, which this version of "
+        raise FolderError(f"{source}: `llama_4_scaling` describes a Ministral 3 model, which this version of "
                           f"mistral-train cannot compute yet (model types: {sorted(MODEL_TYPES)})")
     return {"model_type": "ministral3", "rope_parameters": rope}
 
@@ -173,8 +182,8 @@ def params_dict(config: MistralConfig) -> dict[str, Any]:
     if config.hidden_act != "silu":
         raise ValueError(f"`hidden_act` {config.hidden_act!r}: Mistral's native format (mistral-inference, vLLM's "
                          "mistral loader) computes silu only")
-    if config.rope_type != "default":
-        raise ValueError(f"rope type {config.rope_type!r} cannot be written as params.json yet")
+    if getattr(config, "mlp_kind", "dense") != "dense":
+        raise ValueError(f"mlp_kind {config.mlp_kind!r}: only dense models are written in Mistral's native format")
     params: dict[str, Any] = {
         "dim": config.hidden_size, "n_layers": config.num_hidden_layers, "head_dim": config.head_dim,
         "hidden_dim": config.intermediate_size, "n_heads": config.num_attention_heads,
@@ -182,12 +191,56 @@ def params_dict(config: MistralConfig) -> dict[str, Any]:
         "rope_theta": config.rope_theta, "max_position_embeddings": config.max_position_embeddings,
         "tied_embeddings": config.tie_word_embeddings,
     }
+    params.update(_rope_params(config))
     windows = [config.layer_window(i) for i in range(config.num_hidden_layers)]
     if len(set(windows)) > 1:
         params["sliding_window"] = windows  # per layer, null for full attention (vLLM's reading)
     elif windows and windows[0] is not None:
         params["sliding_window"] = windows[0]
     return params
+
+
+def _rope_params(config: MistralConfig) -> dict[str, Any]:
+    """`yarn` and `llama_4_scaling` for params.json: the inverse of _rope_parameters (vLLM's reading)."""
+    options = dict(getattr(config, "rope_options", None) or {})
+    out: dict[str, Any] = {}
+    if config.rope_type == "yarn":
+        factor, original = options.get("factor"), options.get("original_max_position_embeddings")
+        if factor is None or original is None or not options.get("truncate", True):
+            raise ValueError("YaRN without `factor` / `original_max_position_embeddings`, or with `truncate` false, "
+                             "has no params.json form (vLLM reads the factor and truncates)")
+        yarn = {"factor": factor, "original_max_position_embeddings": original}
+        yarn.update({native: options[ours] for ours, native in (("beta_fast", "beta"), ("beta_slow", "alpha"))
+                     if options.get(ours) is not None})
+        correction = _yarn_magnitude(factor, options)
+        if correction == 1.0:
+            yarn["apply_scale"] = False
+        elif not math.isclose(correction, 0.1 * math.log(factor) + 1.0, rel_tol=1e-12):
+            raise ValueError(f"YaRN's magnitude correction {correction} is neither 1 nor 0.1 ln(factor) + 1: "
+                             "params.json cannot express it")
+        out["yarn"] = yarn
+    elif config.rope_type != "default":
+        raise ValueError(f"rope type {config.rope_type!r} has no params.json form")
+    scaling = getattr(config, "query_scaling", None)
+    if scaling == "llama4":
+        out["llama_4_scaling"] = {"original_max_position_embeddings": options["original_max_position_embeddings"],
+                                  "beta": options["llama_4_scaling_beta"]}
+    elif scaling is not None:
+        raise ValueError(f"query scaling {scaling!r} has no params.json form")
+    return out
+
+
+def _yarn_magnitude(factor: float, options: dict[str, Any]) -> float:
+    """The factor YaRN multiplies cos/sin by, as transformers derives it from rope_parameters."""
+    if options.get("attention_factor") is not None:
+        return float(options["attention_factor"])
+
+    def mscale(m: float) -> float:
+        return 1.0 if factor <= 1 else 0.1 * m * math.log(factor) + 1.0
+
+    if options.get("mscale") and options.get("mscale_all_dim"):
+        return mscale(options["mscale"]) / mscale(options["mscale_all_dim"])
+    return mscale(1.0)
 
 
 def _rotary_rows(n_heads: int, weight: torch.Tensor) -> tuple[int, int, int]:

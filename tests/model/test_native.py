@@ -145,21 +145,26 @@ def test_per_layer_windows_map_as_vllm_reads_them():
 
 
 def test_yarn_and_llama4_scaling_map_as_vllm_reads_them(monkeypatch):
-    """vLLM's _remap_mistral_yarn_args: beta -> beta_fast, alpha -> beta_slow, mscale_all_dim 1; transformers'
-    Ministral 3 keeps the llama-4 query scaling's beta in rope_parameters. Without ministral3 support: an error."""
+    """vLLM's _remap_mistral_yarn_args: beta -> beta_fast, alpha -> beta_slow, mscale_all_dim 1 (no mscale), and
+    apply_scale false -> attention_factor 1; transformers' Ministral 3 keeps the llama-4 query scaling's beta in
+    rope_parameters. Without ministral3 support: an error. YaRN alone is a Mistral."""
     params = {**MISTRAL_7B_V01, "rope_theta": 1e6, "yarn": {"factor": 16, "original_max_position_embeddings": 16384,
                                                              "beta": 32, "alpha": 1, "apply_scale": False},
               "llama_4_scaling": {"original_max_position_embeddings": 16384, "beta": 0.1}}
     monkeypatch.delitem(MODEL_TYPES, "ministral3", raising=False)
-    with pytest.raises(FolderError, match="p: `yarn` / `llama_4_scaling`"):
+    with pytest.raises(FolderError, match="p: `llama_4_scaling` describes a Ministral 3 model"):
         native.hf_config_dict(params, "p")
     monkeypatch.setitem(MODEL_TYPES, "ministral3", MODEL_TYPES["mistral"])  # whatever entry: the mapping is tested
     d = native.hf_config_dict(params, "p")
     assert d["model_type"] == "ministral3" and "rope_theta" not in d
     assert d["rope_parameters"] == {"rope_type": "yarn", "rope_theta": 1e6, "factor": 16.0,
                                     "original_max_position_embeddings": 16384, "beta_fast": 32.0, "beta_slow": 1.0,
-                                    "mscale": 1.0, "mscale_all_dim": 1.0, "attention_factor": 1.0,
-                                    "llama_4_scaling_beta": 0.1}
+                                    "mscale_all_dim": 1.0, "attention_factor": 1.0, "llama_4_scaling_beta": 0.1}
+    d = native.hf_config_dict({**params, "yarn": {"factor": 4, "original_max_position_embeddings": 64},
+                               "llama_4_scaling": None}, "p")
+    assert d["model_type"] == "mistral" and d["rope_parameters"] == {
+        "rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0, "original_max_position_embeddings": 64,
+        "mscale_all_dim": 1.0}
     with pytest.raises(FolderError, match="differs"):
         native.hf_config_dict({**params, "llama_4_scaling": {"original_max_position_embeddings": 8192, "beta": 0.1}}, "p")
 
