@@ -20,6 +20,7 @@ from torch import nn
 from mistral_train.checkpoint.atomic import atomic_directory
 from mistral_train.model.blocks import score_layer
 from mistral_train.model.config import MistralConfig
+from mistral_train.model import expert_layout
 from mistral_train.model import native
 from mistral_train.model import vision_language
 from mistral_train.quant.loading import QUANTIZE_MODES, NF4Loading, prequantized_config
@@ -82,6 +83,7 @@ def load_pretrained(
     nf4 = _nf4_loading(model, quantize, dtype, folder)
     expected = {name: p.shape for name, p in model.named_parameters(remove_duplicate=False)}
     loaded: set[str] = set()
+    experts = expert_layout.ExpertGathering(config)  # Mixtral's per-expert layout, fused at the end
     is_native = native.is_native_folder(folder)  # params.json: names and rotary layout converted while reading
     for file in (native.weight_files(folder) if is_native else weight_files(folder)):
         try:
@@ -93,9 +95,12 @@ def load_pretrained(
                         continue
                     if nf4 is not None and nf4.offer(key, f, str(file)):
                         continue
+                    if experts.offer(key, lambda: f.get_tensor(key)):
+                        continue
+                    tensor = f.get_tensor(key)
+                    key = expert_layout.our_name(key)
                     if key not in expected:
                         raise TensorNameError(f"{file}: unexpected tensor `{key}` (not a parameter of a Mistral {task} model)")
-                    tensor = f.get_tensor(key)
                     if tuple(tensor.shape) != tuple(expected[key]):
                         raise FolderError(
                             f"{file}: `{key}` has shape {tuple(tensor.shape)}, the model expects {tuple(expected[key])}"
@@ -108,6 +113,12 @@ def load_pretrained(
             raise FolderError(f"{file}: not a readable safetensors file ({e}); is it truncated?") from e
     if nf4 is not None:
         loaded |= nf4.finish(str(folder))
+    for key, tensor in experts.finish(str(folder)).items():
+        if key not in expected or tuple(tensor.shape) != tuple(expected[key]):
+            raise FolderError(f"{folder}: experts stack into `{key}` of shape {tuple(tensor.shape)}, the model "
+                              f"expects {tuple(expected[key]) if key in expected else 'no such tensor'}")
+        _assign(model, key, tensor.to(dtype) if dtype is not None else tensor)
+        loaded.add(key)
     if config.tie_word_embeddings and task == "causal_lm":
         model.lm_head.weight = model.model.embed_tokens.weight
         loaded.add("lm_head.weight")
@@ -173,6 +184,8 @@ def save_pretrained(model: nn.Module, path: Union[str, Path], max_shard_size: Un
     """
     limit = parse_size(max_shard_size)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    if model.config.mlp_kind == "moe":  # the per-expert layout transformers writes (model/expert_layout.py)
+        state = expert_layout.per_expert_state(state)
     if model.task == "causal_lm" and model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     vision = vision_language.of(model)

@@ -36,6 +36,7 @@ from mistral_train.dist.accelerator import (
 from mistral_train.dist.gather import FullModel
 from mistral_train.errors import reading_data
 from mistral_train.model import Mistral
+from mistral_train.model.moe import take_aux_loss
 from mistral_train.train.preflight import preflight
 from mistral_train.tokenizer.files import tokenizer_json, write_tokenizer_files
 from mistral_train.tokenizer.tokenizer import load_tokenizer, resolve_tokenizer_path
@@ -82,18 +83,25 @@ def backward_window(model: torch.nn.Module, objective: Objective, window: list[B
     if n_tokens == 0:
         raise ValueError("an accumulation window has no label tokens (every label is -100)")
     denominator = n_tokens / world_size  # DDP divides the summed gradient by world_size again
-    total, stats = 0.0, {}
+    total, stats, aux_total = 0.0, {}, None
     for i, batch in enumerate(window):
         last = i == len(window) - 1
         with contextlib.nullcontext() if accelerator is None or last else no_sync(accelerator, model):
             with autocast():
                 out = objective.step(model, batch)
             loss = out.loss_sum / denominator
+            aux = take_aux_loss(model)  # experts: coef * load-balancing loss of this forward, whatever the objective
+            if aux is not None:  # the window's mean over its micro-batches (DDP averages over processes)
+                loss = loss + aux[0] / len(window)
+                aux_total = (aux_total or 0.0) + float(aux[1])
             loss.backward() if accelerator is None else backward(accelerator, loss, last)
         total += float(out.loss_sum.detach())
         for key, value in (out.stats or {}).items():
             stats[key] = stats.get(key, 0.0) + float(value)
-    return total / n_tokens, n_tokens, {key: value / n_tokens for key, value in stats.items()}
+    means = {key: value / n_tokens for key, value in stats.items()}
+    if aux_total is not None:  # each process's share of the window's mean, like the loss
+        means["router_aux_loss"] = aux_total / (len(window) * world_size)
+    return total / n_tokens, n_tokens, means
 
 
 def next_window(batches: EpochBatches, objective: Objective, grad_accum_steps: int, num_processes: int = 1,
