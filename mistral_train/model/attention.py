@@ -24,6 +24,7 @@ class AttentionInputs:
     sin: torch.Tensor
     mask: Optional[torch.Tensor]  # (B|1, 1, T, Tk) bool; None means plain causal
     cache: Optional[KVCache] = None
+    query_scale: Optional[torch.Tensor] = None  # (B, 1, T, 1) on the rotated queries (Ministral 3), or None
 
 
 def build_attention_mask(

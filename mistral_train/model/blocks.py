@@ -69,6 +69,8 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, n_kv_heads, T, head_dim)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, inputs.cos, inputs.sin), apply_rope(k, inputs.cos, inputs.sin)
+        if inputs.query_scale is not None:
+            q = q * inputs.query_scale.to(q.dtype)
         if inputs.cache is not None:
             k, v = inputs.cache.update(self.layer_index, k, v)
         out = attend(q, k, v, inputs.mask, self.dropout if self.training else 0.0)  # (B, n_heads, T, head_dim)
@@ -92,15 +94,17 @@ class Block(nn.Module):
         part = self.recompute if recomputing(self) and inputs.cache is None else None
         if part == "attention":
             # Tensors as checkpoint arguments (not the dataclass): torch.compile traces them cleanly.
-            x = x + checkpoint(self._attention, x, inputs.cos, inputs.sin, inputs.mask, use_reentrant=False)
+            x = x + checkpoint(self._attention, x, inputs.cos, inputs.sin, inputs.mask, inputs.query_scale,
+                               use_reentrant=False)
         else:
             x = x + self.self_attn(self.input_layernorm(x), inputs)
         if part == "mlp":
             return x + checkpoint(self._mlp, x, use_reentrant=False)
         return x + self._mlp(x)
 
-    def _attention(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
-        return self.self_attn(self.input_layernorm(x), AttentionInputs(cos, sin, mask))
+    def _attention(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: Optional[torch.Tensor],
+                   query_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return self.self_attn(self.input_layernorm(x), AttentionInputs(cos, sin, mask, query_scale=query_scale))
 
     def _mlp(self, x: torch.Tensor) -> torch.Tensor:
         return self.mlp(self.post_attention_layernorm(x))

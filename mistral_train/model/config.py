@@ -12,18 +12,29 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Union, get_args, get_origin, get_type_hints
+from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
 
 from mistral_train.jsonfile import read_json_object
 from mistral_train.errors import FolderError
+from mistral_train.model.model_types import MATHS_KEYS, MODEL_TYPES, ModelType  # noqa: F401 (ModelType: re-exported)
+from mistral_train.model.rope import YARN_KEYS
 
 # Keys transformers writes that describe the file, not the architecture: dropped on read,
 # regenerated on write, so a round trip does not accumulate stale metadata.
 _HF_BOOKKEEPING = {"architectures", "model_type", "transformers_version", "torch_dtype", "dtype"}
 _SUPPORTED_ACTIVATIONS = {"silu", "gelu", "gelu_pytorch_tanh", "relu"}
 ATTENTION_KINDS = ("full_attention", "sliding_attention")  # transformers' `layer_types` names
-ROPE_TYPES = ("default",)  # the rotary kinds model/rope.py computes
-_VARIANT = ("model_type", "layer_types", "rope_type", "mlp_kind")  # set by the model_type's mapping, not read by key name
+ROPE_TYPES = ("default", "yarn")  # the rotary kinds model/rope.py computes
+# rope_parameters keys each rotary kind reads besides rope_type and rope_theta (transformers' modeling_rope_utils);
+# any other key there changes the maths in a way we do not compute: an error naming it, never ignored.
+ROPE_KEYS = {"default": (), "yarn": YARN_KEYS}
+# rope_parameters keys every kind may carry: Ministral 3's query scale (other classes ignore it, as transformers does)
+# and the pretraining length it scales by.
+_ROPE_SHARED_KEYS = ("llama_4_scaling_beta", "original_max_position_embeddings")
+QUERY_SCALINGS = (None, "llama4")  # None, or Ministral 3's 1 + beta * ln(1 + floor(position / original))
+# set by the model_type's mapping or the rope_parameters dict, not read by key name
+_VARIANT = ("model_type", "layer_types", "rope_type", "rope_options", "mlp_kind", "query_scaling")
+_VARIANT_DEFAULTS = {"layer_types": None, "mlp_kind": "dense", "query_scaling": None}
 
 
 @dataclass
@@ -52,6 +63,8 @@ class MistralConfig:
     num_labels: int = 2  # classification heads only
     layer_types: Optional[list[str]] = None  # one of ATTENTION_KINDS a layer; None: every layer sliding (Mistral)
     rope_type: str = "default"  # one of ROPE_TYPES
+    rope_options: dict[str, Any] = field(default_factory=dict)  # rope_parameters beyond rope_type/theta (YaRN's)
+    query_scaling: Optional[str] = None  # one of QUERY_SCALINGS; "llama4" reads rope_options
     mlp_kind: str = "dense"  # a key of model/blocks.py's MLPS
     model_type: str = "mistral"  # a key of MODEL_TYPES: the transformers class family written back on save
     extra: dict[str, Any] = field(default_factory=dict)  # unknown keys, kept for the round trip
@@ -89,7 +102,24 @@ class MistralConfig:
         if self.model_type not in MODEL_TYPES:
             raise ValueError(f"`model_type` {self.model_type!r} is not one of {sorted(MODEL_TYPES)}")
         if self.rope_type not in ROPE_TYPES:
-            raise ValueError(f"`rope_parameters.rope_type` {self.rope_type!r} is not supported (only 'default')")
+            raise ValueError(f"`rope_parameters.rope_type` {self.rope_type!r} is not supported (one of {ROPE_TYPES})")
+        self._validate_rope_options()
+
+    def _validate_rope_options(self) -> None:
+        allowed = (*ROPE_KEYS[self.rope_type], *_ROPE_SHARED_KEYS, "partial_rotary_factor")
+        for key, value in self.rope_options.items():
+            if key not in allowed or (key == "partial_rotary_factor" and value != 1.0):
+                raise ValueError(f"`rope_parameters.{key}` is not supported with rope_type {self.rope_type!r} (it "
+                                 f"changes the rotary maths and is not computed here); supported keys: {sorted(allowed)}")
+        needed = ["factor", "original_max_position_embeddings"] if self.rope_type == "yarn" else []
+        if self.query_scaling not in QUERY_SCALINGS:
+            raise ValueError(f"`query_scaling` {self.query_scaling!r} is not one of {QUERY_SCALINGS}")
+        if self.query_scaling == "llama4":
+            needed += ["llama_4_scaling_beta", "original_max_position_embeddings"]
+        for key in needed:
+            if key not in self.rope_options:
+                raise ValueError(f"`rope_parameters.{key}` is required (rope_type {self.rope_type!r}, "
+                                 f"query scaling {self.query_scaling!r})")
 
     def layer_window(self, layer: int) -> Optional[int]:
         """What layer `layer` attends to: the last `sliding_window` tokens on a sliding layer, else (None) all."""
@@ -118,17 +148,23 @@ class MistralConfig:
         model_type = d.get("model_type", "mistral")
         if model_type not in MODEL_TYPES:
             raise FolderError(f"{source}: `model_type` is {model_type!r}, expected one of {sorted(MODEL_TYPES)}")
-        rope = d.pop("rope_parameters", None) or d.pop("rope_scaling", None) or {}
+        entry = MODEL_TYPES[model_type]
+        d = {**entry.defaults, **d}  # the class's own defaults for keys the file leaves out
+        rope = dict(d.pop("rope_parameters", None) or d.pop("rope_scaling", None) or {})
+        rope_type = rope.pop("rope_type", rope.pop("type", "default"))  # v4 files say `type`
         if "rope_theta" in rope:
-            d["rope_theta"] = rope["rope_theta"]
+            d["rope_theta"] = rope.pop("rope_theta")
+        if rope_type in ("yarn",):  # transformers' standardize_rope_params: the pretraining length
+            rope["original_max_position_embeddings"] = d.get(
+                "original_max_position_embeddings",
+                rope.get("original_max_position_embeddings", d.get("max_position_embeddings", cls.max_position_embeddings)))
         known = {f.name for f in dataclasses.fields(cls)} - {"extra", *_VARIANT}
         required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
         for key in required:
             if key not in d:
                 raise FolderError(f"{source}: required key `{key}` is missing")
-        kwargs = {k: v for k, v in d.items() if k in known} | MODEL_TYPES[model_type].variant(d)
-        kwargs["model_type"] = model_type
-        kwargs["rope_type"] = rope.get("rope_type", rope.get("type", "default"))
+        kwargs = {k: v for k, v in d.items() if k in known} | entry.variant(d)
+        kwargs.update(model_type=model_type, rope_type=rope_type, rope_options=rope)
         if isinstance(kwargs.get("rope_theta"), int):
             kwargs["rope_theta"] = float(kwargs["rope_theta"])
         eos_list = None
@@ -137,8 +173,12 @@ class MistralConfig:
             kwargs["eos_token_id"] = eos_list[0] if eos_list else None  # generation stops on the first
         if kwargs.get("num_key_value_heads") is None:
             kwargs["num_key_value_heads"] = kwargs["num_attention_heads"]
-        consumed = set(MODEL_TYPES[model_type].writes)  # read by the mapping: fields now, not unknown keys
+        consumed = set(entry.writes)  # read by the mapping: fields now, not unknown keys
         extra = {k: v for k, v in d.items() if k not in known and k not in _HF_BOOKKEEPING and k not in consumed}
+        for key, neutral in MATHS_KEYS.items():
+            if extra.get(key, neutral) != neutral:
+                raise FolderError(f"{source}: `{key}` is {extra[key]!r}, which changes the model and is not computed by "
+                                  f"mistral-train's {model_type!r} (expected {neutral!r} or no `{key}`)")
         if eos_list is not None:
             extra["eos_token_id"] = eos_list  # written back in place of the int, so the list survives
         if "id2label" in d and "num_labels" not in d:
@@ -164,9 +204,10 @@ class MistralConfig:
                 (`MinistralForCausalLM` for ministral), so a folder loads back as the class it came from.
         """
         entry = MODEL_TYPES[self.model_type]
-        variant = {"layer_types": self.layer_types is not None, "mlp_kind": self.mlp_kind != "dense"}
-        lost = [name for name, used in variant.items() if used and name not in entry.writes]
-        if lost:  # transformers would ignore them and compute another model
+        # A variant field the class neither writes nor always has: transformers would compute another model.
+        lost = [name for name, default in _VARIANT_DEFAULTS.items()
+                if name not in entry.writes and getattr(self, name) != entry.fixed.get(name, default)]
+        if lost:
             raise ValueError(f"`{'` and `'.join(lost)}` cannot be written as model_type {self.model_type!r}"
                              + ("; use model_type 'ministral' for per-layer attention kinds" if "layer_types" in lost else ""))
         skip = ("extra", "num_labels", *_VARIANT)
@@ -177,7 +218,7 @@ class MistralConfig:
         d["architectures"] = [re.sub(r"^Mistral(?=For)", entry.class_prefix, architecture)]
         d["model_type"] = self.model_type
         # v5 reads `rope_parameters`; v4 reads `rope_theta`: write both so either loads it.
-        d["rope_parameters"] = {"rope_type": self.rope_type, "rope_theta": self.rope_theta}
+        d["rope_parameters"] = {"rope_type": self.rope_type, "rope_theta": self.rope_theta, **self.rope_options}
         if architecture != "MistralForCausalLM" and "id2label" not in d:
             d["id2label"] = {str(i): f"LABEL_{i}" for i in range(self.num_labels)}
             d["label2id"] = {f"LABEL_{i}": i for i in range(self.num_labels)}
@@ -188,38 +229,6 @@ class MistralConfig:
         if dtype is not None:
             d["dtype"] = dtype
         (Path(folder) / "config.json").write_text(json.dumps(d, indent=2) + "\n")
-
-
-@dataclass(frozen=True)
-class ModelType:
-    """How one transformers `model_type` maps onto our fields."""
-
-    class_prefix: str  # its transformers classes: f"{class_prefix}ForCausalLM", ...
-    variant: Callable[[dict[str, Any]], dict[str, Any]]  # its config.json -> our variant fields
-    writes: tuple[str, ...] = ()  # the variant fields its config.json carries back on save
-
-
-def _mistral(d: dict[str, Any]) -> dict[str, Any]:
-    """transformers' Mistral: every layer alike (sliding when `sliding_window` is set), default rotary, a dense
-    MLP. A `layer_types` key stays an unknown key, as transformers ignores it for this model_type."""
-    return {}
-
-
-def _ministral(d: dict[str, Any]) -> dict[str, Any]:
-    """transformers' Ministral (Ministral-8B-2410): each layer full or sliding as `layer_types` says; without
-    the key every layer slides when there is a window and none does otherwise (its config's default)."""
-    layer_types = d.get("layer_types")
-    if layer_types is None:
-        window = d.get("sliding_window", MistralConfig.sliding_window)
-        layer_types = ["sliding_attention" if window is not None else "full_attention"] * d["num_hidden_layers"]
-    return {"layer_types": layer_types}
-
-
-# model_type -> how its config.json maps onto ours (ministral3, mixtral come next)
-MODEL_TYPES: dict[str, ModelType] = {
-    "mistral": ModelType("Mistral", _mistral),
-    "ministral": ModelType("Ministral", _ministral, writes=("layer_types",)),
-}
 
 
 def _matches(value: Any, hint: Any) -> bool:

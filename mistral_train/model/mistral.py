@@ -23,7 +23,7 @@ from mistral_train.model.execution import checkpoint_plan, run_block
 from mistral_train.model.kv_cache import KVCache
 from mistral_train.model.moe import record_aux_loss
 from mistral_train.model.offload import DEFAULT_MIN_BYTES, OffloadOptions
-from mistral_train.model.rope import rope_cos_sin
+from mistral_train.model.rope import llama4_query_scale, rope_cos_sin
 
 __all__ = ["Mistral", "Backbone", "Block", "Attention", "AttentionInputs", "MLP", "RMSNorm", "score_layer", "TASKS"]
 TASKS = ("causal_lm", "sequence_classification", "token_classification")
@@ -142,7 +142,13 @@ class Mistral(nn.Module):
         if position_ids is None:
             position_ids = index[None].expand(B, T)
         x = self.model.embed_tokens(input_ids)
-        cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
+        config = self.config
+        cos, sin = rope_cos_sin(position_ids, config.head_dim, config.rope_theta, x.dtype, config.rope_type,
+                                config.rope_options, config.max_position_embeddings)
+        query_scale = None
+        if config.query_scaling == "llama4":  # Ministral 3: queries sharpened past the pretraining length
+            query_scale = llama4_query_scale(position_ids, config.rope_options["llama_4_scaling_beta"],
+                                             config.rope_options["original_max_position_embeddings"])
         keep = attention_mask.bool() if attention_mask is not None else None
         kv_index, kv_keep, documents = index, keep, None
         if cache is not None:
@@ -155,7 +161,7 @@ class Mistral(nn.Module):
         for w in {block.self_attn.window for block in self.model.layers}:
             fast = plain and (w is None or w >= T)  # None: SDPA's causal fast path
             mask = None if fast else build_attention_mask(index, kv_index, w, kv_keep, documents, documents)
-            inputs[w] = AttentionInputs(cos, sin, mask, cache)
+            inputs[w] = AttentionInputs(cos, sin, mask, cache, query_scale)
         for block in self.model.layers:
             x = run_block(self, block, x, inputs[block.self_attn.window])  # compiled, recomputed, offloaded: as set
         record_aux_loss(self, keep)  # experts: the load-balancing loss of a training forward, padding excluded

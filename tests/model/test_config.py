@@ -9,10 +9,13 @@ import pytest
 import transformers
 
 from mistral_train import MistralConfig
+from mistral_train.errors import FolderError
+from mistral_train.model import config as model_config
 
-VARIANT_FIELDS = ("layer_types", "rope_type", "mlp_kind")  # no transformers MistralConfig attribute: checked below
+# fields no transformers MistralConfig attribute holds (the variant, set by model_type and rope_parameters;
+# the expert fields of classes with experts): checked below
 ARCH_FIELDS = [f.name for f in dataclasses.fields(MistralConfig)
-               if f.name not in ("extra", "rope_theta", "num_labels", *VARIANT_FIELDS)]
+               if f.name not in ("extra", "rope_theta", "num_labels", *model_config._VARIANT) or f.name == "model_type"]
 
 
 def _hf_dict(**kwargs) -> dict:
@@ -140,11 +143,15 @@ def test_inconsistent_heads_rejected():
         MistralConfig(hidden_size=64, num_attention_heads=8, num_key_value_heads=3)
 
 
-def test_unsupported_rope_type_rejected():
+@pytest.mark.parametrize("rope_type", ["linear", "dynamic", "llama3", "longrope"])
+def test_unsupported_rope_type_is_a_folder_error_naming_the_key(rope_type):
     d = _hf_dict()
-    d["rope_parameters"] = {"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0}
-    with pytest.raises(ValueError, match="yarn"):
+    d["rope_parameters"] = {"rope_type": rope_type, "rope_theta": 1e6, "factor": 4.0}
+    with pytest.raises(FolderError, match=rf"x: `rope_parameters.rope_type` '{rope_type}' is not supported"):
         MistralConfig.from_hf_dict(d, source="x")
+    v4 = {**_v4_dict(), "rope_scaling": {"type": rope_type, "factor": 4.0}}  # the pre-v5 spelling
+    with pytest.raises(FolderError, match="rope_type"):
+        MistralConfig.from_hf_dict(v4, source="x")
 
 
 @pytest.mark.parametrize("hidden,heads,head_dim", [(64, 8, None), (96, 4, None), (64, 4, 32), (32, 4, 16)])
@@ -188,3 +195,53 @@ def test_nemo_shapes_equal_transformers_parameter_for_parameter():
     assert expected["model.layers.0.self_attn.q_proj.weight"] == (32 * 128, 5120)  # not (5120, 5120)
     written = ours_config.to_hf_dict()
     assert (written["head_dim"], written["vocab_size"]) == (128, 131072)
+
+
+@pytest.mark.parametrize("key,value", [("attention_bias", True), ("mlp_bias", True), ("partial_rotary_factor", 0.5),
+                                       ("final_logit_softcapping", 30.0), ("use_qk_norm", True)])
+def test_a_key_that_changes_the_maths_is_a_folder_error_naming_it(key, value):
+    d = {**_hf_dict(hidden_size=64, num_attention_heads=8), key: value}
+    with pytest.raises(FolderError, match=rf"^/m/config.json: `{key}` is {value!r}, which changes the model"):
+        MistralConfig.from_hf_dict(d, source="/m/config.json")
+    neutral = {**d, key: {"partial_rotary_factor": 1.0}.get(key, None if "softcapping" in key else False)}
+    assert MistralConfig.from_hf_dict(neutral, source="x").to_hf_dict()[key] == neutral[key], "a neutral value round-trips"
+
+
+@pytest.mark.parametrize("rope,key", [
+    ({"rope_type": "yarn", "factor": 4.0, "low_freq_factor": 1.0}, "low_freq_factor"),  # llama3's
+    ({"rope_type": "yarn", "factor": 4.0, "short_factor": [1.0]}, "short_factor"),  # longrope's
+    ({"rope_type": "default", "factor": 4.0}, "factor"),  # a factor the default rotary would ignore
+    ({"rope_type": "yarn", "factor": 4.0, "partial_rotary_factor": 0.5}, "partial_rotary_factor"),
+    ({"rope_type": "yarn"}, "factor"),  # required: transformers fails without it
+])
+def test_rope_parameters_we_do_not_compute_are_named(rope, key):
+    d = {**_hf_dict(), "rope_parameters": {"rope_theta": 1e6, **rope}}
+    with pytest.raises(FolderError, match=rf"^x: `rope_parameters.{key}` is"):
+        MistralConfig.from_hf_dict(d, source="x")
+
+
+def test_ministral3_needs_its_query_scale_keys_and_saves_only_as_itself():
+    d = json.loads(transformers.Ministral3Config(hidden_size=64, num_attention_heads=8, num_key_value_heads=2,
+                                                 num_hidden_layers=2).to_json_string())
+    ours = MistralConfig.from_hf_dict(d, source="x")
+    assert (ours.model_type, ours.rope_type, ours.query_scaling) == ("ministral3", "yarn", "llama4")
+    assert ours.to_hf_dict()["architectures"] == ["Ministral3ForCausalLM"]
+    del d["rope_parameters"]["llama_4_scaling_beta"]
+    with pytest.raises(FolderError, match=r"`rope_parameters.llama_4_scaling_beta` is required"):
+        MistralConfig.from_hf_dict(d, source="x")
+    with pytest.raises(ValueError, match=r"`query_scaling` cannot be written as model_type 'mistral'"):
+        dataclasses.replace(ours, model_type="mistral").to_hf_dict()  # transformers' Mistral would drop it
+    with pytest.raises(ValueError, match=r"`query_scaling` cannot be written as model_type 'ministral3'"):
+        dataclasses.replace(ours, query_scaling=None).to_hf_dict()  # transformers' Ministral 3 always scales
+
+
+def test_ministral3_file_without_optional_keys_gets_transformers_defaults():
+    """Ministral3Config's defaults differ from Mistral's (head_dim 128, no window, YaRN): a sparse file means them."""
+    d = {"model_type": "ministral3", "vocab_size": 100, "hidden_size": 64, "intermediate_size": 96,
+         "num_hidden_layers": 2, "num_attention_heads": 4}
+    ours = MistralConfig.from_hf_dict(d, source="x")
+    theirs = transformers.Ministral3Config(**{k: v for k, v in d.items() if k != "model_type"})
+    assert (ours.head_dim, ours.sliding_window, ours.rms_norm_eps, ours.pad_token_id, ours.max_position_embeddings) == (
+        theirs.head_dim, theirs.sliding_window, theirs.rms_norm_eps, theirs.pad_token_id, theirs.max_position_embeddings)
+    assert {"rope_type": ours.rope_type, "rope_theta": ours.rope_theta, **ours.rope_options} == {
+        "rope_type": "yarn", **{k: v for k, v in theirs.rope_parameters.items() if k != "type"}}

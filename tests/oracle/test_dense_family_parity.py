@@ -1,18 +1,20 @@
 """The dense Mistral family against its transformers classes: logits, every gradient, cached greedy decoding and
-HF folders both ways.
+HF folders both ways. Classes: Mistral with Nemo's head_dim != hidden / heads, Ministral (interleaved and all-sliding
+layers), Ministral 3 (YaRN with the llama-4 query scale; tied embeddings with a window on every layer).
 
 Each class (FAMILY) is a transformers config of its own class, read by us from the dict transformers writes
 (`to_json_string`), so the `model_type` entry of model/config.py decides our variant. Weights are order-one
 random (tests/conftest.py::randomize_) and copied with a strict `load_state_dict`, so any difference is maths.
-Every input is longer than the sliding window; padded query rows are undefined in both, so compared on real
-tokens only. fp32 throughout.
+Every input is longer than the sliding window and than Ministral 3's original_max_position_embeddings (ORIGINAL),
+so YaRN's interpolated frequencies and the query scale past it are both exercised; padded query rows are undefined
+in both, so compared on real tokens only. fp32 throughout.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any
+from typing import Any, Callable, Optional
 
 import pytest
 import torch
@@ -21,11 +23,28 @@ import transformers
 from mistral_train import Mistral, MistralConfig
 from mistral_train.generate import generate
 from mistral_train.model.kv_cache import KVCache
+from safetensors import safe_open
 from tests.conftest import randomize_, tiny_kwargs
 
 TOL = 1e-5
 WINDOW = 4
+ORIGINAL = 8  # Ministral 3's original_max_position_embeddings here: inputs reach 11, decoding 18
 S, F = "sliding_attention", "full_attention"
+
+
+def _all_full(config: MistralConfig) -> MistralConfig:
+    return dataclasses.replace(config, layer_types=[F] * config.num_hidden_layers)
+
+
+def _plain_rope(config: MistralConfig) -> MistralConfig:
+    """What loading Ministral 3 as plain Mistral computed: default rotary, no query scale."""
+    return dataclasses.replace(config, rope_type="default", rope_options={}, query_scaling=None, model_type="mistral")
+
+
+def _ministral3(rope: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
+    config = tiny_kwargs(head_dim=16, rope_parameters={"rope_theta": 1e6, **rope}, **kwargs)
+    del config["rope_theta"]
+    return config
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,6 +53,7 @@ class Case:
     hf_model: type  # transformers' causal-LM class
     kwargs: dict[str, Any]  # transformers' config keywords
     rolling: bool  # whether decoding may use a window-sized rolling cache (every layer slides)
+    plain: Optional[Callable[[MistralConfig], MistralConfig]] = None  # the same weights without the variant's maths
 
 
 FAMILY = {
@@ -43,10 +63,22 @@ FAMILY = {
         rope_theta=1e6), rolling=False),
     # Ministral-8B-2410: full and sliding layers interleaved.
     "ministral_interleaved": Case(transformers.MinistralConfig, transformers.MinistralForCausalLM, tiny_kwargs(
-        num_hidden_layers=4, head_dim=8, sliding_window=WINDOW, layer_types=[S, F, S, F]), rolling=False),
+        num_hidden_layers=4, head_dim=8, sliding_window=WINDOW, layer_types=[S, F, S, F]), rolling=False,
+        plain=_all_full),
     # A ministral file without `layer_types`: transformers makes every layer slide.
     "ministral_all_sliding": Case(transformers.MinistralConfig, transformers.MinistralForCausalLM, tiny_kwargs(
-        num_hidden_layers=3, head_dim=8, sliding_window=WINDOW), rolling=True),
+        num_hidden_layers=3, head_dim=8, sliding_window=WINDOW), rolling=True, plain=_all_full),
+    # Ministral 3 8B/14B-like: YaRN (attention factor from mscale / mscale_all_dim) and the llama-4 query scale.
+    "ministral3_yarn_llama4": Case(transformers.Ministral3Config, transformers.Ministral3ForCausalLM, _ministral3(dict(
+        rope_type="yarn", factor=4.0, original_max_position_embeddings=ORIGINAL, beta_fast=8.0, beta_slow=0.5,
+        mscale=1.3, mscale_all_dim=0.7, llama_4_scaling_beta=0.4, max_position_embeddings=512),
+        sliding_window=None, pad_token_id=None), rolling=False, plain=_plain_rope),
+    # Ministral 3 3B-like: tied embeddings; here also a given attention factor, no truncation and a window on
+    # every layer (Ministral 3 applies `sliding_window` to all layers, so decoding may roll).
+    "ministral3_tied": Case(transformers.Ministral3Config, transformers.Ministral3ForCausalLM, _ministral3(dict(
+        rope_type="yarn", factor=8.0, original_max_position_embeddings=ORIGINAL, attention_factor=1.25, truncate=False,
+        llama_4_scaling_beta=0.3), tie_word_embeddings=True, sliding_window=WINDOW, pad_token_id=None),
+        rolling=True, plain=_plain_rope),
 }
 NAMES = list(FAMILY)
 LENGTHS = [11, 7, 9]  # each > WINDOW
@@ -97,13 +129,15 @@ def test_logits_match_transformers(name, kind, random_ids, padded_batch, max_abs
         expected = hf(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).logits
         got = ours(ids, attention_mask=mask, position_ids=positions)
     assert max_abs_diff(got, expected, real) <= TOL, f"{name}/{kind}: ours vs transformers"
-    if FAMILY[name].kwargs["sliding_window"] is not None:
-        # Not vacuous: the inputs are long enough that every layer attending to all keys changes the logits.
-        full = Mistral(dataclasses.replace(ours.config, layer_types=[F] * ours.config.num_hidden_layers)).eval()
-        full.load_state_dict(ours.state_dict())
+    plain = FAMILY[name].plain
+    if plain is not None:
+        # Not vacuous: the same weights without the variant's maths (all layers full; no YaRN nor query scale:
+        # Ministral 3 loaded as plain Mistral) give other logits on these lengths.
+        other_model = Mistral(plain(ours.config)).eval()
+        other_model.load_state_dict(ours.state_dict())
         with torch.no_grad():
-            other = full(ids, attention_mask=mask, position_ids=positions)
-        assert max_abs_diff(other, expected, real) > 1e-3, f"{name}/{kind}: the window made no difference"
+            other = other_model(ids, attention_mask=mask, position_ids=positions)
+        assert max_abs_diff(other, expected, real) > 1e-3, f"{name}/{kind}: the variant made no difference"
 
 
 @pytest.mark.parametrize("kind", ["left_pad", "packed"])
@@ -132,7 +166,7 @@ def test_loss_and_every_gradient_match_transformers(name, kind, random_ids, padd
 def test_cached_greedy_decoding_past_the_window_equals_transformers_generate(name, padded_batch, max_abs_diff):
     ours, hf = _pair(name)
     ids, mask = padded_batch([6, 3], 128, pad_id=0, side="left", seed=4)
-    new = 3 * WINDOW  # decoding runs well past the window
+    new = 3 * WINDOW  # decoding runs well past the window and past ORIGINAL
     cache = KVCache.for_model(ours.config, 2, ids.shape[1] + new, torch.float32, "cpu")
     assert cache.rolling == FAMILY[name].rolling, "a rolling cache only where every layer slides"
     if not cache.rolling:
@@ -164,9 +198,16 @@ def test_folders_round_trip_as_the_same_class(name, tmp_path, padded_batch, max_
     assert type(theirs) is FAMILY[name].hf_model
     assert theirs.config.to_dict().get("layer_types") == hf.config.to_dict().get("layer_types")
     assert theirs.config.head_dim == hf.config.head_dim
+    assert theirs.config.rope_parameters == hf.config.rope_parameters
+    assert theirs.config.tie_word_embeddings == hf.config.tie_word_embeddings
+    with safe_open(str(tmp_path / "ours" / "model.safetensors"), framework="pt") as f:
+        # a tied checkpoint stores the embedding once, as transformers writes it
+        assert ("lm_head.weight" in f.keys()) == (not hf.config.tie_word_embeddings)
     hf.save_pretrained(tmp_path / "hf")
     loaded = Mistral.from_pretrained(tmp_path / "hf").eval()
     assert loaded.config == ours.config
+    if hf.config.tie_word_embeddings:
+        assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
     with torch.no_grad():
         assert max_abs_diff(theirs(input_ids=ids, attention_mask=mask).logits, expected, mask) <= TOL
         assert max_abs_diff(loaded(ids, attention_mask=mask), expected, mask) <= TOL
