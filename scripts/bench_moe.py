@@ -1,0 +1,152 @@
+"""Benchmark our Mixtral MoE training step against transformers' MixtralForCausalLM on the same config.
+
+A training step is what the loop optimises: forward, the causal-LM loss plus router_aux_loss_coef x the
+load-balancing loss (ours: model/moe.py's, recorded by the forward; transformers: output_router_logits=True),
+backward, an AdamW step. Sides: ours; transformers with its default experts implementation (grouped_mm where
+torch has it); transformers with experts_implementation="eager" (a Python loop over experts). Each side runs in
+its own child process (peak memory apart), timed steps go round-robin; all sides get the same weights (one
+state dict in safetensors: our in-memory names are transformers') and the same batch. lr 1e-3, so each side is
+also checked to train: its gradient norm is non-zero and its loss moves over the steps.
+Prints a markdown block for docs/benchmarks.md and a JSON line for bench_all.py.
+
+    python scripts/bench_moe.py [--seq 256] [--batch 4] [--warmup 1] [--steps 4] [--device cpu|cuda|auto] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+import transformers
+from safetensors.torch import load_file, save_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared bench helper beside this file
+import _bench_common as mem  # noqa: E402
+
+from mistral_train import Mistral, MistralConfig  # noqa: E402
+from mistral_train.model.moe import take_aux_loss  # noqa: E402
+
+SIDES = {"ours": None, "hf-grouped_mm": "grouped_mm", "hf-eager": "eager"}  # side -> experts_implementation
+ARCH = dict(model_type="mixtral", vocab_size=4096, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+            num_attention_heads=8, num_key_value_heads=4, num_local_experts=8, num_experts_per_tok=2,
+            router_aux_loss_coef=0.02, sliding_window=None, max_position_embeddings=4096, tie_word_embeddings=False)
+QUICK_ARCH = {**ARCH, "vocab_size": 512, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2}
+
+
+def build(side: str, weights: Path, arch: dict) -> torch.nn.Module:
+    config = MistralConfig.from_hf_dict(arch, source="bench")
+    if side == "ours":
+        model = Mistral(config)
+    else:
+        hf_config = transformers.MixtralConfig(**{k: v for k, v in config.to_hf_dict("MistralForCausalLM").items()
+                                                  if k not in ("architectures", "model_type")})
+        hf_config._attn_implementation = "sdpa"
+        model = transformers.MixtralForCausalLM(hf_config)
+        model.set_experts_implementation(SIDES[side])
+    model.load_state_dict(load_file(weights), strict=True)
+    return model
+
+
+def serve_side(side: str, weights: Path, args: argparse.Namespace) -> None:
+    torch.set_num_threads(mem.THREADS)
+    device = args.device
+    model = build(side, weights, args.arch).to(device, mem.compute_dtype(device))
+    ids = torch.randint(0, args.arch["vocab_size"], (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
+    ids = ids.to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    seen = {"losses": [], "grad_norms": []}
+
+    def step() -> float:
+        model.train()
+        if side == "ours":
+            loss = model(ids, labels=ids) + take_aux_loss(model)[0]  # what train/loop.py backward_window adds
+        else:
+            loss = model(ids, labels=ids, use_cache=False, output_router_logits=True).loss
+        loss.backward()
+        norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters() if p.grad is not None]))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        seen["losses"].append(loss.item())
+        seen["grad_norms"].append(float(norm))
+        return loss.item()
+
+    mem.serve_steps(step, device, {"trained": lambda: dict(seen)})
+
+
+def report(train: dict, trained: dict, args: argparse.Namespace, settings: dict) -> str:
+    sides, arch, info = list(train), args.arch, settings["machine"]
+    others = [s for s in sides if s != "ours"]
+    rows = ["| Measure | ours | " + " | ".join(f"{s} | ours / {s}" for s in others) + " |",
+            "|---|---:|" + "---:|---:|" * len(others)]
+    for name, key, fmt in (("Train step, tokens/s, median step (higher is better)", "tokens_per_s", "{:.0f}"),
+                           ("Train step, tokens/s, best step", "best_tokens_per_s", "{:.0f}"),
+                           ("Train step, peak memory over the built model, MiB (lower is better)", "peak_mib", "{:.0f}"),
+                           ("Train step, absolute peak memory, MiB", "abs_peak_mib", "{:.0f}")):
+        cells = [name, fmt.format(train["ours"][key])]
+        for s in others:
+            cells += [fmt.format(train[s][key]), f"{train['ours'][key] / train[s][key]:.2f}x"]
+        rows.append("| " + " | ".join(cells) + " |")
+    lines = [
+        f"- Machine: {info['cpu']}, {info['cores']} cores, {info['ram_gib']} GiB, torch.set_num_threads({mem.THREADS}); "
+        f"{args.device}; {mem.versions_text(info)}; {mem.compute_dtype(args.device)}.",
+        f"- Model: Mixtral, hidden {arch['hidden_size']}, {arch['num_hidden_layers']} layers, {arch['num_local_experts']} "
+        f"experts top-{arch['num_experts_per_tok']} of intermediate {arch['intermediate_size']}, {arch['num_attention_heads']} "
+        f"heads / {arch['num_key_value_heads']} KV, vocab {arch['vocab_size']}: {settings['n_params'] / 1e6:.1f} M parameters.",
+        f"- Step: batch {args.batch} x seq {args.seq}, CE + {arch['router_aux_loss_coef']} x aux loss, backward, AdamW "
+        f"(lr 1e-3); {args.warmup} warm-up + {args.steps} timed steps per side, round-robin. Step seconds: "
+        + "; ".join(f"{s} " + ", ".join(f"{t:.2f}" for t in train[s]["step_s"]) for s in sides) + ".",
+        "- Trained: " + "; ".join(f"{s} loss {t['losses'][0]:.4f} -> {t['losses'][-1]:.4f}, grad norm first step "
+                                  f"{t['grad_norms'][0]:.3g}" for s, t in trained.items()) + ".",
+        mem.memory_note([settings["memory"][s] for s in sides]),
+        mem.profile_note({s: train[s]["profile"] for s in sides}),
+    ]
+    return "\n".join(lines + mem.run_notes(settings) + ["", *rows])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"))
+    parser.add_argument("--quick", action="store_true", help="tiny model, 2 steps: a smoke test")
+    parser.add_argument("--child", choices=list(SIDES), help=argparse.SUPPRESS)
+    parser.add_argument("--weights", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    args.device, args.arch = mem.pick_device(args.device), QUICK_ARCH if args.quick else ARCH
+    if args.quick:
+        args.seq, args.batch, args.warmup, args.steps = 64, 2, 0, 2
+    if args.child:
+        serve_side(args.child, args.weights, args)
+        return
+    torch.set_num_threads(mem.THREADS)
+    clock = mem.RunClock(__file__)
+    with tempfile.TemporaryDirectory() as tmp:
+        weights = Path(tmp) / "weights.safetensors"
+        torch.manual_seed(0)
+        state = Mistral(MistralConfig.from_hf_dict(args.arch, source="bench")).state_dict()
+        n_params = sum(v.numel() for v in state.values())
+        save_file(state, str(weights))
+        argvs = {s: [__file__, *sys.argv[1:], "--child", s, "--weights", str(weights)] for s in SIDES}
+        with mem.children_of(argvs) as children:
+            steps = mem.round_robin(children, "step", args.warmup + args.steps)
+            memory = {s: child.ask("memory") for s, child in children.items()}
+            profiles = {s: child.ask("profile") for s, child in children.items()}
+            trained = {s: child.ask("trained") for s, child in children.items()}
+    for side, t in trained.items():
+        if not (t["grad_norms"][0] > 0 and t["losses"][-1] != t["losses"][0]):
+            raise SystemExit(f"{side} did not train: losses {t['losses']}, grad norms {t['grad_norms']}")
+    train = {s: mem.summarize({"steps": steps[s], "memory": memory[s], "profile": profiles[s]}, args.batch * args.seq,
+                              args.warmup) for s in SIDES}
+    settings = {**clock.finish(), "n_params": n_params, "memory": memory}
+    payload = {"bench": "moe", "device": args.device, "seq": args.seq, "batch": args.batch, "arch": args.arch,
+               "n_params": n_params, "train": train, "trained": trained, "run": settings}
+    mem.emit(report(train, trained, args, settings), payload)
+
+
+if __name__ == "__main__":
+    main()
