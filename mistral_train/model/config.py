@@ -16,7 +16,7 @@ from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
 
 from mistral_train.jsonfile import read_json_object
 from mistral_train.errors import FolderError
-from mistral_train.model.model_types import MATHS_KEYS, MODEL_TYPES, ModelType  # noqa: F401 (ModelType: re-exported)
+from mistral_train.model.model_types import EXPERT_FIELDS, MATHS_KEYS, MODEL_TYPES, ModelType  # noqa: F401 (ModelType: re-exported)
 from mistral_train.model.rope import YARN_KEYS
 
 # Keys transformers writes that describe the file, not the architecture: dropped on read,
@@ -33,7 +33,7 @@ ROPE_KEYS = {"default": (), "yarn": YARN_KEYS}
 _ROPE_SHARED_KEYS = ("llama_4_scaling_beta", "original_max_position_embeddings")
 QUERY_SCALINGS = (None, "llama4")  # None, or Ministral 3's 1 + beta * ln(1 + floor(position / original))
 # set by the model_type's mapping or the rope_parameters dict, not read by key name
-_VARIANT = ("model_type", "layer_types", "rope_type", "rope_options", "mlp_kind", "query_scaling")
+_VARIANT = ("model_type", "layer_types", "rope_type", "rope_options", "mlp_kind", "query_scaling", *EXPERT_FIELDS)
 _VARIANT_DEFAULTS = {"layer_types": None, "mlp_kind": "dense", "query_scaling": None}
 
 
@@ -66,6 +66,12 @@ class MistralConfig:
     rope_options: dict[str, Any] = field(default_factory=dict)  # rope_parameters beyond rope_type/theta (YaRN's)
     query_scaling: Optional[str] = None  # one of QUERY_SCALINGS; "llama4" reads rope_options
     mlp_kind: str = "dense"  # a key of model/blocks.py's MLPS
+    # experts (mlp_kind "moe", model/moe.py), with MixtralConfig's defaults
+    num_local_experts: int = 8
+    num_experts_per_tok: int = 2
+    router_aux_loss_coef: float = 0.001  # the load-balancing loss is added in every training step; 0 turns it off
+    router_jitter_noise: float = 0.0
+    output_router_logits: bool = False  # kept for the round trip: our aux loss never depends on it (transformers' does)
     model_type: str = "mistral"  # a key of MODEL_TYPES: the transformers class family written back on save
     extra: dict[str, Any] = field(default_factory=dict)  # unknown keys, kept for the round trip
 
@@ -104,6 +110,12 @@ class MistralConfig:
         if self.rope_type not in ROPE_TYPES:
             raise ValueError(f"`rope_parameters.rope_type` {self.rope_type!r} is not supported (one of {ROPE_TYPES})")
         self._validate_rope_options()
+        if not 1 <= self.num_experts_per_tok <= self.num_local_experts:
+            raise ValueError(f"`num_experts_per_tok` must be between 1 and `num_local_experts` ({self.num_local_experts}), "
+                             f"got {self.num_experts_per_tok}")
+        if self.router_aux_loss_coef < 0 or self.router_jitter_noise < 0:
+            raise ValueError(f"`router_aux_loss_coef` and `router_jitter_noise` must be >= 0, got "
+                             f"{self.router_aux_loss_coef} and {self.router_jitter_noise}")
 
     def _validate_rope_options(self) -> None:
         allowed = (*ROPE_KEYS[self.rope_type], *_ROPE_SHARED_KEYS, "partial_rotary_factor")
@@ -215,6 +227,7 @@ class MistralConfig:
         d.update(self.extra)  # unknown keys, and a list of EOS ids over the single one
         if "layer_types" in entry.writes:
             d["layer_types"] = self.attention_kinds()
+        d.update({name: getattr(self, name) for name in EXPERT_FIELDS if name in entry.writes})
         d["architectures"] = [re.sub(r"^Mistral(?=For)", entry.class_prefix, architecture)]
         d["model_type"] = self.model_type
         # v5 reads `rope_parameters`; v4 reads `rope_theta`: write both so either loads it.

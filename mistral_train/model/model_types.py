@@ -53,12 +53,26 @@ _MINISTRAL3_DEFAULTS = {
                         "llama_4_scaling_beta": 0.1},
 }
 
+def _mixtral(d: dict[str, Any]) -> dict[str, Any]:
+    """transformers' Mixtral: Mistral's attention and a sparse mixture of experts in place of each MLP
+    (model/moe.py); the expert keys are MixtralConfig's (its defaults below when the file has none)."""
+    return {"mlp_kind": "moe", **{key: d[key] for key in EXPERT_FIELDS}}
 
-# model_type -> how its config.json maps onto ours (mixtral comes next)
+
+# MistralConfig's expert fields (mlp_kind "moe"), with transformers' MixtralConfig names
+EXPERT_FIELDS = ("num_local_experts", "num_experts_per_tok", "router_aux_loss_coef", "router_jitter_noise",
+                 "output_router_logits")
+# MixtralConfig's values (transformers 5.25) for keys a config.json leaves out, where they differ from ours.
+_MIXTRAL_DEFAULTS = {"rms_norm_eps": 1e-5, "sliding_window": None, "rope_theta": 1000000.0, "num_local_experts": 8,
+                     "num_experts_per_tok": 2, "router_aux_loss_coef": 0.001, "router_jitter_noise": 0.0,
+                     "output_router_logits": False}
+
+# model_type -> how its config.json maps onto ours
 MODEL_TYPES: dict[str, ModelType] = {
     "mistral": ModelType("Mistral", _mistral),
     "ministral": ModelType("Ministral", _ministral, writes=("layer_types",), defaults={"sliding_window": 4096}),
     "ministral3": ModelType("Ministral3", _ministral3, fixed={"query_scaling": "llama4"}, defaults=_MINISTRAL3_DEFAULTS),
+    "mixtral": ModelType("Mixtral", _mixtral, writes=EXPERT_FIELDS, fixed={"mlp_kind": "moe"}, defaults=_MIXTRAL_DEFAULTS),
 }
 
 # Keys other transformers classes read that change the maths, with the value that leaves it unchanged. None of
