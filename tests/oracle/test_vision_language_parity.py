@@ -25,6 +25,12 @@ from tests.conftest import randomize_, tiny_kwargs  # noqa: E402
 
 TOL = 1e-5
 TEXT = tiny_kwargs(hidden_size=64, intermediate_size=128, head_dim=16)
+# Ministral 3 / Magistral / Devstral Small 2: YaRN and llama-4 query scaling past an original context of 8
+# (the test prompts have 12 tokens)
+MINISTRAL3 = {k: v for k, v in TEXT.items() if k != "rope_theta"} | dict(rope_parameters=dict(
+    rope_type="yarn", rope_theta=1e6, factor=4.0, original_max_position_embeddings=8, beta_fast=8.0, beta_slow=0.5,
+    mscale=1.3, mscale_all_dim=0.7, llama_4_scaling_beta=0.4))
+TEXTS = {"mistral": (transformers.MistralConfig, TEXT), "ministral3": (transformers.Ministral3Config, MINISTRAL3)}
 VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, head_dim=16,
               image_size=56, patch_size=14)
 # transformers 5 builds (and reads) these names; it writes the legacy ones (language_model.model.*, vision_tower.*)
@@ -32,19 +38,20 @@ _V5_NAMES = (("language_model.model.", "model.language_model."), ("language_mode
              ("vision_tower.", "model.vision_tower."), ("multi_modal_projector.", "model.multi_modal_projector."))
 
 
-def _hf_config(tie: bool = False):
-    config = transformers.Mistral3Config(text_config=transformers.MistralConfig(**TEXT),
+def _hf_config(tie: bool = False, text: str = "mistral"):
+    text_class, text_kwargs = TEXTS[text]
+    config = transformers.Mistral3Config(text_config=text_class(**text_kwargs),
                                          vision_config=transformers.PixtralVisionConfig(**VISION),
                                          tie_word_embeddings=tie)
     config._attn_implementation = "sdpa"
     return config
 
 
-def _save_source(folder, layout: str, tie: bool = False, seed: int = 0):
+def _save_source(folder, layout: str, tie: bool = False, seed: int = 0, text: str = "mistral"):
     """A transformers Mistral3ForConditionalGeneration saved in `folder` (sharded), in `layout`: "legacy"
     (as transformers writes it) or "v5" (its module names)."""
     torch.manual_seed(seed)
-    model = randomize_(transformers.Mistral3ForConditionalGeneration(_hf_config(tie)), seed)
+    model = randomize_(transformers.Mistral3ForConditionalGeneration(_hf_config(tie, text)), seed)
     model.model.vision_tower.to(torch.bfloat16)
     model.save_pretrained(folder, max_shard_size="60KB")
     if layout == "v5":
@@ -112,9 +119,10 @@ def _legacy(key: str) -> str:
     return key
 
 
-@pytest.fixture(params=["legacy", "v5"])
+@pytest.fixture(params=[("legacy", "mistral"), ("v5", "mistral"), ("legacy", "ministral3")], ids="-".join)
 def source(request, tmp_path):
-    return _save_source(tmp_path / f"source-{request.param}", request.param)
+    layout, text = request.param
+    return _save_source(tmp_path / f"source-{layout}-{text}", layout, text=text)
 
 
 def test_text_logits_and_grads_equal_transformers(source):
