@@ -79,6 +79,26 @@ def test_interleaved_layers_round_trip_as_a_window_list(tmp_path):
         assert not torch.allclose(back(ids), _model(sliding_window=3, num_hidden_layers=4)(ids))
 
 
+@pytest.mark.parametrize("magnitude, apply_scale", [({"mscale": 1.0, "mscale_all_dim": 1.0}, False), ({}, None)])
+def test_ministral3_yarn_and_query_scale_round_trip(tmp_path, magnitude, apply_scale):
+    """Ministral 3 (YaRN + llama-4 query scaling) -> `yarn` / `llama_4_scaling` -> the same model, past the original
+    length; transformers' mscale = mscale_all_dim = 1 (its published configs) is YaRN without magnitude correction,
+    written `apply_scale: false`; no mscale keeps the 0.1 ln(factor) + 1 correction (the key left out)."""
+    options = dict(factor=4.0, original_max_position_embeddings=8, beta_fast=32.0, beta_slow=1.0,
+                   llama_4_scaling_beta=0.5, **magnitude)
+    model = _model(model_type="ministral3", rope_type="yarn", query_scaling="llama4", rope_options=options,
+                   sliding_window=None)
+    native.save_native(model, tmp_path / "n")
+    params = json.loads((tmp_path / "n" / native.PARAMS_FILE).read_text())
+    assert params["llama_4_scaling"] == {"original_max_position_embeddings": 8, "beta": 0.5}
+    assert params["yarn"].get("apply_scale") is apply_scale and params["yarn"]["beta"] == 32.0
+    back = Mistral.from_pretrained(tmp_path / "n").eval()
+    assert (back.config.model_type, back.config.rope_type, back.config.query_scaling) == ("ministral3", "yarn", "llama4")
+    ids = torch.randint(0, 96, (1, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(back(ids), model(ids))
+
+
 def test_native_names_and_layout_on_disk(tmp_path):
     """Each stored tensor under its native name; wq/wk rows interleaved, every other weight as ours."""
     model = _model()

@@ -24,7 +24,13 @@ CASES = {"tekken-v7": ("tekken-v7", dict(tie_word_embeddings=False, sliding_wind
          "sentencepiece-v3": ("v3", dict(tie_word_embeddings=True, sliding_window=8)),
          # Ministral: full and sliding layers interleaved, written as a per-layer window list
          "ministral-interleaved": ("tekken-v3", dict(model_type="ministral", num_hidden_layers=4, sliding_window=6,
-                                                     layer_types=["sliding_attention", "full_attention"] * 2))}
+                                                     layer_types=["sliding_attention", "full_attention"] * 2)),
+         # Ministral 3: YaRN with its default magnitude correction, queries scaled by position past 8 tokens
+         "ministral3-yarn": ("tekken-v7", dict(model_type="ministral3", rope_type="yarn", query_scaling="llama4",
+                                               rope_theta=1e6, sliding_window=None, tie_word_embeddings=True,
+                                               rope_options=dict(factor=4.0, original_max_position_embeddings=8,
+                                                                 beta_fast=32.0, beta_slow=1.0,
+                                                                 llama_4_scaling_beta=0.5)))}
 
 
 @pytest.fixture(scope="module", params=list(CASES))
