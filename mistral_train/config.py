@@ -58,6 +58,13 @@ class ModelSpec:
     gradient_checkpointing: Any = False
     checkpoint_every: int = 1  # checkpoint layers 0, k, 2k, ... (every_k needs k >= 2)
     activation_offloading: bool = False  # saved activations to CPU memory in the forward, back in the backward
+    # a fresh model's transformers class (model/model_types.py): mistral (dense MLP) or mixtral (experts in every
+    # layer, the keys below with MixtralConfig's names; a dense model ignores them)
+    model_type: str = "mistral"
+    num_local_experts: int = 8
+    num_experts_per_tok: int = 2
+    router_aux_loss_coef: float = 0.001  # the load-balancing loss's weight in every training step; 0 turns it off
+    router_jitter_noise: float = 0.0
 
 
 @dataclass

@@ -16,7 +16,7 @@ from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
 
 from mistral_train.jsonfile import read_json_object
 from mistral_train.errors import FolderError
-from mistral_train.model.model_types import EXPERT_FIELDS, MATHS_KEYS, MODEL_TYPES, ModelType  # noqa: F401 (ModelType: re-exported)
+from mistral_train.model.model_types import EXPERT_FIELDS, MATHS_KEYS, MISTRAL4_FIELDS, MODEL_TYPES, ModelType  # noqa: F401 (ModelType: re-exported)
 from mistral_train.model.rope import YARN_KEYS
 
 # Keys transformers writes that describe the file, not the architecture: dropped on read,
@@ -33,8 +33,10 @@ ROPE_KEYS = {"default": (), "yarn": YARN_KEYS}
 _ROPE_SHARED_KEYS = ("llama_4_scaling_beta", "original_max_position_embeddings")
 QUERY_SCALINGS = (None, "llama4")  # None, or Ministral 3's 1 + beta * ln(1 + floor(position / original))
 # set by the model_type's mapping or the rope_parameters dict, not read by key name
-_VARIANT = ("model_type", "layer_types", "rope_type", "rope_options", "mlp_kind", "query_scaling", *EXPERT_FIELDS)
-_VARIANT_DEFAULTS = {"layer_types": None, "mlp_kind": "dense", "query_scaling": None}
+_VARIANT = ("model_type", "layer_types", "rope_type", "rope_options", "mlp_kind", "query_scaling", *EXPERT_FIELDS,
+            "attention_kind", *MISTRAL4_FIELDS)
+_VARIANT_DEFAULTS = {"layer_types": None, "mlp_kind": "dense", "query_scaling": None, "attention_kind": "gqa"}
+ATTENTION_MATHS = ("gqa", "latent")  # attention_kind: grouped-query (attention.py) or latent (latent_attention.py)
 
 
 @dataclass
@@ -72,6 +74,23 @@ class MistralConfig:
     router_aux_loss_coef: float = 0.001  # the load-balancing loss is added in every training step; 0 turns it off
     router_jitter_noise: float = 0.0
     output_router_logits: bool = False  # kept for the round trip: our aux loss never depends on it (transformers' does)
+    # Mistral Small 4 (model_type mistral4), with Mistral4Config's names and defaults: latent attention
+    # (attention_kind "latent", model/latent_attention.py) and shared + routed experts (mlp_kind "shared_moe",
+    # model/routed_experts.py) after `first_k_dense_replace` dense layers
+    attention_kind: str = "gqa"  # one of ATTENTION_MATHS
+    q_lora_rank: Optional[int] = 1024  # None: queries by one q_proj
+    kv_lora_rank: int = 256
+    qk_rope_head_dim: int = 64
+    qk_nope_head_dim: int = 64
+    v_head_dim: int = 128
+    rope_interleave: bool = True
+    moe_intermediate_size: int = 2048
+    n_shared_experts: int = 1
+    n_group: int = 1
+    topk_group: int = 1
+    routed_scaling_factor: float = 1.0
+    norm_topk_prob: bool = True
+    first_k_dense_replace: int = 0
     model_type: str = "mistral"  # a key of MODEL_TYPES: the transformers class family written back on save
     extra: dict[str, Any] = field(default_factory=dict)  # unknown keys, kept for the round trip
 
@@ -97,8 +116,9 @@ class MistralConfig:
             )
         if self.hidden_act not in _SUPPORTED_ACTIVATIONS:
             raise ValueError(f"`hidden_act` {self.hidden_act!r} is not one of {sorted(_SUPPORTED_ACTIVATIONS)}")
-        if self.head_dim is not None and self.head_dim % 2 != 0:
-            raise ValueError(f"`head_dim` must be even for RoPE, got {self.head_dim}")
+        if self.rotary_dim is not None and self.rotary_dim % 2 != 0:  # latent attention rotates only its rope part
+            name = "qk_rope_head_dim" if self.attention_kind == "latent" else "head_dim"
+            raise ValueError(f"`{name}` must be even for RoPE, got {self.rotary_dim}")
         if self.sliding_window is not None and self.sliding_window < 1:
             raise ValueError(f"`sliding_window` must be a positive integer or null, got {self.sliding_window}")
         if self.layer_types is not None and (len(self.layer_types) != self.num_hidden_layers
@@ -109,7 +129,11 @@ class MistralConfig:
             raise ValueError(f"`model_type` {self.model_type!r} is not one of {sorted(MODEL_TYPES)}")
         if self.rope_type not in ROPE_TYPES:
             raise ValueError(f"`rope_parameters.rope_type` {self.rope_type!r} is not supported (one of {ROPE_TYPES})")
+        if self.attention_kind not in ATTENTION_MATHS:
+            raise ValueError(f"`attention_kind` {self.attention_kind!r} is not one of {ATTENTION_MATHS}")
         self._validate_rope_options()
+        if MODEL_TYPES[self.model_type].check is not None:
+            MODEL_TYPES[self.model_type].check(self)
         if not 1 <= self.num_experts_per_tok <= self.num_local_experts:
             raise ValueError(f"`num_experts_per_tok` must be between 1 and `num_local_experts` ({self.num_local_experts}), "
                              f"got {self.num_experts_per_tok}")
@@ -120,7 +144,8 @@ class MistralConfig:
     def _validate_rope_options(self) -> None:
         allowed = (*ROPE_KEYS[self.rope_type], *_ROPE_SHARED_KEYS, "partial_rotary_factor")
         for key, value in self.rope_options.items():
-            if key not in allowed or (key == "partial_rotary_factor" and value != 1.0):
+            rotary_share = self.rotary_dim / self.head_dim if self.head_dim else 1.0  # 1: every dimension rotates
+            if key not in allowed or (key == "partial_rotary_factor" and value != rotary_share):
                 raise ValueError(f"`rope_parameters.{key}` is not supported with rope_type {self.rope_type!r} (it "
                                  f"changes the rotary maths and is not computed here); supported keys: {sorted(allowed)}")
         needed = ["factor", "original_max_position_embeddings"] if self.rope_type == "yarn" else []
@@ -138,6 +163,15 @@ class MistralConfig:
         sliding = self.layer_types is None or self.layer_types[layer] == "sliding_attention"
         return self.sliding_window if sliding else None
 
+    def layer_mlp_kind(self, layer: int) -> str:
+        """The MLP of layer `layer` (a key of blocks.py's MLPS): dense in the first `first_k_dense_replace` layers."""
+        return "dense" if layer < self.first_k_dense_replace else self.mlp_kind
+
+    @property
+    def rotary_dim(self) -> Optional[int]:
+        """How many dimensions of a query/key head rotate: latent attention rotates only its qk_rope_head_dim part."""
+        return self.qk_rope_head_dim if self.attention_kind == "latent" else self.head_dim
+
     def attention_kinds(self) -> list[str]:
         """Each layer's kind, spelled out as transformers' `layer_types` (None above means every layer
         slides, which is full attention when there is no window)."""
@@ -151,7 +185,9 @@ class MistralConfig:
         """The architecture a run's model spec names (config.ModelSpec: each attribute named like a field
         here), `given` over it (the tokenizer's vocab_size and ids): model building and `plan` both use it."""
         names = [f.name for f in dataclasses.fields(cls) if f.name != "extra" and hasattr(spec, f.name)]
-        return cls(**({name: getattr(spec, name) for name in names} | given))
+        fields = {name: getattr(spec, name) for name in names} | given
+        entry = MODEL_TYPES.get(fields.get("model_type", "mistral"))  # an unknown one: validate names it
+        return cls(**(fields | (entry.fixed if entry else {})))  # what the class always has (mixtral: mlp_kind moe)
 
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any], source: str = "config") -> "MistralConfig":
@@ -185,7 +221,7 @@ class MistralConfig:
             kwargs["eos_token_id"] = eos_list[0] if eos_list else None  # generation stops on the first
         if kwargs.get("num_key_value_heads") is None:
             kwargs["num_key_value_heads"] = kwargs["num_attention_heads"]
-        consumed = set(entry.writes)  # read by the mapping: fields now, not unknown keys
+        consumed = {entry.renames.get(k, k) for k in entry.writes}  # read by the mapping: fields now, not unknown keys
         extra = {k: v for k, v in d.items() if k not in known and k not in _HF_BOOKKEEPING and k not in consumed}
         for key, neutral in MATHS_KEYS.items():
             if extra.get(key, neutral) != neutral:
@@ -227,7 +263,8 @@ class MistralConfig:
         d.update(self.extra)  # unknown keys, and a list of EOS ids over the single one
         if "layer_types" in entry.writes:
             d["layer_types"] = self.attention_kinds()
-        d.update({name: getattr(self, name) for name in EXPERT_FIELDS if name in entry.writes})
+        d.update({entry.renames.get(name, name): getattr(self, name) for name in (*EXPERT_FIELDS, *MISTRAL4_FIELDS)
+                  if name in entry.writes})
         d["architectures"] = [re.sub(r"^Mistral(?=For)", entry.class_prefix, architecture)]
         d["model_type"] = self.model_type
         # v5 reads `rope_parameters`; v4 reads `rope_theta`: write both so either loads it.

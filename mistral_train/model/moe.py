@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mistral_train.model.expert_recompute import RecomputedExperts
+
 # torch's grouped GEMM (one kernel over all experts' token groups); CPU forward and backward are exact
 # against per-expert matmuls in torch 2.13 (tests/model/test_moe.py compares both paths).
 GROUPED_MM = hasattr(torch, "_grouped_mm")
@@ -66,6 +68,19 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor,
     return torch.cat(parts) if parts else x.new_zeros(0, weight.shape[1])
 
 
+def grouped_weight_grad(dy: torch.Tensor, x: torch.Tensor, counts: torch.Tensor,
+                        grouped: Optional[bool] = None) -> torch.Tensor:
+    """The weight gradient of grouped_linear: dy (M, out) and x (M, in) grouped by `counts` (E,) -> (E, out, in),
+    expert e's dy_e^T x_e (zeros for an expert with no rows)."""
+    if (grouped if grouped is not None else GROUPED_MM) and _aligned(x, dy.new_empty(1, dy.shape[1], x.shape[1])):
+        return torch._grouped_mm(dy.t(), x, offs=torch.cumsum(counts, 0).to(torch.int32))
+    out = x.new_zeros(counts.shape[0], dy.shape[1], x.shape[1])
+    for e, (d, rows) in enumerate(zip(dy.split(counts.tolist()), x.split(counts.tolist()))):
+        if rows.shape[0]:
+            torch.mm(d.t(), rows, out=out[e])
+    return out
+
+
 def _aligned(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """torch._grouped_mm needs row strides that are multiples of 16 bytes (e.g. fp32 widths divisible by 4)."""
     return all(width * x.element_size() % 16 == 0 for width in (weight.shape[1], weight.shape[2]))
@@ -82,18 +97,47 @@ class Experts(nn.Module):
         nn.init.normal_(self.gate_up_proj, std=std)
         nn.init.normal_(self.down_proj, std=std)
         self.grouped: Optional[bool] = None  # None: GROUPED_MM decides; tests pin either path
+        # Training keeps only inputs and routing for backward and recomputes the rest (expert_recompute.py); the
+        # plain path (everything kept) runs without grad, and where an adapter or NF4 stack wraps a weight.
+        self.recompute = True
+
+    def project(self, name: str, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """`rows` (M, in) grouped by expert (`counts` (E,)) times expert weight `name` ("gate_up_proj" | "down_proj"):
+        (M, out). The one place an expert weight is used, so quantisation and adapters wrap it here: a module in
+        the weight's place (quant/nf4_experts.py's NF4 stack) runs its own grouped product, and a module named
+        `<name>_lora` (adapters/expert_lora.py) adds its per-expert low-rank term to the result. Both get `product`,
+        this grouping's matmul of rows by a stack of per-expert weights (they sit below model/ and import none of it)."""
+
+        def product(x: torch.Tensor, stack: torch.Tensor) -> torch.Tensor:  # (M, in) x (E, out, in) -> (M, out)
+            return grouped_linear(x, stack, counts, self.grouped)
+
+        weight = getattr(self, name)
+        out = weight(rows, product) if isinstance(weight, nn.Module) else product(rows, weight)
+        adapter = self._modules.get(name + "_lora")
+        return out if adapter is None else adapter(rows, out, product)
 
     def forward(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
         """x (N, H) -> (N, H): sum over each token's k experts of weight * expert(x)."""
         k = routing.experts.shape[1]
         order, counts = expert_groups(routing.experts, self.num_experts)
         tokens = order // k  # the token of each sorted assignment
+        if self.recompute and torch.is_grad_enabled() and self._plain_weights():
+            slots = torch.empty_like(order).index_copy_(0, order, torch.arange(order.numel(), device=order.device))
+            return RecomputedExperts.apply(
+                x, routing.weights.reshape(-1)[order], self.gate_up_proj, self.down_proj, tokens, slots, self.act,
+                lambda rows, stack: grouped_linear(rows, stack, counts, self.grouped),
+                lambda dy, rows: grouped_weight_grad(dy, rows, counts, self.grouped))
         rows = x[tokens]  # (N*k, H), grouped by expert
-        gate, up = grouped_linear(rows, self.gate_up_proj, counts, self.grouped).chunk(2, dim=-1)
-        out = grouped_linear(self.act(gate) * up, self.down_proj, counts, self.grouped)  # (N*k, H)
+        gate, up = self.project("gate_up_proj", rows, counts).chunk(2, dim=-1)
+        out = self.project("down_proj", self.act(gate) * up, counts)  # (N*k, H)
         # fp32 routing weights, as transformers multiplies them, then back to the activations' dtype
         out = (out * routing.weights.reshape(-1)[order, None]).to(x.dtype)
         return torch.zeros_like(x).index_add_(0, tokens, out)
+
+    def _plain_weights(self) -> bool:
+        """Both expert weights are plain tensors with no adapter: what RecomputedExperts differentiates."""
+        return all(isinstance(getattr(self, name), torch.Tensor) and name + "_lora" not in self._modules
+                   for name in ("gate_up_proj", "down_proj"))
 
 
 class SparseMoE(nn.Module):
@@ -144,17 +188,43 @@ def load_balancing_loss(router_logits: Sequence[torch.Tensor], num_experts: int,
 
 
 def record_aux_loss(model: nn.Module, keep: Optional[torch.Tensor]) -> None:
-    """After a forward of `model` (Mistral): in training with grad and a non-zero coefficient, set
-    `model.router_aux_loss` to the load-balancing loss of this forward's MoE layers; `keep` excludes padding."""
+    """After a forward of `model` (Mistral) in training with grad: set `model.expert_load` to this forward's tokens
+    per expert per MoE layer and, with a non-zero coefficient, `model.router_aux_loss` to its load-balancing loss;
+    `keep` excludes padding from both."""
     config = model.config
-    if config.mlp_kind != "moe" or config.router_aux_loss_coef == 0 or not (model.training and torch.is_grad_enabled()):
+    if config.mlp_kind != "moe" or not (model.training and torch.is_grad_enabled()):
         return
     blocks = [m for m in model.modules() if isinstance(m, SparseMoE) and m.router_logits is not None]
     if blocks:
-        model.router_aux_loss = load_balancing_loss([m.router_logits for m in blocks], config.num_local_experts,
-                                                    config.num_experts_per_tok, keep)
+        logits = [m.router_logits for m in blocks]
+        model.expert_load = expert_load(logits, config.num_local_experts, config.num_experts_per_tok, keep)
+        if config.router_aux_loss_coef != 0:
+            model.router_aux_loss = load_balancing_loss(logits, config.num_local_experts, config.num_experts_per_tok, keep)
         for m in blocks:
             m.router_logits = None
+
+
+@torch.no_grad()
+def expert_load(router_logits: Sequence[torch.Tensor], num_experts: int, top_k: int,
+                keep: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Tokens routed to each expert, (layers, E) int64, over real tokens (`keep` (B, T), None: all): the router's
+    top-k choices as the experts received them. Each row sums to top_k x real tokens."""
+    mask = None if keep is None else keep.reshape(-1)
+    rows = []
+    for logits in router_logits:
+        chosen = torch.topk(torch.softmax(logits.float(), dim=-1), top_k, dim=-1).indices  # as route() picks
+        rows.append(torch.bincount((chosen if mask is None else chosen[mask]).reshape(-1), minlength=num_experts))
+    return torch.stack(rows)
+
+
+def take_expert_load(model: nn.Module) -> Optional[torch.Tensor]:
+    """The (layers, E) tokens per expert recorded by the last training forward of `model` (wrapped or not), or
+    None; taken once, like the aux loss."""
+    inner = getattr(model, "module", model)
+    load = getattr(inner, "expert_load", None)
+    if load is not None:
+        inner.expert_load = None
+    return load
 
 
 def take_aux_loss(model: nn.Module) -> Optional[tuple[torch.Tensor, torch.Tensor]]:

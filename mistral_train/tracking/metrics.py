@@ -49,6 +49,16 @@ def _plain(value: Any) -> Any:
     return value
 
 
+EXPERT_LOAD_PREFIX = "expert_tokens"  # expert_tokens/L/E: tokens routed to expert E of MoE layer L in one step
+
+
+def expert_load_metrics(load: Any) -> dict[str, float]:
+    """A step's (layers, experts) tokens per expert as flat metrics, `expert_tokens/{layer}/{expert}`, so every
+    tracker logs them as numbers (and groups them under one prefix)."""
+    return {f"{EXPERT_LOAD_PREFIX}/{layer}/{expert}": float(count)
+            for layer, counts in enumerate(load.tolist()) for expert, count in enumerate(counts)}
+
+
 def format_samples(samples: list[dict[str, Any]]) -> str:
     """Generation samples as readable text, one block per sample."""
     return "\n\n".join("\n".join(f"{key}: {sample.get(key)}" for key in SAMPLE_COLUMNS) for sample in samples)

@@ -3,7 +3,8 @@
 Top panel: train loss and eval loss against step, learning rate on a second axis, the loss named as
 the run's objective defines it (the caller's label, read from its config.yaml by `run_objective`:
 cross-entropy, or a DPO / reward-model loss per pair).
-A second panel shows held-out exact match when the run logged one. Missing keys, nulls, NaN and
+A second panel shows held-out exact match when the run logged one; a model with experts gets an expert-load
+panel (tokens routed to each expert per step, averaged over its MoE layers, against the balanced share). Missing keys, nulls, NaN and
 non-numeric values (text samples) are skipped; a step logged twice keeps its last value.
 Uses matplotlib's object API with the Agg canvas directly, so plotting never needs a
 display and never changes the global pyplot backend of the process that calls it.
@@ -22,7 +23,7 @@ from matplotlib.ticker import FormatStrFormatter
 
 from mistral_train.errors import ConfigError
 from mistral_train.errors import DataError
-from mistral_train.tracking.metrics import METRICS_FILE, read_metrics
+from mistral_train.tracking.metrics import EXPERT_LOAD_PREFIX, METRICS_FILE, read_metrics
 
 PLOT_FILE = "loss.png"
 CONFIG_FILE = "config.yaml"  # the run's resolved configuration (config.dump_run_config)
@@ -58,6 +59,21 @@ def series(rows: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]
     return steps, [points[s] for s in steps]
 
 
+def expert_load(rows: list[dict[str, Any]]) -> tuple[list[int], dict[int, list[float]]]:
+    """(steps, {expert: tokens per step averaged over the MoE layers}) from the `expert_tokens/L/E` metrics
+    (tracking/metrics.py expert_load_metrics); empty for a model without experts."""
+    keys = sorted({k for row in rows for k in row if k.startswith(EXPERT_LOAD_PREFIX + "/")})
+    by_expert: dict[int, list[str]] = {}
+    for key in keys:
+        by_expert.setdefault(int(key.rsplit("/", 1)[1]), []).append(key)
+    steps = series(rows, keys[0])[0] if keys else []
+    curves = {}
+    for expert, layer_keys in sorted(by_expert.items()):
+        per_layer = [dict(zip(*series(rows, key))) for key in layer_keys]
+        curves[expert] = [sum(layer.get(step, 0.0) for layer in per_layer) / len(per_layer) for step in steps]
+    return steps, curves
+
+
 def draw_run(rows: list[dict[str, Any]], title: str = "", loss: tuple[str, str] = LM_LOSS) -> Figure:
     """The figure of a run's metric rows (see the module docstring); `loss`: (curve name, y-axis label)
     of its objective's loss (train/objectives.py loss_label).
@@ -71,12 +87,14 @@ def draw_run(rows: list[dict[str, Any]], title: str = "", loss: tuple[str, str] 
     if not steps and not eval_steps:
         raise ValueError("no row has a 'loss' or 'eval_loss' to plot")
     match_steps, match = series(rows, "exact_match")
-    figure = Figure(figsize=(7, 6.5 if match_steps else 4.5), dpi=100)
+    load_steps, load = expert_load(rows)
+    ratios = [2] + [1] * (bool(match_steps) + bool(load_steps))
+    figure = Figure(figsize=(7, 4.5 + 2 * (len(ratios) - 1)), dpi=100)
     FigureCanvasAgg(figure)
-    if match_steps:
-        ax, match_ax = figure.subplots(2, 1, sharex=True, height_ratios=[2, 1])
-    else:
-        ax, match_ax = figure.add_subplot(), None
+    axes = list(figure.subplots(len(ratios), 1, sharex=True, height_ratios=ratios)) if len(ratios) > 1 else [figure.add_subplot()]
+    ax = axes.pop(0)
+    match_ax = axes.pop(0) if match_steps else None
+    load_ax = axes.pop(0) if load_steps else None
     if steps:
         ax.plot(steps, loss, label=f"train {name}", color="tab:blue")
     if eval_steps:
@@ -100,9 +118,22 @@ def draw_run(rows: list[dict[str, Any]], title: str = "", loss: tuple[str, str] 
         match_ax.set_ylabel("exact match")
         match_ax.grid(alpha=0.3)
         match_ax.legend(loc="lower right")
-    (match_ax or ax).set_xlabel("step")
+    if load_ax is not None:
+        _draw_expert_load(load_ax, load_steps, load)
+    (load_ax or match_ax or ax).set_xlabel("step")
     figure.tight_layout()
     return figure
+
+
+def _draw_expert_load(ax, steps: list[int], load: dict[int, list[float]]) -> None:
+    """One line per expert; dashed: the balanced share (every expert the mean), so an idle or hogging expert shows."""
+    for expert, counts in load.items():
+        ax.plot(steps, counts, label=f"expert {expert}", linewidth=1)
+    balanced = [sum(values) / len(load) for values in zip(*load.values())]
+    ax.plot(steps, balanced, "k--", linewidth=1, label="balanced")
+    ax.set_ylabel("tokens per expert\n(mean over layers)")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left", fontsize="x-small", ncol=min(len(load) + 1, 5))
 
 
 def plot_run(run_dir: str | os.PathLike, out: Optional[str | os.PathLike] = None,

@@ -36,11 +36,11 @@ from mistral_train.dist.accelerator import (
 from mistral_train.dist.gather import FullModel
 from mistral_train.errors import reading_data
 from mistral_train.model import Mistral
-from mistral_train.model.moe import take_aux_loss
+from mistral_train.model.moe import take_aux_loss, take_expert_load
 from mistral_train.train.preflight import preflight
 from mistral_train.tokenizer.files import tokenizer_json, write_tokenizer_files
 from mistral_train.tokenizer.tokenizer import load_tokenizer, resolve_tokenizer_path
-from mistral_train.tracking.metrics import Meter, MetricsLogger, progress_bar
+from mistral_train.tracking.metrics import Meter, MetricsLogger, expert_load_metrics, progress_bar
 from mistral_train.tracking.plots import plot_run
 from mistral_train.train.evaluate import checkable, evaluate_loss, exact_match
 from mistral_train.train.export import export_final, merge_adapter_folder, write_sample
@@ -83,7 +83,7 @@ def backward_window(model: torch.nn.Module, objective: Objective, window: list[B
     if n_tokens == 0:
         raise ValueError("an accumulation window has no label tokens (every label is -100)")
     denominator = n_tokens / world_size  # DDP divides the summed gradient by world_size again
-    total, stats, aux_total = 0.0, {}, None
+    total, stats, aux_total, load = 0.0, {}, None, None
     for i, batch in enumerate(window):
         last = i == len(window) - 1
         with contextlib.nullcontext() if accelerator is None or last else no_sync(accelerator, model):
@@ -94,6 +94,9 @@ def backward_window(model: torch.nn.Module, objective: Objective, window: list[B
             if aux is not None:  # the window's mean over its micro-batches (DDP averages over processes)
                 loss = loss + aux[0] / len(window)
                 aux_total = (aux_total or 0.0) + float(aux[1])
+            routed = take_expert_load(model)  # experts: tokens per expert per layer of this forward
+            if routed is not None:
+                load = routed if load is None else load + routed
             loss.backward() if accelerator is None else backward(accelerator, loss, last)
         total += float(out.loss_sum.detach())
         for key, value in (out.stats or {}).items():
@@ -101,6 +104,8 @@ def backward_window(model: torch.nn.Module, objective: Objective, window: list[B
     means = {key: value / n_tokens for key, value in stats.items()}
     if aux_total is not None:  # each process's share of the window's mean, like the loss
         means["router_aux_loss"] = aux_total / (len(window) * world_size)
+    if load is not None:  # counts, not means: summed over processes they are the window's tokens per expert
+        means.update(expert_load_metrics(load))
     return total / n_tokens, n_tokens, means
 
 

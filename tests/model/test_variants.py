@@ -141,7 +141,8 @@ def test_from_spec_carries_every_architecture_field_of_the_spec():
     shared = {f.name for f in dataclasses.fields(ModelSpec)} & {f.name for f in dataclasses.fields(MistralConfig)}
     assert shared == {"hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "head_dim",
                       "num_key_value_heads", "sliding_window", "rope_theta", "max_position_embeddings",
-                      "tie_word_embeddings", "initializer_range", "vocab_size"}
+                      "tie_word_embeddings", "initializer_range", "vocab_size", "model_type", "num_local_experts",
+                      "num_experts_per_tok", "router_aux_loss_coef", "router_jitter_noise"}
     config = MistralConfig.from_spec(SPEC, vocab_size=96, bos_token_id=5)
     # vocab_size is the published one for `plan`; the tokenizer's, given here, decides a run's
     assert all(getattr(config, name) == getattr(SPEC, name) for name in shared - {"vocab_size"})
