@@ -15,7 +15,9 @@ from torch.utils.checkpoint import checkpoint
 from mistral_train.model.attention import AttentionInputs, attend
 from mistral_train.model.config import MistralConfig
 from mistral_train.model.execution import recomputing
+from mistral_train.model.latent_attention import LatentAttention
 from mistral_train.model.moe import SparseMoE
+from mistral_train.model.routed_experts import SharedRoutedMoE
 from mistral_train.model.rope import apply_rope
 
 _ACTIVATIONS = {"silu": F.silu, "relu": F.relu, "gelu": F.gelu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
@@ -36,11 +38,12 @@ class RMSNorm(nn.Module):
 class MLP(nn.Module):
     """SwiGLU: down(act(gate(x)) * up(x))."""
 
-    def __init__(self, config: MistralConfig) -> None:
+    def __init__(self, config: MistralConfig, intermediate_size: Optional[int] = None) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        width = config.intermediate_size if intermediate_size is None else intermediate_size  # shared experts: theirs
+        self.gate_proj = nn.Linear(config.hidden_size, width, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, width, bias=False)
+        self.down_proj = nn.Linear(width, config.hidden_size, bias=False)
         self.act = _ACTIVATIONS[config.hidden_act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -48,7 +51,9 @@ class MLP(nn.Module):
 
 
 # config.mlp_kind -> its module; the experts take their activation from this table
-MLPS = {"dense": MLP, "moe": lambda config: SparseMoE(config, _ACTIVATIONS[config.hidden_act])}
+MLPS = {"dense": MLP, "moe": lambda config: SparseMoE(config, _ACTIVATIONS[config.hidden_act]),
+        "shared_moe": lambda config: SharedRoutedMoE(config, _ACTIVATIONS[config.hidden_act],
+                                                     MLP(config, config.moe_intermediate_size * config.n_shared_experts))}
 
 
 class Attention(nn.Module):
@@ -81,11 +86,13 @@ class Block(nn.Module):
     def __init__(self, config: MistralConfig, layer_index: int) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = Attention(config, layer_index)
+        # config.attention_kind: grouped-query, or Mistral Small 4's latent attention (same call, same inputs)
+        self.self_attn = LatentAttention(config, layer_index, RMSNorm) if config.attention_kind == "latent" else Attention(config, layer_index)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        if config.mlp_kind not in MLPS:
+        kind = config.layer_mlp_kind(layer_index)  # dense in a first_k_dense_replace layer
+        if kind not in MLPS:
             raise ValueError(f"`mlp_kind` {config.mlp_kind!r} is not one of {sorted(MLPS)}")
-        self.mlp = MLPS[config.mlp_kind](config)
+        self.mlp = MLPS[kind](config)
         self.recompute: Optional[str] = None  # "block" | "attention" | "mlp": see model/execution.py
 
     def forward(self, x: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor:

@@ -36,11 +36,14 @@ class KVCache(nn.Module):
         dtype: torch.dtype,
         device: torch.device | str | None = None,
         static: bool = False,
+        value_dim: Optional[int] = None,
     ) -> None:
         super().__init__()
         shape = (num_layers, batch_size, num_kv_heads, capacity, head_dim)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        # value_dim (default head_dim): latent attention keeps its latent in `k` and its rotary key in `v`
+        v_shape = shape[:-1] + (head_dim if value_dim is None else value_dim,)
+        self.register_buffer("v", torch.zeros(v_shape, dtype=dtype, device=device), persistent=False)
         # Sequence index held by each slot (-1: empty) and whether it is a real (non-pad) token.
         self.register_buffer("slot_index", torch.full((capacity,), -1, dtype=torch.long, device=device), persistent=False)
         self.register_buffer("slot_keep", torch.zeros(batch_size, capacity, dtype=torch.bool, device=device), persistent=False)
@@ -57,7 +60,11 @@ class KVCache(nn.Module):
     @classmethod
     def for_model(cls, config, batch_size: int, max_length: int, dtype: torch.dtype, device, static: bool = False) -> "KVCache":
         """A cache for `max_length` tokens: a rolling buffer of `sliding_window` slots when that is smaller
-        and every layer slides (a full-attention layer needs every token)."""
+        and every layer slides (a full-attention layer needs every token). Latent attention (Mistral 4) caches, per
+        token and layer, one latent of kv_lora_rank (as `k`) and one rotary key of qk_rope_head_dim (as `v`)."""
+        if config.attention_kind == "latent":
+            return cls(config.num_hidden_layers, batch_size, 1, config.kv_lora_rank, max_length, False, dtype, device,
+                       static, value_dim=config.qk_rope_head_dim)
         windows = {config.layer_window(i) for i in range(config.num_hidden_layers)}
         window = None if None in windows else max(windows)
         rolling = window is not None and window < max_length

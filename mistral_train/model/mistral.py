@@ -143,7 +143,7 @@ class Mistral(nn.Module):
             position_ids = index[None].expand(B, T)
         x = self.model.embed_tokens(input_ids)
         config = self.config
-        cos, sin = rope_cos_sin(position_ids, config.head_dim, config.rope_theta, x.dtype, config.rope_type,
+        cos, sin = rope_cos_sin(position_ids, config.rotary_dim, config.rope_theta, x.dtype, config.rope_type,
                                 config.rope_options, config.max_position_embeddings)
         query_scale = None
         if config.query_scaling == "llama4":  # Ministral 3: queries sharpened past the pretraining length
