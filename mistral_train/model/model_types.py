@@ -87,7 +87,7 @@ MISTRAL4_FIELDS = ("q_lora_rank", "kv_lora_rank", "qk_rope_head_dim", "qk_nope_h
 # Mistral4Config's values (transformers 5.25) for keys a config.json leaves out, where they differ from ours.
 _MISTRAL4_DEFAULTS = {
     "vocab_size": 131072, "intermediate_size": 12288, "num_hidden_layers": 36, "max_position_embeddings": 1048576,
-    "pad_token_id": 11, "sliding_window": None, "n_routed_experts": 128, "num_experts_per_tok": 4,
+    "pad_token_id": 11, "sliding_window": None, "num_key_value_heads": 32, "n_routed_experts": 128, "num_experts_per_tok": 4,
     "output_router_logits": False, "q_lora_rank": 1024, "kv_lora_rank": 256, "qk_rope_head_dim": 64,
     "qk_nope_head_dim": 64, "v_head_dim": 128, "rope_interleave": True, "moe_intermediate_size": 2048,
     "n_shared_experts": 1, "n_group": 1, "topk_group": 1, "routed_scaling_factor": 1.0, "norm_topk_prob": True,

@@ -108,8 +108,49 @@ def test_mistral4_fields_we_do_not_compute_are_refused_by_name(overrides, key):
         MistralConfig.from_hf_dict(mistral4_dict(**overrides), source="test")
 
 
+def test_num_key_value_heads_left_out_is_mistral4configs_32_and_null_is_the_heads():
+    """As transformers reads them: a missing key is its default 32 (refused with 4 heads), a null one the heads'."""
+    given = mistral4_dict()
+    del given["num_key_value_heads"]
+    with pytest.raises(FolderError, match=r"^test: .*`num_key_value_heads` \(32\)"):
+        MistralConfig.from_hf_dict(given, source="test")
+    assert MistralConfig.from_hf_dict(mistral4_dict(num_key_value_heads=None), source="test").num_key_value_heads == 4
+
+
 def test_latent_model_is_not_written_as_another_class():
     config = MistralConfig.from_hf_dict(mistral4_dict(), source="test")
     assert config.to_hf_dict("MistralForCausalLM")["n_routed_experts"] == 8
     with pytest.raises(ValueError, match="`mlp_kind` and `query_scaling` and `attention_kind` cannot be written as model_type 'mixtral'"):
         dataclasses.replace(config, model_type="mixtral").to_hf_dict()
+
+
+def test_static_latent_cache_step_equals_the_ordinary_step(max_abs_diff):
+    """The single-token path of a static cache (what generate(compile=True) compiles), run eagerly, gives the
+    ordinary cache's logits: the latent cache's unequal k/v widths go through both paths."""
+    model = _model(seed=5)
+    ids = torch.randint(3, 64, (2, 7), generator=torch.Generator().manual_seed(6))
+    logits = {}
+    for static in (False, True):
+        cache = KVCache.for_model(model.config, 2, 7, torch.float32, "cpu", static=static)
+        with torch.no_grad():
+            steps = [model(ids[:, i : i + 1], cache=cache, cache_index=torch.tensor([i]))[:, -1] for i in range(7)]
+        logits[static] = torch.stack(steps)
+    with torch.no_grad():
+        full = model(ids).transpose(0, 1)  # (T, B, V), as the steps are stacked
+    assert max_abs_diff(logits[True], logits[False]) <= 1e-5 and max_abs_diff(logits[False], full) <= 1e-5
+
+
+@pytest.mark.parametrize("policy", ["block", "attention", "mlp"])
+def test_recomputed_latent_blocks_give_the_same_gradients(policy):
+    """Activation checkpointing re-runs latent attention and the shared+routed experts in backward: same grads."""
+    ids = torch.randint(3, 64, (2, 10), generator=torch.Generator().manual_seed(7))
+    grads = {}
+    for recompute in (None, policy):
+        model = _model(seed=8).train()
+        if recompute:
+            model.set_gradient_checkpointing(recompute)
+        model(ids, labels=ids).backward()
+        grads[recompute] = {n: p.grad.clone() for n, p in model.named_parameters()}
+    for name, grad in grads[None].items():
+        assert torch.allclose(grads[policy][name], grad, atol=1e-6), name
+    assert grads[None]["model.layers.1.self_attn.kv_b_proj.weight"].abs().sum() > 0

@@ -22,6 +22,7 @@ from safetensors import safe_open
 from mistral_train import Mistral, MistralConfig
 from mistral_train.generate import generate
 from mistral_train.losses.ce import IGNORE_INDEX
+from mistral_train.model.model_types import MISTRAL4_FIELDS
 from tests.conftest import randomize_
 
 TOL = 1e-5
@@ -183,3 +184,36 @@ def test_cached_greedy_decoding_equals_full_forwards_and_transformers(padded_bat
         keep = torch.cat([keep, torch.ones_like(keep[:, :1])], dim=1)
     assert torch.equal(ours_ids, full)
     assert len(set(ours_ids[0, -new:].tolist())) > 1  # not a degenerate repeat of one token
+
+
+def test_a_config_json_that_leaves_keys_out_reads_as_mistral4configs_defaults():
+    """Keys a file leaves out take Mistral4Config's own defaults (its YaRN over 8192 positions, 128 experts, ...),
+    not MistralConfig's: each latent/expert/rotary value equals what transformers builds from the same file."""
+    given = {"model_type": "mistral4", "vocab_size": 96, "hidden_size": 64, "intermediate_size": 96,
+             "num_hidden_layers": 2, "num_attention_heads": 32}  # its num_key_value_heads defaults to 32, not the heads
+    theirs = json.loads(transformers.Mistral4Config(**{k: v for k, v in given.items() if k != "model_type"}).to_json_string())
+    ours = MistralConfig.from_hf_dict(given, source="defaults").to_hf_dict()
+    # every key both write (transformers adds attention_bias false, pretraining_tp and the derived qk_head_dim)
+    compared = [k for k in theirs if k in ours and k not in ("architectures", "transformers_version", "dtype")]
+    assert {"n_routed_experts", "rope_parameters", "head_dim", "pad_token_id", *MISTRAL4_FIELDS} <= set(compared)
+    # Mistral4Config adds these two rope keys itself when it builds its default dict; neither changes the maths
+    ours["rope_parameters"] = {"partial_rotary_factor": 0.5, "max_position_embeddings": 1048576} | ours["rope_parameters"]
+    theirs["rope_parameters"].pop("type", None)  # its default dict spells the kind twice (type and rope_type)
+    for key in compared:
+        assert ours.get(key) == theirs[key], key
+
+
+def test_sequence_classification_head_loads_in_mistral4_for_sequence_classification(tmp_path, padded_batch):
+    """The score head on latent attention + experts: our folder loads as Mistral4ForSequenceClassification with
+    equal logits (last non-pad token pooled)."""
+    ours_lm, _ = _pair("low_rank_q", seed=10)
+    ours = Mistral(ours_lm.config, task="sequence_classification")
+    ours.load_state_dict(ours_lm.state_dict(), strict=False)  # backbone; score stays freshly initialised
+    with torch.no_grad():
+        ours.score.weight.normal_(0, 0.3)
+    ours.save_pretrained(tmp_path)
+    theirs = transformers.Mistral4ForSequenceClassification.from_pretrained(tmp_path, attn_implementation="sdpa")
+    ids, mask = padded_batch([12, 9], 96, pad_id=0, side="right", seed=11)
+    with torch.no_grad():
+        diff = (ours.eval()(ids, attention_mask=mask) - theirs.eval()(input_ids=ids, attention_mask=mask).logits).abs()
+    assert float(diff.max()) <= TOL
