@@ -217,3 +217,25 @@ def test_sequence_classification_head_loads_in_mistral4_for_sequence_classificat
     with torch.no_grad():
         diff = (ours.eval()(ids, attention_mask=mask) - theirs.eval()(input_ids=ids, attention_mask=mask).logits).abs()
     assert float(diff.max()) <= TOL
+
+
+def test_vision_language_folder_with_a_mistral4_text_model(tmp_path, random_ids, max_abs_diff):
+    """A Mistral3ForConditionalGeneration whose text_config is a Mistral4Config (a vision-language Small 4 folder as
+    transformers builds it): its language model loads with transformers' text logits, and our save loads back there
+    with the same logits (the vision tower carried)."""
+    vision = transformers.PixtralVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                              num_attention_heads=2, head_dim=16, image_size=56, patch_size=14)
+    config = transformers.Mistral3Config(text_config=transformers.Mistral4Config(**mistral4_kwargs()), vision_config=vision)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(12)
+    hf = randomize_(transformers.Mistral3ForConditionalGeneration(config), seed=12).eval()
+    hf.save_pretrained(tmp_path)
+    ours = Mistral.from_pretrained(tmp_path).eval()
+    assert ours.config.model_type == "mistral4" and ours.config.attention_kind == "latent"
+    ids = random_ids(2, 19, 96, seed=13)
+    with torch.no_grad():
+        expected = hf(input_ids=ids).logits
+        assert max_abs_diff(ours(ids), expected) <= TOL
+        ours.save_pretrained(tmp_path / "again")
+        back = transformers.Mistral3ForConditionalGeneration.from_pretrained(tmp_path / "again", attn_implementation="sdpa")
+        assert max_abs_diff(back.eval()(input_ids=ids).logits, expected) <= TOL
