@@ -16,7 +16,17 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
+from mistral_train.adapters.expert_lora import (
+    ExpertLoRA,
+    attach,
+    expert_adapters,
+    find_parameter_targets,
+    merge_expert,
+    unload_expert,
+    unmerge_expert,
+)
 from mistral_train.adapters.lora import ALL_LINEAR, LoraConfig, LoRALinear
+from mistral_train.quant.nf4_experts import routers
 
 # Output heads: never in "all-linear" (as peft). LoRA on lm_head is refused: the chunked loss
 # reads `lm_head.weight` directly and would silently skip the adapter; train it with modules_to_save.
@@ -80,7 +90,7 @@ def find_targets(model: nn.Module, cfg: LoraConfig) -> tuple[list[str], list[str
     that matches nothing (naming what exists), a target that is not linear or is lm_head, a
     module in both lists, and r > min(in, out) of a target (naming the module and its shape).
     """
-    if any(isinstance(m, (LoRALinear, TrainableCopy)) for m in model.modules()):
+    if any(isinstance(m, (LoRALinear, TrainableCopy, ExpertLoRA)) for m in model.modules()):
         raise ValueError("the model already has adapters; merge_and_unload() it or start from a plain model")
     modules = {name: m for name, m in model.named_modules() if name}
     linear = [name for name, m in modules.items() if _is_linear(m)]
@@ -95,8 +105,9 @@ def find_targets(model: nn.Module, cfg: LoraConfig) -> tuple[list[str], list[str
         saved += [name for name in found if not _inside(name, saved)]
 
     targets = cfg.target_modules
-    if targets == ALL_LINEAR:
-        chosen = [name for name in linear if name not in OUTPUT_HEADS and not _inside(name, saved)]
+    if targets == ALL_LINEAR:  # a MoE router only when named (peft's all-linear never sees transformers' router)
+        gates = routers(model)
+        chosen = [name for name in linear if name not in OUTPUT_HEADS and not _inside(name, saved) and name not in gates]
         if not chosen:
             raise ValueError("target_modules='all-linear': the model has no linear layer outside its output head")
     elif isinstance(targets, str):
@@ -151,11 +162,17 @@ def apply_lora(model: nn.Module, cfg: LoraConfig) -> nn.Module:
     Nothing is changed when validation fails (see `find_targets`).
     """
     lora_names, saved_names = find_targets(model, cfg)
+    expert_names, weight_names = find_parameter_targets(model, cfg.target_parameters, _is_linear)
+    both = sorted(set(weight_names) & set(lora_names))
+    if both:
+        raise ValueError(f"{both} are named by both target_modules and target_parameters; name each once")
     model.requires_grad_(False)
-    for name in lora_names:
+    for name in lora_names + weight_names:
         layer = LoRALinear(model.get_submodule(name), cfg.r, cfg.alpha, cfg.dropout, cfg.use_rslora, cfg.use_dora)
         layer.reset_adapter(cfg.init)
+        layer.by_parameter = name in weight_names  # saved under target_parameters, as peft's ParamWrapper
         _replace(model, name, layer)
+    attach(model, expert_names, cfg.r, cfg.alpha, cfg.use_rslora, cfg.init)  # LoRA on 3-D expert weights
     for name in saved_names:
         _replace(model, name, TrainableCopy(model.get_submodule(name)))
     model.lora_config = cfg
@@ -168,7 +185,7 @@ def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
 
 
 def _adapter_modules(model: nn.Module, what: str) -> list[nn.Module]:
-    found = [m for m in model.modules() if isinstance(m, (LoRALinear, TrainableCopy))]
+    found = [m for m in model.modules() if isinstance(m, (LoRALinear, TrainableCopy, ExpertLoRA))]
     if not found:
         raise ValueError(f"{what}: the model has no adapters (call apply_lora or load_adapter first)")
     return found
@@ -179,6 +196,8 @@ def merge_lora(model: nn.Module) -> nn.Module:
     for m in _adapter_modules(model, "merge_lora"):
         if isinstance(m, LoRALinear):
             m.merge()
+    for name, adapter in expert_adapters(model):
+        merge_expert(model, name, adapter)
     return model
 
 
@@ -187,6 +206,8 @@ def unmerge_lora(model: nn.Module) -> nn.Module:
     for m in _adapter_modules(model, "unmerge_lora"):
         if isinstance(m, LoRALinear):
             m.unmerge()
+    for name, adapter in expert_adapters(model):
+        unmerge_expert(model, name, adapter)
     return model
 
 
@@ -196,7 +217,7 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
     LoRA layers run their base only and modules_to_save use the original modules."""
     modules = _adapter_modules(model, "disable_adapters")
     for m in modules:
-        if isinstance(m, LoRALinear) and m.merged:
+        if isinstance(m, (LoRALinear, ExpertLoRA)) and m.merged:
             raise ValueError("disable_adapters on a merged model: unmerge_lora() first (the base weight holds the adapter)")
         if isinstance(m, LoRALinear) and m.base_is_residual:
             raise ValueError(
@@ -232,6 +253,8 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
         if bias is not None:
             linear.bias = nn.Parameter(bias.detach())
         _replace(model, name, linear)
+    for name, adapter in expert_adapters(model):
+        unload_expert(model, name, adapter)
     if hasattr(model, "lora_config"):
         del model.lora_config
     model.requires_grad_(True)

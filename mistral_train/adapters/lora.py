@@ -47,6 +47,10 @@ class LoraConfig:
         Typed Any so Hydra's ConfigStore accepts list-or-string.
     modules_to_save: modules trained in full as a copy, e.g. ["lm_head"], ["embed_tokens"].
     init: "default" | "gaussian" | "pissa" | "none" (see PEFT_INIT above).
+    target_parameters: parameters adapted by name, peft's `target_parameters` (each equal to `<module>.<param>` or
+        a tail of it): 3-D MoE expert weights such as "mlp.experts.gate_up_proj" (adapters/expert_lora.py), or a
+        linear's 2-D weight such as the router "mlp.gate.weight", which no other option adapts. As in peft, they
+        need dropout 0, no DoRA and no PiSSA; target_modules may then be empty.
     """
 
     r: int = 8
@@ -57,6 +61,7 @@ class LoraConfig:
     use_rslora: bool = False
     use_dora: bool = False
     init: str = "default"
+    target_parameters: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not isinstance(self.r, int) or self.r <= 0:
@@ -76,9 +81,15 @@ class LoraConfig:
                     raise ValueError(f"LoraConfig.target_modules={targets!r} is not a valid regex ({e})") from e
         else:
             self.target_modules = [str(t) for t in targets]  # also turns an OmegaConf ListConfig into a list
-            if not self.target_modules:
+            if not self.target_modules and not self.target_parameters:
                 raise ValueError("LoraConfig.target_modules is empty: name the modules to adapt, e.g. ['q_proj', 'v_proj']")
         self.modules_to_save = [str(m) for m in (self.modules_to_save or [])]
+        self.target_parameters = [str(p) for p in (self.target_parameters or [])]
+        if self.target_parameters:  # peft's ParamWrapper refuses the same: dropout cannot be factored out of W x
+            for key, bad in (("dropout", self.dropout != 0), ("use_dora", self.use_dora), ("init", self.init == "pissa")):
+                if bad:
+                    raise ValueError(f"LoraConfig.{key}={getattr(self, key)!r} cannot be used with target_parameters "
+                                     f"{self.target_parameters} (peft's parameter LoRA has no dropout, DoRA or PiSSA)")
 
     @property
     def scaling(self) -> float:

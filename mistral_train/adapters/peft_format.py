@@ -18,7 +18,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from mistral_train.adapters.inject import TrainableCopy, apply_lora, find_targets
+from mistral_train.adapters.expert_lora import LORA_SUFFIX, ExpertLoRA, expert_shape, expert_weights, find_parameter_targets
+from mistral_train.adapters.inject import TrainableCopy, _is_linear, apply_lora, find_targets
 from mistral_train.adapters.lora import ALL_LINEAR, PEFT_INIT, LoraConfig, LoRALinear
 from mistral_train.checkpoint.atomic import atomic_directory
 from mistral_train.jsonfile import read_json_object
@@ -32,7 +33,7 @@ _TASK_TYPES = {"causal_lm": "CAUSAL_LM", "sequence_classification": "SEQ_CLS", "
 _WRITTEN_DEFAULTS = {"layers_to_transform": None, "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {}}
 # peft features that change which weights exist or what forward computes: refused by name when set.
 _UNSUPPORTED = (
-    *_WRITTEN_DEFAULTS, "exclude_modules", "lora_bias", "use_qalora", "trainable_token_indices", "target_parameters",
+    *_WRITTEN_DEFAULTS, "exclude_modules", "lora_bias", "use_qalora", "trainable_token_indices",
     "layer_replication", "megatron_config", "alora_invocation_tokens", "use_bdlora", "arrow_config", "monteclora_config",
     "velora_config", "kasa_config",
 )
@@ -62,11 +63,21 @@ def _disk(model: nn.Module, name: str) -> str:
     return f"{PREFIX}{peft_module_name(model, name)}"
 
 
+def expert_key(model: nn.Module, module: str, depth: int) -> str:
+    """The PEFT key prefix of the adapter of an expert weight of `module`: peft nests one ParamWrapper per
+    targeted weight, so a weight with `depth` targeted weights after it sits under that many `base_layer.`."""
+    return f"{_disk(model, module)}." + "base_layer." * depth
+
+
 def _live_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     """PEFT key -> the model's own adapter tensor (not a copy)."""
     tensors: dict[str, torch.Tensor] = {}
     for name, m in model.named_modules():
-        if isinstance(m, LoRALinear):
+        if isinstance(m, ExpertLoRA):
+            prefix = expert_key(model, name.rpartition(".")[0], m.depth)
+            tensors[f"{prefix}lora_A.weight"] = m.lora_A
+            tensors[f"{prefix}lora_B.weight"] = m.lora_B
+        elif isinstance(m, LoRALinear):
             tensors[f"{_disk(model, name)}.lora_A.weight"] = m.lora_A
             tensors[f"{_disk(model, name)}.lora_B.weight"] = m.lora_B
             if m.use_dora:
@@ -122,7 +133,8 @@ def peft_config_dict(model: nn.Module, base_model_name_or_path: Optional[str] = 
     # peft also stores the expanded module names for all-linear; on a vision-language model always, as a short
     # name (q_proj) would also match the vision tower's linears on the transformers model
     if targets == ALL_LINEAR or _vision_language(model) is not None:
-        targets = sorted(peft_module_name(model, name) for name, m in model.named_modules() if isinstance(m, LoRALinear))
+        targets = sorted(peft_module_name(model, name) for name, m in model.named_modules()
+                         if isinstance(m, LoRALinear) and not getattr(m, "by_parameter", False))
     saved = [peft_module_name(model, name) for name in cfg.modules_to_save]
     alpha = int(cfg.alpha) if float(cfg.alpha).is_integer() else cfg.alpha
     return {
@@ -134,7 +146,7 @@ def peft_config_dict(model: nn.Module, base_model_name_or_path: Optional[str] = 
         "r": cfg.r,
         "lora_alpha": alpha,
         "lora_dropout": cfg.dropout,
-        "target_modules": targets,
+        "target_modules": targets or None,  # None with only target_parameters, as peft writes it
         "modules_to_save": saved or None,
         "bias": "none",
         "fan_in_fan_out": False,
@@ -142,6 +154,7 @@ def peft_config_dict(model: nn.Module, base_model_name_or_path: Optional[str] = 
         "use_dora": cfg.use_dora,
         "init_lora_weights": PEFT_INIT[cfg.init],
         **_WRITTEN_DEFAULTS,
+        **({"target_parameters": list(cfg.target_parameters)} if cfg.target_parameters else {}),
     }
 
 
@@ -172,8 +185,10 @@ def config_from_peft(raw: dict[str, Any], source: str = CONFIG_FILE) -> LoraConf
         value = raw.get(key)
         if not (value is None or value is False or (isinstance(value, (dict, list)) and not value)):
             raise ValueError(f"{source}: {key}={raw[key]!r} is not supported")
-    if not raw.get("target_modules"):
-        raise ValueError(f"{source}: no target_modules; only adapters on named modules are supported")
+    if not raw.get("target_modules") and not raw.get("target_parameters"):
+        raise ValueError(f"{source}: neither target_modules nor target_parameters; nothing to adapt")
+    if raw.get("target_parameters") and not isinstance(raw["target_parameters"], list):
+        raise ValueError(f"{source}: target_parameters={raw['target_parameters']!r}: expected a list of parameter names")
     init_value = raw.get("init_lora_weights", True)
     inits = {json.dumps(v): k for k, v in PEFT_INIT.items()}
     if json.dumps(init_value) not in inits:
@@ -182,7 +197,8 @@ def config_from_peft(raw: dict[str, Any], source: str = CONFIG_FILE) -> LoraConf
         r=int(raw["r"]),
         alpha=float(raw.get("lora_alpha", 8)),
         dropout=float(raw.get("lora_dropout", 0.0)),
-        target_modules=raw["target_modules"],
+        target_modules=raw.get("target_modules") or [],
+        target_parameters=raw.get("target_parameters") or [],
         modules_to_save=raw.get("modules_to_save") or [],
         use_rslora=bool(raw.get("use_rslora", False)),
         use_dora=bool(raw.get("use_dora", False)),
@@ -200,8 +216,17 @@ def read_adapter_config(folder: Union[str, Path]) -> LoraConfig:
 def _expected_shapes(model: nn.Module, cfg: LoraConfig) -> dict[str, tuple[str, tuple[int, ...]]]:
     """Disk key -> (our parameter name, shape) for the adapter `cfg` would put on `model`."""
     lora_names, saved_names = find_targets(model, cfg)
+    expert_names, weight_names = find_parameter_targets(model, cfg.target_parameters, _is_linear)
     expected: dict[str, tuple[str, tuple[int, ...]]] = {}
-    for name in lora_names:
+    weights = expert_weights(model)
+    for module in dict.fromkeys(weights[key][0] for key in expert_names):
+        params = [weights[key][1] for key in expert_names if weights[key][0] == module]  # peft's nesting order
+        for i, param in enumerate(params):
+            E, out, inp = expert_shape(model.get_submodule(module), param)
+            prefix, ours = expert_key(model, module, len(params) - 1 - i), f"{module}.{param}{LORA_SUFFIX}"
+            expected[f"{prefix}lora_A.weight"] = (f"{ours}.lora_A", (E * cfg.r, inp))
+            expected[f"{prefix}lora_B.weight"] = (f"{ours}.lora_B", (out, cfg.r * E))
+    for name in lora_names + weight_names:
         m = model.get_submodule(name)
         expected[f"{_disk(model, name)}.lora_A.weight"] = (f"{name}.lora_A", (cfg.r, m.in_features))
         expected[f"{_disk(model, name)}.lora_B.weight"] = (f"{name}.lora_B", (m.out_features, cfg.r))
@@ -276,6 +301,10 @@ def _module_of(disk_key: str) -> str:
 
 
 def _describe(model: nn.Module, name: str) -> str:
+    parent, _, child = name.rpartition(".")
+    if child.endswith(LORA_SUFFIX):  # an expert weight's adapter, not applied yet
+        shape = expert_shape(model.get_submodule(parent), child.removesuffix(LORA_SUFFIX))
+        return f"an expert weight of shape (experts, out, in) = {shape}"
     m = model.get_submodule(name)
     if hasattr(m, "out_features"):
         return f"a linear with weight shape (out, in) = ({m.out_features}, {m.in_features})"

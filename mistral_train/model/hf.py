@@ -119,6 +119,8 @@ def load_pretrained(
                               f"expects {tuple(expected[key]) if key in expected else 'no such tensor'}")
         _assign(model, key, tensor.to(dtype) if dtype is not None else tensor)
         loaded.add(key)
+    if nf4 is not None:  # MoE expert stacks in NF4 too, once assembled; routers stay float (quant/nf4_experts.py)
+        nf4.finish_experts()
     if config.tie_word_embeddings and task == "causal_lm":
         model.lm_head.weight = model.model.embed_tokens.weight
         loaded.add("lm_head.weight")

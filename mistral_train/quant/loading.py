@@ -16,6 +16,7 @@ from torch import nn
 
 from mistral_train.quant.linear import NF4Linear
 from mistral_train.quant.nf4 import quantizable_linears, quantization_config, set_module
+from mistral_train.quant.nf4_experts import quantize_experts
 from mistral_train.quant.nf4_format import DTYPE_NAMES, quantize_nf4
 from mistral_train.quant.state_dict import STATE_SUFFIXES, from_state_dict
 
@@ -117,6 +118,11 @@ class NF4Loading:
         self.done.add(name)
         if self.compute_dtype is None:
             self.compute_dtype = layer.compute_dtype  # later layers compute like the first
+
+    def finish_experts(self) -> list[str]:
+        """After the expert stacks are assembled (model/expert_layout.py fuses them at the end of a read): store them
+        in NF4 too, in the linears' compute dtype; the routers stay float. Returns the stacks' names."""
+        return quantize_experts(self.model, self.compute_dtype)
 
     def finish(self, folder: str) -> set[str]:
         """Check nothing is half-loaded; record the quantization in the config.

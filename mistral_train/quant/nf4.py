@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from mistral_train.quant.linear import NF4Linear
+from mistral_train.quant.nf4_experts import NF4ExpertStack, quantize_experts, routers
 from mistral_train.quant.nf4_format import DTYPE_NAMES
 
 DEFAULT_SKIP = ("lm_head", "score")  # output heads stay in full precision (transformers does the same)
@@ -52,8 +53,9 @@ def is_skipped(name: str, skip: Iterable[str]) -> bool:
 
 def quantizable_linears(model: nn.Module, skip: Iterable[str] = DEFAULT_SKIP) -> list[str]:
     """Names of the `nn.Linear` modules `quantize_model` would swap, in model order."""
-    skip = tuple(skip)
-    return [name for name, m in model.named_modules() if type(m) is nn.Linear and not is_skipped(name, skip)]
+    skip, gates = tuple(skip), routers(model)  # a MoE router stays float unless the caller quantizes it by hand
+    return [name for name, m in model.named_modules()
+            if type(m) is nn.Linear and not is_skipped(name, skip) and name not in gates]
 
 
 def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -79,6 +81,7 @@ def quantize_model(
         linear = model.get_submodule(name)
         set_module(model, name, NF4Linear.from_linear(linear, compute_dtype, name, double_quant))
         del linear
+    quantize_experts(model, compute_dtype, double_quant)  # 3-D MoE expert weights (quant/nf4_experts.py)
     config = getattr(model, "config", None)
     if config is not None and isinstance(getattr(config, "extra", None), dict):
         config.extra["quantization_config"] = quantization_config(compute_dtype, double_quant)
@@ -99,6 +102,11 @@ def dequantize_model(model: nn.Module, dtype: Optional[torch.dtype] = None) -> n
             if module.bias is not None:
                 linear.bias = nn.Parameter(module.bias.detach().to(weight.dtype))
             set_module(model, name, linear)
+        elif isinstance(module, NF4ExpertStack):
+            parent, _, param = name.rpartition(".")
+            owner = model.get_submodule(parent) if parent else model
+            delattr(owner, param)
+            setattr(owner, param, nn.Parameter(module.dequantize(dtype or module.compute_dtype)))
     config = getattr(model, "config", None)
     if config is not None and isinstance(getattr(config, "extra", None), dict):
         config.extra.pop("quantization_config", None)
