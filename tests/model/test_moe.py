@@ -16,6 +16,7 @@ from mistral_train import Mistral, MistralConfig
 from mistral_train.errors import FolderError, TensorNameError
 from mistral_train.model import moe
 from mistral_train.model.moe import Experts, expert_groups, load_balancing_loss, route, take_aux_loss
+from mistral_train.model.saved_bytes import SavedBytes
 from tests.conftest import randomize_, tiny_kwargs
 
 E, H, I, K, N = 4, 8, 12, 2, 10  # widths fit torch._grouped_mm (16-byte rows)
@@ -171,3 +172,67 @@ def test_missing_expert_tensor_is_named(tmp_path):
         Mistral.from_pretrained(tmp_path / "m")
     config = json.loads((tmp_path / "m" / "config.json").read_text())
     assert config["model_type"] == "mixtral" and config["num_local_experts"] == 4
+
+
+def _plain_and_recomputed(grouped: bool, act, dtype=torch.float32, frozen: bool = False):
+    """Output and gradients (x, router logits, gate_up_proj, down_proj) of the plain path and the recompute path
+    on the same experts, routing and upstream gradient."""
+    gen = torch.Generator().manual_seed(3)
+    experts = Experts(5, 16, 24, act, std=0.5).to(dtype)
+    experts.grouped = grouped
+    experts.requires_grad_(not frozen)
+    x = torch.randn(23, 16, generator=gen).to(dtype).requires_grad_()
+    logits = torch.randn(23, 5, generator=gen)
+    logits[:, 1] -= 100.0  # an expert with no tokens
+    logits.requires_grad_()
+    grad = torch.randn(23, 16, generator=gen).to(dtype)
+    wrt = (x, logits) if frozen else (x, logits, experts.gate_up_proj, experts.down_proj)
+    results = []
+    for recompute in (False, True):
+        experts.recompute = recompute
+        out = experts(x, route(logits, K))
+        results.append((out, torch.autograd.grad(out, wrt, grad)))
+    return results
+
+
+@pytest.mark.parametrize("grouped", [True, False], ids=["grouped_mm", "per_expert_linear"])
+@pytest.mark.parametrize("act", [F.silu, F.gelu], ids=["silu", "gelu"])
+def test_recompute_path_equals_plain_path(grouped, act):
+    """RecomputedExperts (saves x and routing, recomputes gate/up in backward, takes the routing weights' gradient
+    from dy W_d instead of the down product) against autograd over the plain path: same output bit for bit (the
+    same products, k=2 summed in either order), gradients to rounding (1e-6 of their scale)."""
+    (plain, plain_grads), (ours, our_grads) = _plain_and_recomputed(grouped, act)
+    assert torch.equal(plain, ours)
+    for name, a, b in zip(("x", "router logits", "gate_up_proj", "down_proj"), plain_grads, our_grads):
+        assert (a - b).abs().max() <= 1e-6 * a.abs().max(), name
+        assert a.abs().max() > 0, name
+    assert our_grads[3][1].abs().max() == 0 and our_grads[2][1].abs().max() == 0  # the unused expert: no gradient
+
+
+def test_recompute_path_frozen_experts_and_bf16():
+    """Frozen expert weights (the gradient goes to x and the router only) and bf16 activations with fp32 routing
+    weights, as the plain path computes them (bf16: equal to bf16 rounding)."""
+    (_, plain), (_, ours) = _plain_and_recomputed(True, F.silu, frozen=True)
+    assert all((a - b).abs().max() <= 1e-6 * a.abs().max() for a, b in zip(plain, ours))
+    (plain_out, plain), (out, ours) = _plain_and_recomputed(True, F.silu, dtype=torch.bfloat16)
+    assert out.dtype == torch.bfloat16 and torch.equal(plain_out, out)
+    for a, b in zip(plain, ours):
+        assert (a.float() - b.float()).abs().max() <= 2e-2 * a.float().abs().max()
+
+
+def test_recompute_path_saves_only_inputs_and_routing():
+    """What autograd keeps for the experts' backward: the plain path keeps the gathered rows, the gate/up product,
+    act(gate), act(gate)*up and the expert outputs; the recompute path keeps x (N, H) (the router's linear saves
+    it anyway), the sorted routing weights (M,) fp32 and two int64 index vectors (M,): nothing (M, I) wide.
+    Both paths also keep the sort order (M,) int64, the index that gathers the routing weights."""
+    experts, x, routing = _experts_and_routing()
+    routing = route(routing.logits.requires_grad_(), K)  # its own saved tensors are not counted below
+    m = N * K
+    saved = {}
+    for recompute in (False, True):
+        experts.recompute = recompute
+        with SavedBytes() as counter:
+            experts(x, routing)
+        saved[recompute] = counter.nbytes
+    assert saved[True] == N * H * 4 + m * 4 + 3 * m * 8
+    assert saved[False] >= m * (H + 2 * I + I + I + H) * 4  # rows, gate/up, act(gate), product, outputs
