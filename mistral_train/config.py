@@ -150,6 +150,9 @@ class AdapterSpec:
     use_dora: bool = False
     init: str = "default"  # default | gaussian | pissa | none (peft's init_lora_weights: true | gaussian | pissa | false)
     merge_at_end: bool = False  # also write {run}/merged/: the adapter merged into a full-precision copy of the base
+    # parameters adapted by name, peft's target_parameters: MoE expert weights [mlp.experts.gate_up_proj,
+    # mlp.experts.down_proj]; the router (mlp.gate.weight) only when named here (needs dropout 0, no DoRA)
+    target_parameters: list[str] = field(default_factory=list)
 
 
 @dataclass

@@ -23,6 +23,7 @@ from torch import nn
 from mistral_train.quant.nf4_format import BLOCKSIZE, NF4Weight, dequantize_nf4, quantize_nf4
 from mistral_train.quant.state_dict import QUANT_STATE_KEY, STATE_SUFFIXES, from_state_dict, to_state_dict
 
+PACKED = "_packed"  # where the owner's load pre-hook puts the packed codes for the stack (see _route_packed)
 Product = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (M, in) x (E, out, in) -> (M, out), grouped
 _STATE = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
 
@@ -118,7 +119,9 @@ class NF4ExpertStack(nn.Module):
     def _load_from_state_dict(self, state_dict: dict, prefix: str, local_metadata: dict, strict: bool,
                               missing_keys: list, unexpected_keys: list, error_msgs: list) -> None:
         key = prefix[:-1]
-        parts = {k: v for k, v in state_dict.items() if k == key or k.startswith(prefix)}
+        parts = {k: v for k, v in state_dict.items() if k.startswith(prefix)}
+        if prefix + PACKED in parts:  # the packed codes `key` itself, handed down by the owner's pre-hook
+            parts[key] = parts.pop(prefix + PACKED)
         if f"{key}.{QUANT_STATE_KEY}" not in parts:
             missing_keys.extend([key] + [f"{key}.{s}" for s in STATE_SUFFIXES if f"{key}.{s}" not in parts])
             return
@@ -150,5 +153,16 @@ def quantize_experts(model: nn.Module, compute_dtype: Optional[torch.dtype] = No
         stack = NF4ExpertStack.from_tensor(weight, compute_dtype or weight.dtype, full, double_quant)
         delattr(module, pname)
         setattr(module, pname, stack)
+        if not getattr(module, "_routes_nf4_packed", False):
+            module.register_load_state_dict_pre_hook(_route_packed)
+            module._routes_nf4_packed = True
         done.append(full)
     return done
+
+
+def _route_packed(module: nn.Module, state_dict: dict, prefix: str, *_: Any) -> None:
+    """load_state_dict pre-hook on the module owning NF4 stacks: torch hands a child only the keys under
+    `<child>.`, but bitsandbytes' naming puts the packed codes at `<child>` itself; move them under the child."""
+    for name, child in module.named_children():
+        if isinstance(child, NF4ExpertStack) and prefix + name in state_dict:
+            state_dict[f"{prefix}{name}.{PACKED}"] = state_dict.pop(prefix + name)

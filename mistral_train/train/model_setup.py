@@ -34,7 +34,7 @@ def torch_dtype(name: str) -> torch.dtype:
 def lora_config(spec: AdapterSpec) -> LoraConfig:
     return LoraConfig(r=spec.r, alpha=spec.alpha, dropout=spec.dropout, target_modules=spec.target_modules,
                       modules_to_save=list(spec.modules_to_save), use_rslora=spec.use_rslora,
-                      use_dora=spec.use_dora, init=spec.init)
+                      use_dora=spec.use_dora, init=spec.init, target_parameters=list(spec.target_parameters))
 
 
 def build_model(spec: ModelSpec, tokenizer, adapter: Optional[AdapterSpec] = None, task: str = "causal_lm",
