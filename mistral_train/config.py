@@ -65,6 +65,9 @@ class ModelSpec:
     num_experts_per_tok: int = 2
     router_aux_loss_coef: float = 0.001  # the load-balancing loss's weight in every training step; 0 turns it off
     router_jitter_noise: float = 0.0
+    # a published config.json's keys for a model_type whose fields this spec lacks (mistral4: latent attention,
+    # shared and routed experts), read by `plan` without model.path (the class's defaults for the rest)
+    hf_config: Optional[dict[str, Any]] = None
 
 
 @dataclass

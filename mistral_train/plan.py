@@ -31,7 +31,7 @@ from typing import Optional, Sequence
 
 from mistral_train.config import AdapterSpec, ModelSpec, RunConfig, TrainerSpec
 from mistral_train.errors import ConfigError
-from mistral_train import plan_vision
+from mistral_train import plan_moe, plan_vision
 from mistral_train.jsonfile import read_json_object
 from mistral_train.model import native
 from mistral_train.model.config import MistralConfig
@@ -54,7 +54,10 @@ BF16_UPDATE_STATES = {"auto": "adamw_kahan", "kahan": "adamw_kahan", "fp32_maste
 
 
 def linear_shapes(cfg: MistralConfig) -> dict[str, tuple[int, int]]:
-    """(in, out) of every decoder linear, by transformers' module names (lm_head excluded)."""
+    """(in, out) of every decoder linear, by transformers' module names (lm_head excluded); with experts,
+    plan_moe's (attention and shared experts: the routed experts are 3-D tensors, counted by module_sizes)."""
+    if plan_moe.is_moe(cfg):
+        return plan_moe.linear_shapes(cfg)
     h, i = cfg.hidden_size, cfg.intermediate_size
     q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
     layer = {"self_attn.q_proj": (h, q), "self_attn.k_proj": (h, kv), "self_attn.v_proj": (h, kv),
@@ -70,6 +73,7 @@ def module_sizes(cfg: MistralConfig) -> dict[str, int]:
     for n in range(cfg.num_hidden_layers):
         sizes[f"model.layers.{n}.input_layernorm"] = sizes[f"model.layers.{n}.post_attention_layernorm"] = h
     sizes.update({name: a * b for name, (a, b) in linear_shapes(cfg).items()})
+    sizes.update(plan_moe.expert_sizes(cfg))  # experts and routers (and Small 4's latent norms); {} when dense
     if not cfg.tie_word_embeddings:
         sizes["lm_head"] = cfg.vocab_size * h
     return sizes
@@ -110,7 +114,8 @@ def run_weights(cfg: MistralConfig, adapter: AdapterSpec, weight_bytes: int, ada
     saved = [n for n in names if any(f".{t}." in f".{n}." for t in adapter.modules_to_save)]
     lora = sum(adapter.r * (i + o) + (o if adapter.use_dora else 0) for i, o in (linears[n] for n in chosen))
     copies = sum(names[n] for n in saved)
-    nf4 = sum(a * b for a, b in linears.values()) if adapter.kind == "qlora" else 0  # every decoder linear
+    # every decoder linear, and every routed expert (the router stays in the weights' dtype)
+    nf4 = sum(a * b for a, b in linears.values()) + plan_moe.expert_parameters(cfg) if adapter.kind == "qlora" else 0
     return Weights(total, lora + copies, adapter_bytes * lora + weight_bytes * copies,
                    (lora if adapter_bytes == 2 else 0) + (copies if sixteen else 0),
                    frozen_bytes=weight_bytes * (total - nf4), nf4_bytes=NF4_BYTES * nf4,
@@ -160,7 +165,8 @@ def activation_bytes(cfg: MistralConfig, batch: int, seq: int, *, act_bytes: int
                                 cfg.head_dim, act_bytes, resid_bytes)
     q, kv, n = heads * hd, cfg.num_key_value_heads * hd, batch * seq
     norm = (4 if r == 4 else 8) + r
-    per_token = 2 * (norm * h + 4) + (2 if a == r else 5) * a * h + a * (q + 2 * kv) + a * q + 4 * heads + 4 * a * i
+    mlp = plan_moe.mlp_activation_bytes(cfg, a)  # 4 a i for a dense SwiGLU
+    per_token = 2 * (norm * h + 4) + (2 if a == r else 5) * a * h + a * (q + 2 * kv) + a * q + 4 * heads + mlp
     layers = L * n * r * h if checkpointing else L * n * per_token
     head = n * (norm * h + 4 + 2 * hd * r + r * h) + (4 * cfg.vocab_size * h if lm_head_trains else 0)
     loss = n * r * h + min(loss_chunk, n) * cfg.vocab_size * (4 + (2 if min(a, r) == 2 else 0))
@@ -248,6 +254,9 @@ def model_shape(spec: ModelSpec) -> MistralConfig:
                     raise ValueError(f"{path}: a mistral3 config needs a `text_config` object")
                 return MistralConfig.from_hf_dict(d["text_config"], source=f"{path} `text_config`")
             return MistralConfig.from_json_file(path)
+        if spec.hf_config:  # a class whose fields ModelSpec lacks (mistral4): its config.json, its defaults for the rest
+            return MistralConfig.from_hf_dict({"model_type": spec.model_type, "vocab_size": spec.vocab_size,
+                                               **spec.hf_config}, source="model.hf_config")
         # a preset's published vocabulary (its tokenizer lives in a folder not given); the bundled vocabularies
         # are known; another tokenizer file is cheap to read
         vocab = (spec.vocab_size or BUNDLED_VOCAB.get(spec.tokenizer)
@@ -289,6 +298,7 @@ class Plan:
     options: PlanOptions
     rows: list[Row] = field(default_factory=list)
     carried: int = 0  # parameters carried untouched, no device memory (a vision tower and projector)
+    expert_bytes: dict[str, float] = field(default_factory=dict)  # routed experts' weights per device, by strategy
 
 
 def plan_run(cfg: RunConfig, options: Optional[PlanOptions] = None) -> Plan:
@@ -323,6 +333,10 @@ def plan_run(cfg: RunConfig, options: Optional[PlanOptions] = None) -> Plan:
                                lm_head_trains=w.lm_head_trains, cast_params=casts)
         weights, grads, optim, host = model_states(s, n, w, optimizer, max(sizes.values()), block, root)
         total = weights + grads + optim + act.total
+        if plan_moe.is_moe(shape):  # NF4 experts are not sharded (like Q); float ones as the weights are
+            experts = plan_moe.expert_parameters(shape)
+            plan.expert_bytes[s] = (NF4_BYTES * experts if cfg.adapter.kind == "qlora" else 0.0 if s == "zero3_offload_params"
+                                    else wb * experts / (n if s in ("fsdp2", "zero3", "zero3_offload") else 1))
         plan.rows.append(Row(s, optimizer, weights, grads, optim, act.total, host, total,
                              total / GIB + RESERVE_GIB <= opts.device_gib))
     return plan
@@ -342,6 +356,7 @@ def format_plan(plan: Plan) -> str:
         f"; weights {run.model.dtype}, precision {run.trainer.precision}",
         *([f"carried untouched: {plan.carried:,} parameters ({plan.carried / 1e9:.2f} B: vision tower and projector, "
            "copied from the folder when saving, never on the device)"] if plan.carried else []),
+        *filter(None, [plan_moe.describe(m, w.total, {label(k): v for k, v in plan.expert_bytes.items()}, GIB)]),
         f"shape: hidden {m.hidden_size}, {m.num_hidden_layers} layers, {m.num_attention_heads} heads / "
         f"{m.num_key_value_heads} KV heads x {m.head_dim}, intermediate {m.intermediate_size}, vocab {m.vocab_size}, "
         f"tied lm_head: {m.tie_word_embeddings}",

@@ -19,7 +19,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "mistral_train"
 # package's top-level modules and subpackages; everything inside a subpackage shares its layer.
 LAYERS: list[tuple[str, ...]] = [
     ("__main__", "cli"),
-    ("train", "plan", "plan_vision"),
+    ("train", "plan", "plan_vision", "plan_moe"),
     ("dist", "tracking"),
     ("config", "config_checks"),
     ("generate", "chat", "rollout", "folders"),
