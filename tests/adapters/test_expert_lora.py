@@ -163,3 +163,33 @@ def test_errors_name_the_entry():
     with pytest.raises(ValueError, match="matches no parameter"):
         apply_lora(model, LoraConfig(target_modules=["q_proj"], target_parameters=["nothing"]))
     assert not any("lora" in name for name, _ in model.named_parameters()), "a failed apply changed the model"
+
+
+def test_a_qlora_run_trains_expert_adapters_over_nf4_experts(tmp_path):
+    """fit() with adapter=qlora and adapter.target_parameters on a tiny Mixtral folder (read through
+    from_pretrained(quantize="nf4"), which stores the experts in NF4: test above) trains, and final/ is a PEFT
+    adapter with expert keys as peft nests them, whose expert B matrices moved, and nothing on the router."""
+    from safetensors.torch import load_file
+
+    from mistral_train.config import DataSpec, ModelSpec, RunConfig, RunSpec, TrackingSpec, TrainerSpec
+    from mistral_train.data.sources import bundled_chat_path
+    from mistral_train.train import fit
+    from tests._tiny import save_tiny_folder
+
+    base = save_tiny_folder(tmp_path / "base", tokenizer="v1", vocab_size=32000, hidden_size=32, intermediate_size=64,
+                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, model_type="mixtral",
+                            mlp_kind="moe", num_local_experts=4, num_experts_per_tok=2)
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text("\n".join(bundled_chat_path().read_text().splitlines()[:16]) + "\n")
+    cfg = RunConfig(model=ModelSpec(path=str(base)), data=DataSpec(path=str(chat), format="messages"),
+                    trainer=TrainerSpec(objective="sft", max_steps=3, max_seq_len=64, batch_size=4, lr=2e-2,
+                                        warmup_steps=0, log_every=1, sample_max_new_tokens=1, eval_max_new_tokens=0),
+                    adapter=AdapterSpec(kind="qlora", r=4, alpha=8, target_modules=["q_proj"], target_parameters=EXPERTS),
+                    run=RunSpec(name="moe_qlora", dir=str(tmp_path)), tracking=TrackingSpec(progress_bar=False, plot=False))
+    final = fit(cfg) / "final"
+    written = json.loads((final / "adapter_config.json").read_text())
+    assert written["target_parameters"] == EXPERTS and written["target_modules"] == ["q_proj"]
+    saved = load_file(final / "adapter_model.safetensors")
+    expert_b = [t for k, t in saved.items() if k.endswith("mlp.experts.base_layer.lora_B.weight")]
+    assert len(expert_b) == 2 and all(float(t.abs().max()) > 0 for t in expert_b)
+    assert not any(".mlp.gate." in key for key in saved)

@@ -262,3 +262,25 @@ def test_dpo_step_with_a_moe_reference(kind):
     assert (policy - expected).abs().max() > 1e-3  # ...while the policy moved
     loss2, _, _ = backward_window(ours.train(), objective, [batch], contextlib.nullcontext)
     assert loss2 < math.log(2)
+
+
+def test_merged_expert_adapter_exports_a_folder_transformers_loads_as_peft_merges_it(tmp_path):
+    """`mistral-train merge`'s path (merge_adapter_folder): base folder + our expert adapter -> an HF folder that
+    MixtralForCausalLM loads with the logits of peft's own merge_and_unload of the same adapter."""
+    from mistral_train.train.export import merge_adapter_folder
+
+    ours, hf = _pair()
+    hf.save_pretrained(tmp_path / "base")
+    apply_lora(ours, LoraConfig(r=R, alpha=ALPHA, target_modules=["q_proj"], target_parameters=EXPERTS))
+    _randomize_adapters(ours, seed=9)
+    save_adapter(ours, tmp_path / "adapter", base_model_name_or_path=str(tmp_path / "base"))
+    difference = merge_adapter_folder(tmp_path / "adapter", tmp_path / "merged", base=str(tmp_path / "base"),
+                                      dtype="float32")
+    assert difference <= TOL
+    merged = transformers.MixtralForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    peft_merged = peft.PeftModel.from_pretrained(hf, tmp_path / "adapter").merge_and_unload().eval()
+    ids = _ids(seed=6)
+    with torch.no_grad():
+        expected = peft_merged(input_ids=ids).logits
+        assert (merged(input_ids=ids).logits - expected).abs().max() <= TOL
+        assert (expected - _pair()[1](input_ids=ids).logits).abs().max() > 0.1  # the merge changed the model
