@@ -284,3 +284,25 @@ def test_merged_expert_adapter_exports_a_folder_transformers_loads_as_peft_merge
         expected = peft_merged(input_ids=ids).logits
         assert (merged(input_ids=ids).logits - expected).abs().max() <= TOL
         assert (expected - _pair()[1](input_ids=ids).logits).abs().max() > 0.1  # the merge changed the model
+
+
+def test_mistral_small4_expert_adapter_loads_in_peft_with_equal_logits(tmp_path):
+    """The same on Mistral Small 4 (transformers' Mistral4ForCausalLM: latent attention, shared experts beside the
+    routed ones, a dense first layer): all-linear + routed-expert LoRA, our file in peft, equal logits."""
+    from tests.oracle.test_mistral4_parity import _pair as mistral4_pair
+
+    ours, hf = mistral4_pair()
+    ours.eval(), hf.eval()
+    apply_lora(ours, LoraConfig(r=R, alpha=ALPHA, target_modules="all-linear", target_parameters=EXPERTS))
+    assert not any(name.endswith("mlp.gate") for name, _ in lora_layers(ours))  # the router stays out
+    assert any("shared_experts" in name for name, _ in lora_layers(ours)) and len(expert_adapters(ours)) == 2 * 2
+    _randomize_adapters(ours, seed=4)
+    save_adapter(ours, tmp_path / "adapter")
+    peft_model = peft.PeftModel.from_pretrained(hf, tmp_path / "adapter").eval()
+    assert set(_live_tensors(ours)) == set(_peft_keys(peft_model))
+    ids = torch.randint(3, 96, (2, 13), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ours_logits = ours(ids)
+        assert (ours_logits - peft_model(input_ids=ids).logits).abs().max() <= TOL
+        with disable_adapters(ours):
+            assert (ours(ids) - ours_logits).abs().max() > 0.1
