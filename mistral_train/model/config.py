@@ -74,10 +74,9 @@ class MistralConfig:
     router_aux_loss_coef: float = 0.001  # the load-balancing loss is added in every training step; 0 turns it off
     router_jitter_noise: float = 0.0
     output_router_logits: bool = False  # kept for the round trip: our aux loss never depends on it (transformers' does)
-    # Mistral Small 4 (model_type mistral4), with Mistral4Config's names and defaults: latent attention
-    # (attention_kind "latent", model/latent_attention.py) and shared + routed experts (mlp_kind "shared_moe",
-    # model/routed_experts.py) after `first_k_dense_replace` dense layers
-    attention_kind: str = "gqa"  # one of ATTENTION_MATHS
+    # Mistral Small 4 (mistral4), Mistral4Config's names and defaults: latent attention (model/latent_attention.py) and
+    # shared + routed experts (mlp_kind "shared_moe", model/routed_experts.py) after `first_k_dense_replace` dense layers
+    attention_kind: str = "gqa"  # one of ATTENTION_MATHS: "latent" is Mistral Small 4's
     q_lora_rank: Optional[int] = 1024  # None: queries by one q_proj
     kv_lora_rank: int = 256
     qk_rope_head_dim: int = 64
