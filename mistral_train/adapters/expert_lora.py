@@ -116,8 +116,10 @@ def expert_adapters(model: nn.Module) -> list[tuple[str, ExpertLoRA]]:
             if isinstance(m, ExpertLoRA)]
 
 
-def attach(model: nn.Module, targets: list[str], r: int, alpha: float, use_rslora: bool, init: str) -> None:
-    """Put an ExpertLoRA beside each expert weight in `targets` (`<module>.<param>` names from expert_weights)."""
+def attach(model: nn.Module, targets: list[str], rank_of: Callable[[str], int], alpha_of: Callable[[str], float],
+           use_rslora: bool, init: str) -> None:
+    """Put an ExpertLoRA beside each expert weight in `targets` (`<module>.<param>` names from expert_weights), of
+    rank `rank_of(name)` and alpha `alpha_of(name)` (LoraConfig's, with its rank and alpha patterns)."""
     weights = expert_weights(model)
     per_module: dict[str, list[str]] = {}
     for key in weights:  # model order = each module's parameter order, as peft nests
@@ -129,7 +131,9 @@ def attach(model: nn.Module, targets: list[str], r: int, alpha: float, use_rslor
             E, out, inp = expert_shape(module, param)
             weight = getattr(module, param)
             device = weight.device if isinstance(weight, torch.Tensor) else next(weight.buffers()).device
-            adapter = ExpertLoRA(E, out, inp, r, alpha, use_rslora, param, depth=len(params) - 1 - i, device=device)
+            key = f"{module_name}.{param}"
+            adapter = ExpertLoRA(E, out, inp, rank_of(key), alpha_of(key), use_rslora, param, depth=len(params) - 1 - i,
+                                 device=device)
             adapter.reset(init)
             setattr(module, param + LORA_SUFFIX, adapter)
 

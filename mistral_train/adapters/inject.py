@@ -142,9 +142,9 @@ def find_targets(model: nn.Module, cfg: LoraConfig) -> tuple[list[str], list[str
         if _inside(name, saved):
             raise ValueError(f"`{name}` is both a LoRA target and (inside) a modules_to_save entry; choose one")
         out_features, in_features = module.out_features, module.in_features
-        if cfg.r > min(in_features, out_features):
+        if cfg.rank_of(name) > min(in_features, out_features):
             raise ValueError(
-                f"r={cfg.r} is larger than min(in, out) of `{name}` (weight shape (out, in) = ({out_features}, {in_features})); "
+                f"r={cfg.rank_of(name)} is larger than min(in, out) of `{name}` (weight shape (out, in) = ({out_features}, {in_features})); "
                 f"use r <= {min(in_features, out_features)}"
             )
     return chosen, saved
@@ -168,11 +168,12 @@ def apply_lora(model: nn.Module, cfg: LoraConfig) -> nn.Module:
         raise ValueError(f"{both} are named by both target_modules and target_parameters; name each once")
     model.requires_grad_(False)
     for name in lora_names + weight_names:
-        layer = LoRALinear(model.get_submodule(name), cfg.r, cfg.alpha, cfg.dropout, cfg.use_rslora, cfg.use_dora)
+        layer = LoRALinear(model.get_submodule(name), cfg.rank_of(name), cfg.alpha_of(name), cfg.dropout, cfg.use_rslora,
+                           cfg.use_dora)
         layer.reset_adapter(cfg.init)
         layer.by_parameter = name in weight_names  # saved under target_parameters, as peft's ParamWrapper
         _replace(model, name, layer)
-    attach(model, expert_names, cfg.r, cfg.alpha, cfg.use_rslora, cfg.init)  # LoRA on 3-D expert weights
+    attach(model, expert_names, cfg.rank_of, cfg.alpha_of, cfg.use_rslora, cfg.init)  # LoRA on 3-D expert weights
     for name in saved_names:
         _replace(model, name, TrainableCopy(model.get_submodule(name)))
     model.lora_config = cfg

@@ -51,6 +51,10 @@ class LoraConfig:
         a tail of it): 3-D MoE expert weights such as "mlp.experts.gate_up_proj" (adapters/expert_lora.py), or a
         linear's 2-D weight such as the router "mlp.gate.weight", which no other option adapts. As in peft, they
         need dropout 0, no DoRA and no PiSSA; target_modules may then be empty.
+    rank_pattern, alpha_pattern: peft's per-target r and alpha, {regex: value}: a target (module name, or
+        `<module>.<param>` for target_parameters) takes the value of the first regex matching a tail of it at a dot
+        (peft's get_pattern_key). peft writes them itself for all-linear on a transformers v5 MoE: w1 and w3 fused
+        into gate_up_proj get r and alpha doubled there.
     """
 
     r: int = 8
@@ -62,6 +66,8 @@ class LoraConfig:
     use_dora: bool = False
     init: str = "default"
     target_parameters: list[str] = field(default_factory=list)
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not isinstance(self.r, int) or self.r <= 0:
@@ -85,15 +91,41 @@ class LoraConfig:
                 raise ValueError("LoraConfig.target_modules is empty: name the modules to adapt, e.g. ['q_proj', 'v_proj']")
         self.modules_to_save = [str(m) for m in (self.modules_to_save or [])]
         self.target_parameters = [str(p) for p in (self.target_parameters or [])]
+        self.rank_pattern = {str(k): v for k, v in (self.rank_pattern or {}).items()}
+        self.alpha_pattern = {str(k): float(v) for k, v in (self.alpha_pattern or {}).items()}
+        for key, value in self.rank_pattern.items():
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"LoraConfig.rank_pattern[{key!r}]={value!r}: a rank must be a positive int")
+        for key in (*self.rank_pattern, *self.alpha_pattern):
+            try:
+                re.compile(key)
+            except re.error as e:
+                raise ValueError(f"LoraConfig rank_pattern/alpha_pattern key {key!r} is not a valid regex ({e})") from e
         if self.target_parameters:  # peft's ParamWrapper refuses the same: dropout cannot be factored out of W x
             for key, bad in (("dropout", self.dropout != 0), ("use_dora", self.use_dora), ("init", self.init == "pissa")):
                 if bad:
                     raise ValueError(f"LoraConfig.{key}={getattr(self, key)!r} cannot be used with target_parameters "
                                      f"{self.target_parameters} (peft's parameter LoRA has no dropout, DoRA or PiSSA)")
 
+    def rank_of(self, target: str) -> int:
+        """r for the target named `target` (rank_pattern, else r)."""
+        return _pattern_value(self.rank_pattern, target, self.r)
+
+    def alpha_of(self, target: str) -> float:
+        """alpha for the target named `target` (alpha_pattern, else alpha)."""
+        return _pattern_value(self.alpha_pattern, target, self.alpha)
+
     @property
     def scaling(self) -> float:
         return self.alpha / math.sqrt(self.r) if self.use_rslora else self.alpha / self.r
+
+
+def _pattern_value(patterns: dict[str, Any], target: str, default: Any) -> Any:
+    """peft's get_pattern_key: the first pattern matching the whole name or a tail of it after a dot."""
+    for pattern, value in patterns.items():
+        if re.match(rf"(.*\.)?({pattern})$", target):
+            return value
+    return default
 
 
 def _base_device(base: nn.Module) -> torch.device:

@@ -33,7 +33,7 @@ _TASK_TYPES = {"causal_lm": "CAUSAL_LM", "sequence_classification": "SEQ_CLS", "
 _WRITTEN_DEFAULTS = {"layers_to_transform": None, "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {}}
 # peft features that change which weights exist or what forward computes: refused by name when set.
 _UNSUPPORTED = (
-    *_WRITTEN_DEFAULTS, "exclude_modules", "lora_bias", "use_qalora", "trainable_token_indices",
+    "layers_to_transform", "layers_pattern", "exclude_modules", "lora_bias", "use_qalora", "trainable_token_indices",
     "layer_replication", "megatron_config", "alora_invocation_tokens", "use_bdlora", "arrow_config", "monteclora_config",
     "velora_config", "kasa_config",
 )
@@ -154,6 +154,8 @@ def peft_config_dict(model: nn.Module, base_model_name_or_path: Optional[str] = 
         "use_dora": cfg.use_dora,
         "init_lora_weights": PEFT_INIT[cfg.init],
         **_WRITTEN_DEFAULTS,
+        "rank_pattern": dict(cfg.rank_pattern),
+        "alpha_pattern": {k: int(v) if float(v).is_integer() else v for k, v in cfg.alpha_pattern.items()},
         **({"target_parameters": list(cfg.target_parameters)} if cfg.target_parameters else {}),
     }
 
@@ -199,6 +201,8 @@ def config_from_peft(raw: dict[str, Any], source: str = CONFIG_FILE) -> LoraConf
         dropout=float(raw.get("lora_dropout", 0.0)),
         target_modules=raw.get("target_modules") or [],
         target_parameters=raw.get("target_parameters") or [],
+        rank_pattern=raw.get("rank_pattern") or {},
+        alpha_pattern=raw.get("alpha_pattern") or {},
         modules_to_save=raw.get("modules_to_save") or [],
         use_rslora=bool(raw.get("use_rslora", False)),
         use_dora=bool(raw.get("use_dora", False)),
@@ -224,12 +228,14 @@ def _expected_shapes(model: nn.Module, cfg: LoraConfig) -> dict[str, tuple[str, 
         for i, param in enumerate(params):
             E, out, inp = expert_shape(model.get_submodule(module), param)
             prefix, ours = expert_key(model, module, len(params) - 1 - i), f"{module}.{param}{LORA_SUFFIX}"
-            expected[f"{prefix}lora_A.weight"] = (f"{ours}.lora_A", (E * cfg.r, inp))
-            expected[f"{prefix}lora_B.weight"] = (f"{ours}.lora_B", (out, cfg.r * E))
+            r = cfg.rank_of(f"{module}.{param}")
+            expected[f"{prefix}lora_A.weight"] = (f"{ours}.lora_A", (E * r, inp))
+            expected[f"{prefix}lora_B.weight"] = (f"{ours}.lora_B", (out, r * E))
     for name in lora_names + weight_names:
         m = model.get_submodule(name)
-        expected[f"{_disk(model, name)}.lora_A.weight"] = (f"{name}.lora_A", (cfg.r, m.in_features))
-        expected[f"{_disk(model, name)}.lora_B.weight"] = (f"{name}.lora_B", (m.out_features, cfg.r))
+        r = cfg.rank_of(name)
+        expected[f"{_disk(model, name)}.lora_A.weight"] = (f"{name}.lora_A", (r, m.in_features))
+        expected[f"{_disk(model, name)}.lora_B.weight"] = (f"{name}.lora_B", (m.out_features, r))
         if cfg.use_dora:
             expected[f"{_disk(model, name)}.lora_magnitude_vector"] = (f"{name}.lora_magnitude_vector", (m.out_features,))
     for name in saved_names:

@@ -193,3 +193,18 @@ def test_a_qlora_run_trains_expert_adapters_over_nf4_experts(tmp_path):
     expert_b = [t for k, t in saved.items() if k.endswith("mlp.experts.base_layer.lora_B.weight")]
     assert len(expert_b) == 2 and all(float(t.abs().max()) > 0 for t in expert_b)
     assert not any(".mlp.gate." in key for key in saved)
+
+
+def test_rank_and_alpha_patterns_pick_per_target_values():
+    """peft's rule: the first pattern matching a tail of the target's name after a dot."""
+    model = _moe()
+    cfg = LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"], target_parameters=EXPERTS,
+                     rank_pattern={r".*\.gate_up_proj": 8, "layers.1.self_attn.q_proj": 2}, alpha_pattern={"v_proj": 3})
+    apply_lora(model, cfg)
+    layers = model.model.layers
+    assert layers[0].mlp.experts.gate_up_proj_lora.r == 8 and layers[0].mlp.experts.down_proj_lora.r == 4
+    assert layers[0].mlp.experts.gate_up_proj_lora.lora_A.shape == (4 * 8, 32)
+    assert layers[1].self_attn.q_proj.r == 2 and layers[0].self_attn.q_proj.r == 4
+    assert layers[0].self_attn.v_proj.scaling == 3 / 4 and layers[0].self_attn.q_proj.scaling == 8 / 4
+    with pytest.raises(ValueError, match=r"rank_pattern\['q_proj'\]=0: a rank must be a positive int"):
+        LoraConfig(rank_pattern={"q_proj": 0})

@@ -306,3 +306,27 @@ def test_mistral_small4_expert_adapter_loads_in_peft_with_equal_logits(tmp_path)
         assert (ours_logits - peft_model(input_ids=ids).logits).abs().max() <= TOL
         with disable_adapters(ours):
             assert (ours(ids) - ours_logits).abs().max() > 0.1
+
+
+def test_peft_all_linear_adapter_on_mixtral_loads_in_ours_and_back(tmp_path):
+    """peft's own all-linear on a transformers v5 Mixtral: it maps v4's linears onto target_parameters (router
+    gate.weight, gate_up_proj with r and alpha doubled through rank_pattern / alpha_pattern, down_proj). Such a
+    file loads in ours with equal logits, and what we save from it loads back in peft with equal logits."""
+    ours, hf = _pair()
+    torch.manual_seed(8)
+    peft_model = peft.get_peft_model(hf, peft.LoraConfig(r=R, lora_alpha=ALPHA, target_modules="all-linear",
+                                                         init_lora_weights=False)).eval()
+    peft_model.save_pretrained(tmp_path / "theirs")
+    stored = json.loads((tmp_path / "theirs" / "adapter_config.json").read_text())
+    assert stored["rank_pattern"] == {r".*\.gate_up_proj": 2 * R} and "gate.weight" in stored["target_parameters"]
+    load_adapter(ours, tmp_path / "theirs")
+    assert expert_adapters(ours)[0][1].r == 2 * R and expert_adapters(ours)[1][1].r == R  # gate_up_proj, down_proj
+    assert "model.layers.0.mlp.gate" in {name for name, _ in lora_layers(ours)}  # named by peft's file: adapted
+    ids = _ids(seed=8)
+    with torch.no_grad():
+        expected = peft_model(input_ids=ids).logits
+        assert (ours(ids) - expected).abs().max() <= TOL
+    save_adapter(ours, tmp_path / "ours")
+    again = peft.PeftModel.from_pretrained(_pair()[1], tmp_path / "ours").eval()
+    with torch.no_grad():
+        assert (again(input_ids=ids).logits - expected).abs().max() <= TOL
