@@ -162,8 +162,11 @@ class SparseMoE(nn.Module):
             x = x * torch.empty_like(x).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
         flat = x.reshape(B * T, H)
         routing = route(self.gate(flat), self.top_k)
-        # Kept only when a backward will use it; a recomputing checkpoint sets it again, harmlessly.
-        self.router_logits = routing.logits if self.training and torch.is_grad_enabled() else None
+        # Kept only when a backward will use it. Not when a checkpoint recomputes this block inside backward
+        # (graph task id != -1): those logits would keep the recomputed block's graph (its attention's saved
+        # tensors) alive until the next forward, ~9 MiB a layer on the bench config, for no aux loss.
+        recording = self.training and torch.is_grad_enabled() and torch._C._current_graph_task_id() == -1
+        self.router_logits = routing.logits if recording else None
         return self.experts(flat, routing).reshape(B, T, H)
 
 
