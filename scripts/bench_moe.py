@@ -7,14 +7,26 @@ torch has it); transformers with experts_implementation="eager" (a Python loop o
 its own child process (peak memory apart), timed steps go round-robin; all sides get the same weights (one
 state dict in safetensors: our in-memory names are transformers') and the same batch. lr 1e-3, so each side is
 also checked to train: its gradient norm is non-zero and its loss moves over the steps.
+
+Two peaks per side: over the built model (the whole step, so AdamW's two moments, created by the first step,
+count: 12 bytes a parameter with the gradients, alike on both sides) and, after the warm-up steps, over the model
+plus that optimizer state (what a step adds on top: activations, gradients, transients: where MoE dispatch
+differs). On CPU the children run with MALLOC_MMAP_THRESHOLD_=65536, so every tensor over 64 KiB is its own
+mapping, returned on free, and the RSS high-water mark follows the live tensors (as torch.cuda.max_memory_allocated
+does on CUDA); glibc's default raises that threshold as tensors are freed and then keeps freed heap resident, an
+allocator effect that moves a side's figure by tens of MiB from run to run. --glibc-malloc measures with it.
+--checkpointing block runs both sides with whole-layer activation checkpointing (ours
+set_gradient_checkpointing("block"), transformers gradient_checkpointing_enable, non-reentrant).
 Prints a markdown block for docs/benchmarks.md and a JSON line for bench_all.py.
 
     python scripts/bench_moe.py [--seq 256] [--batch 4] [--warmup 1] [--steps 4] [--device cpu|cuda|auto] [--quick]
+                                [--glibc-malloc] [--checkpointing none|block]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -34,9 +46,30 @@ ARCH = dict(model_type="mixtral", vocab_size=4096, hidden_size=256, intermediate
             num_attention_heads=8, num_key_value_heads=4, num_local_experts=8, num_experts_per_tok=2,
             router_aux_loss_coef=0.02, sliding_window=None, max_position_embeddings=4096, tie_word_embeddings=False)
 QUICK_ARCH = {**ARCH, "vocab_size": 512, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2}
+MMAP_THRESHOLD = "65536"  # bytes: see the module docstring
 
 
-def build(side: str, weights: Path, arch: dict) -> torch.nn.Module:
+class StepMemory:
+    """A child's two peaks: over the built model (every step) and over the model plus the optimizer state, read
+    from a reset made after the warm-up steps (`settle`). The whole-step peak is the larger of the two spans."""
+
+    def __init__(self, device: str) -> None:
+        self.device, self.whole, self.first, self.steady = device, mem.PeakMemory(device), None, None
+
+    def settle(self) -> dict:
+        self.first = self.whole.read()  # the peak of the steps so far, over the model
+        self.steady = mem.PeakMemory(self.device)
+        self.steady.start()
+        return {}
+
+    def read(self) -> dict:
+        now = self.steady.read()
+        whole = {**self.first, "peak_mib": max(self.first["peak_mib"], now["peak_mib"])}
+        whole["peak_reset"] = self.first["peak_reset"] and now["peak_reset"]
+        return {**whole, "steady_baseline_mib": now["baseline_mib"], "steady_mib": now["peak_mib"] - now["baseline_mib"]}
+
+
+def build(side: str, weights: Path, arch: dict, checkpointing: str = "none") -> torch.nn.Module:
     config = MistralConfig.from_hf_dict(arch, source="bench")
     if side == "ours":
         model = Mistral(config)
@@ -47,13 +80,18 @@ def build(side: str, weights: Path, arch: dict) -> torch.nn.Module:
         model = transformers.MixtralForCausalLM(hf_config)
         model.set_experts_implementation(SIDES[side])
     model.load_state_dict(load_file(weights), strict=True)
+    if checkpointing == "block":  # the memory lever each library offers for the whole layer
+        if side == "ours":
+            model.set_gradient_checkpointing("block")
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
 
 
 def serve_side(side: str, weights: Path, args: argparse.Namespace) -> None:
     torch.set_num_threads(mem.THREADS)
     device = args.device
-    model = build(side, weights, args.arch).to(device, mem.compute_dtype(device))
+    model = build(side, weights, args.arch, args.checkpointing).to(device, mem.compute_dtype(device))
     ids = torch.randint(0, args.arch["vocab_size"], (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
     ids = ids.to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
@@ -73,7 +111,15 @@ def serve_side(side: str, weights: Path, args: argparse.Namespace) -> None:
         seen["grad_norms"].append(float(norm))
         return loss.item()
 
-    mem.serve_steps(step, device, {"trained": lambda: dict(seen)})
+    memory = StepMemory(device)
+    memory.whole.start()  # the model is built: its load's transient copies do not count
+
+    def one_step() -> dict:
+        seconds, loss = mem.timed(step, device)
+        return {"s": seconds, "loss": loss}
+
+    mem.serve({"step": one_step, "settle": memory.settle, "memory": memory.read, "trained": lambda: dict(seen),
+               "profile": lambda: mem.profile_step(step, device)})
 
 
 def report(train: dict, trained: dict, args: argparse.Namespace, settings: dict) -> str:
@@ -84,7 +130,8 @@ def report(train: dict, trained: dict, args: argparse.Namespace, settings: dict)
     for name, key, fmt in (("Train step, tokens/s, median step (higher is better)", "tokens_per_s", "{:.0f}"),
                            ("Train step, tokens/s, best step", "best_tokens_per_s", "{:.0f}"),
                            ("Train step, peak memory over the built model, MiB (lower is better)", "peak_mib", "{:.0f}"),
-                           ("Train step, absolute peak memory, MiB", "abs_peak_mib", "{:.0f}")):
+                           ("Train step, absolute peak memory, MiB", "abs_peak_mib", "{:.0f}"),
+                           ("Train step, peak over model + AdamW state (after warm-up), MiB", "steady_mib", "{:.0f}")):
         cells = [name, fmt.format(train["ours"][key])]
         for s in others:
             cells += [fmt.format(train[s][key]), f"{train['ours'][key] / train[s][key]:.2f}x"]
@@ -101,6 +148,10 @@ def report(train: dict, trained: dict, args: argparse.Namespace, settings: dict)
         "- Trained: " + "; ".join(f"{s} loss {t['losses'][0]:.4f} -> {t['losses'][-1]:.4f}, grad norm first step "
                                   f"{t['grad_norms'][0]:.3g}" for s, t in trained.items()) + ".",
         mem.memory_note([settings["memory"][s] for s in sides]),
+        f"- Allocator: {settings['allocator']}; activation checkpointing: {args.checkpointing} (both sides); "
+        "AdamW state after warm-up (the second peak's baseline over the first's), MiB: "
+        + ", ".join(f"{s} {settings['memory'][s]['steady_baseline_mib'] - settings['memory'][s]['baseline_mib']:.0f}"
+                    for s in sides) + ".",
         mem.profile_note({s: train[s]["profile"] for s in sides}),
     ]
     return "\n".join(lines + mem.run_notes(settings) + ["", *rows])
@@ -114,6 +165,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"))
     parser.add_argument("--quick", action="store_true", help="tiny model, 2 steps: a smoke test")
+    parser.add_argument("--glibc-malloc", action="store_true", help="CPU: glibc's default malloc thresholds")
+    parser.add_argument("--checkpointing", default="none", choices=("none", "block"))
     parser.add_argument("--child", choices=list(SIDES), help=argparse.SUPPRESS)
     parser.add_argument("--weights", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -132,18 +185,29 @@ def main() -> None:
         n_params = sum(v.numel() for v in state.values())
         save_file(state, str(weights))
         argvs = {s: [__file__, *sys.argv[1:], "--child", s, "--weights", str(weights)] for s in SIDES}
+        allocator = "glibc malloc defaults"
+        if args.device == "cpu" and not args.glibc_malloc:  # read by each child's glibc at start, not by this process
+            os.environ["MALLOC_MMAP_THRESHOLD_"] = MMAP_THRESHOLD
+            allocator = f"MALLOC_MMAP_THRESHOLD_={MMAP_THRESHOLD} (RSS follows live tensors)"
         with mem.children_of(argvs) as children:
-            steps = mem.round_robin(children, "step", args.warmup + args.steps)
+            settle_after = max(args.warmup, 1)  # the optimizer state exists after one step
+            steps = mem.round_robin(children, "step", settle_after)
+            for child in children.values():
+                child.ask("settle")
+            more = mem.round_robin(children, "step", args.warmup + args.steps - settle_after)
+            steps = {s: steps[s] + more[s] for s in steps}
             memory = {s: child.ask("memory") for s, child in children.items()}
             profiles = {s: child.ask("profile") for s, child in children.items()}
             trained = {s: child.ask("trained") for s, child in children.items()}
     for side, t in trained.items():
         if not (t["grad_norms"][0] > 0 and t["losses"][-1] != t["losses"][0]):
             raise SystemExit(f"{side} did not train: losses {t['losses']}, grad norms {t['grad_norms']}")
-    train = {s: mem.summarize({"steps": steps[s], "memory": memory[s], "profile": profiles[s]}, args.batch * args.seq,
-                              args.warmup) for s in SIDES}
-    settings = {**clock.finish(), "n_params": n_params, "memory": memory}
+    train = {s: {**mem.summarize({"steps": steps[s], "memory": memory[s], "profile": profiles[s]},
+                                 args.batch * args.seq, args.warmup), "steady_mib": memory[s]["steady_mib"]}
+             for s in SIDES}
+    settings = {**clock.finish(), "n_params": n_params, "memory": memory, "allocator": allocator}
     payload = {"bench": "moe", "device": args.device, "seq": args.seq, "batch": args.batch, "arch": args.arch,
+               "allocator": allocator, "checkpointing": args.checkpointing,
                "n_params": n_params, "train": train, "trained": trained, "run": settings}
     mem.emit(report(train, trained, args, settings), payload)
 
