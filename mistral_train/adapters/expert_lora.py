@@ -22,7 +22,6 @@ import math
 from typing import Callable, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 LORA_SUFFIX = "_lora"  # the adapter of expert weight `gate_up_proj` is the child `gate_up_proj_lora`
@@ -176,12 +175,6 @@ def unload_expert(model: nn.Module, name: str, adapter: ExpertLoRA) -> None:
         delattr(module, param)
         setattr(module, param, nn.Parameter(dense.to(weight.compute_dtype)))
     delattr(module, param + LORA_SUFFIX)
-
-
-def lora_rows_reference(rows: torch.Tensor, adapter: ExpertLoRA, expert: int) -> torch.Tensor:
-    """s * B_e A_e x for rows of one expert, the plain way (for tests): F.linear through A_e then B_e."""
-    a, b = adapter.factors()
-    return F.linear(F.linear(rows, a[expert]), b[expert]) * adapter.scaling
 
 
 def _named(target: str, key: str) -> bool:

@@ -23,7 +23,7 @@ from mistral_train.adapters import (
     save_adapter,
     unmerge_lora,
 )
-from mistral_train.adapters.expert_lora import expert_adapters, lora_rows_reference
+from mistral_train.adapters.expert_lora import ExpertLoRA, expert_adapters
 from mistral_train.config import AdapterSpec, load_run_config
 from mistral_train.model.moe import expert_groups
 from mistral_train.quant import quantize_model
@@ -45,6 +45,13 @@ def _moe(seed: int = 0, **overrides) -> Mistral:
         for p in model.parameters():
             p.normal_(0, 0.3)
     return model.eval()
+
+
+def lora_rows_reference(rows: torch.Tensor, adapter: ExpertLoRA, expert: int) -> torch.Tensor:
+    """s * B_e A_e x for rows of one expert, the plain way: A_e = lora_A rows e*r.., B_e = lora_B columns e, e+E, ..."""
+    E, r = adapter.num_experts, adapter.r
+    a_e, b_e = adapter.lora_A[expert * r:(expert + 1) * r], adapter.lora_B[:, expert::E]
+    return (rows @ a_e.T) @ b_e.T * adapter.scaling
 
 
 def _ids(seed: int = 1) -> torch.Tensor:

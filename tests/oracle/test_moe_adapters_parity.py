@@ -29,7 +29,7 @@ bnb_functional = pytest.importorskip("bitsandbytes.functional")
 
 from mistral_train import Mistral, MistralConfig  # noqa: E402
 from mistral_train.adapters import LoraConfig, apply_lora, disable_adapters, load_adapter, lora_layers, save_adapter  # noqa: E402
-from mistral_train.adapters.expert_lora import ExpertLoRA, expert_adapters  # noqa: E402
+from mistral_train.adapters.expert_lora import expert_adapters  # noqa: E402
 from mistral_train.adapters.peft_format import _live_tensors  # noqa: E402
 from mistral_train.config import DPOSpec  # noqa: E402
 from mistral_train.data.preference import PreferencePair, collate_pairs  # noqa: E402
@@ -235,7 +235,7 @@ def _pairs_batch():
     return collate_pairs(pairs, pad_id=0, packing=False, max_seq_len=32)
 
 
-@pytest.mark.parametrize("kind", ["adapter_off", "copy"])
+@pytest.mark.parametrize("kind", ["adapter_off", "copy", "initial_adapter"])  # the last: the starting (zero-B) adapter
 def test_dpo_step_with_a_moe_reference(kind):
     ours, _ = _pair()
     base = copy.deepcopy(ours)
