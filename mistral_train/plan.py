@@ -254,7 +254,7 @@ def model_shape(spec: ModelSpec) -> MistralConfig:
                     raise ValueError(f"{path}: a mistral3 config needs a `text_config` object")
                 return MistralConfig.from_hf_dict(d["text_config"], source=f"{path} `text_config`")
             return MistralConfig.from_json_file(path)
-        if spec.hf_config:  # a class whose fields ModelSpec lacks (mistral4): its config.json, its defaults for the rest
+        if spec.hf_config:  # a class whose fields ModelSpec lacks (mistral4): its config.json keys, defaults for the rest
             return MistralConfig.from_hf_dict({"model_type": spec.model_type, "vocab_size": spec.vocab_size,
                                                **spec.hf_config}, source="model.hf_config")
         # a preset's published vocabulary (its tokenizer lives in a folder not given); the bundled vocabularies
@@ -335,8 +335,9 @@ def plan_run(cfg: RunConfig, options: Optional[PlanOptions] = None) -> Plan:
         total = weights + grads + optim + act.total
         if plan_moe.is_moe(shape):  # NF4 experts are not sharded (like Q); float ones as the weights are
             experts = plan_moe.expert_parameters(shape)
-            plan.expert_bytes[s] = (NF4_BYTES * experts if cfg.adapter.kind == "qlora" else 0.0 if s == "zero3_offload_params"
-                                    else wb * experts / (n if s in ("fsdp2", "zero3", "zero3_offload") else 1))
+            sharded = n if s in ("fsdp2", "zero3", "zero3_offload") else 1
+            plan.expert_bytes[s] = (NF4_BYTES * experts if cfg.adapter.kind == "qlora"
+                                    else 0.0 if s == "zero3_offload_params" else wb * experts / sharded)
         plan.rows.append(Row(s, optimizer, weights, grads, optim, act.total, host, total,
                              total / GIB + RESERVE_GIB <= opts.device_gib))
     return plan

@@ -42,8 +42,9 @@ def _attention(cfg: Any) -> dict[str, tuple[int, int]]:
         q, kv = heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
         return {"self_attn.q_proj": (h, q), "self_attn.k_proj": (h, kv), "self_attn.v_proj": (h, kv),
                 "self_attn.o_proj": (q, h)}
-    query = ({"self_attn.q_proj": (h, heads * cfg.head_dim)} if cfg.q_lora_rank is None else
-             {"self_attn.q_a_proj": (h, cfg.q_lora_rank), "self_attn.q_b_proj": (cfg.q_lora_rank, heads * cfg.head_dim)})
+    q_width = heads * cfg.head_dim
+    query = ({"self_attn.q_proj": (h, q_width)} if cfg.q_lora_rank is None else
+             {"self_attn.q_a_proj": (h, cfg.q_lora_rank), "self_attn.q_b_proj": (cfg.q_lora_rank, q_width)})
     return {**query, "self_attn.kv_a_proj_with_mqa": (h, cfg.kv_lora_rank + cfg.qk_rope_head_dim),
             "self_attn.kv_b_proj": (cfg.kv_lora_rank, heads * (cfg.qk_nope_head_dim + cfg.v_head_dim)),
             "self_attn.o_proj": (heads * cfg.v_head_dim, h)}
@@ -116,6 +117,6 @@ def describe(cfg: Any, total: int, expert_bytes: dict[str, float], gib: float) -
     per_device = ", ".join(f"{name} {value / gib:.2f}" for name, value in expert_bytes.items())
     shared = f" + {cfg.n_shared_experts} shared" if cfg.mlp_kind == "shared_moe" else ""
     return (f"experts: {cfg.num_local_experts} routed{shared} in {len(expert_layers(cfg))} layers, "
-            f"{cfg.num_experts_per_tok} per token: {total / 1e9:.2f} B total, {active_parameters(cfg, total) / 1e9:.2f} B "
-            f"active per token ({expert_parameters(cfg) / 1e9:.2f} B in routed experts); routed experts' weights per "
+            f"{cfg.num_experts_per_tok} per token: {total / 1e9:.2f} B total, "
+            f"{active_parameters(cfg, total) / 1e9:.2f} B active per token ({expert_parameters(cfg) / 1e9:.2f} B in routed experts); routed experts' weights per "
             f"device, GiB: {per_device}")

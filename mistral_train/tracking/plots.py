@@ -4,8 +4,9 @@ Top panel: train loss and eval loss against step, learning rate on a second axis
 the run's objective defines it (the caller's label, read from its config.yaml by `run_objective`:
 cross-entropy, or a DPO / reward-model loss per pair).
 A second panel shows held-out exact match when the run logged one; a model with experts gets an expert-load
-panel (tokens routed to each expert per step, averaged over its MoE layers, against the balanced share). Missing keys, nulls, NaN and
-non-numeric values (text samples) are skipped; a step logged twice keeps its last value.
+panel (tokens routed to each expert per step, averaged over its MoE layers, against the balanced share).
+Missing keys, nulls, NaN and non-numeric values (text samples) are skipped; a step logged twice keeps its last
+value.
 Uses matplotlib's object API with the Agg canvas directly, so plotting never needs a
 display and never changes the global pyplot backend of the process that calls it.
 """
@@ -91,7 +92,8 @@ def draw_run(rows: list[dict[str, Any]], title: str = "", loss: tuple[str, str] 
     ratios = [2] + [1] * (bool(match_steps) + bool(load_steps))
     figure = Figure(figsize=(7, 4.5 + 2 * (len(ratios) - 1)), dpi=100)
     FigureCanvasAgg(figure)
-    axes = list(figure.subplots(len(ratios), 1, sharex=True, height_ratios=ratios)) if len(ratios) > 1 else [figure.add_subplot()]
+    axes = ([figure.add_subplot()] if len(ratios) == 1
+            else list(figure.subplots(len(ratios), 1, sharex=True, height_ratios=ratios)))
     ax = axes.pop(0)
     match_ax = axes.pop(0) if match_steps else None
     load_ax = axes.pop(0) if load_steps else None
