@@ -105,8 +105,8 @@ def find_targets(model: nn.Module, cfg: LoraConfig) -> tuple[list[str], list[str
         saved += [name for name in found if not _inside(name, saved)]
 
     targets = cfg.target_modules
-    if targets == ALL_LINEAR:  # a MoE router only when named (peft's all-linear never sees transformers' router)
-        gates = routers(model)
+    gates = routers(model)
+    if targets == ALL_LINEAR:  # a MoE router only when named, in target_parameters (below)
         chosen = [name for name in linear if name not in OUTPUT_HEADS and not _inside(name, saved) and name not in gates]
         if not chosen:
             raise ValueError("target_modules='all-linear': the model has no linear layer outside its output head")
@@ -130,6 +130,9 @@ def find_targets(model: nn.Module, cfg: LoraConfig) -> tuple[list[str], list[str
 
     for name in chosen:
         module = modules[name]
+        if name in gates:  # transformers' router is no linear: peft adapts it as a parameter, and so do we
+            raise ValueError(f"target module `{name}` is a MoE router; adapt it by parameter, as peft does on "
+                             f"transformers' router: target_parameters=['{name.rpartition('.')[2]}.weight']")
         if not _is_linear(module):
             raise ValueError(
                 f"target module `{name}` is a {type(module).__name__}, not a linear layer: LoRA wraps linear layers "

@@ -164,8 +164,10 @@ def test_errors_name_the_entry():
         apply_lora(_moe(), LoraConfig(target_modules=[], target_parameters=["model.norm.weight"]))
     with pytest.raises(ValueError, match="LoraConfig.dropout=0.1 cannot be used with target_parameters"):
         LoraConfig(dropout=0.1, target_parameters=EXPERTS)
+    with pytest.raises(ValueError, match=r"`model.layers.0.mlp.gate` is a MoE router.*target_parameters=\['gate.weight'\]"):
+        apply_lora(_moe(), LoraConfig(r=2, target_modules=["gate"]))
     with pytest.raises(ValueError, match="named by both target_modules and target_parameters"):
-        apply_lora(_moe(), LoraConfig(r=2, target_modules=["gate"], target_parameters=["mlp.gate.weight"]))
+        apply_lora(_moe(), LoraConfig(target_modules=["q_proj"], target_parameters=["self_attn.q_proj.weight"]))
     model = _moe()
     with pytest.raises(ValueError, match="matches no parameter"):
         apply_lora(model, LoraConfig(target_modules=["q_proj"], target_parameters=["nothing"]))
