@@ -114,13 +114,14 @@ def dequantize_model(model: nn.Module, dtype: Optional[torch.dtype] = None) -> n
 
 
 def nf4_storage_bytes(model: nn.Module) -> tuple[int, int]:
-    """(bytes, parameters) of all NF4Linear weights, each distinct tensor counted once."""
+    """(bytes, parameters) of all NF4 weights (NF4Linear and MoE expert stacks), each distinct tensor counted once."""
     seen: dict[int, int] = {}
     params = 0
     for module in model.modules():
-        if isinstance(module, NF4Linear):
-            params += module.in_features * module.out_features
-            for t in (module.weight, *(getattr(module, n) for n in ("absmax", "quant_map", "nested_absmax", "nested_quant_map"))):
+        if isinstance(module, (NF4Linear, NF4ExpertStack)):
+            packed = module.weight if isinstance(module, NF4Linear) else module.packed
+            params += module.nf4.numel
+            for t in (packed, *(getattr(module, n) for n in ("absmax", "quant_map", "nested_absmax", "nested_quant_map"))):
                 if t is not None:
                     seen[t.data_ptr()] = t.numel() * t.element_size()
     return sum(seen.values()), params

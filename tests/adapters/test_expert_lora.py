@@ -217,3 +217,19 @@ def test_rank_and_alpha_patterns_pick_per_target_values():
     assert layers[0].self_attn.v_proj.scaling == 3 / 4 and layers[0].self_attn.q_proj.scaling == 8 / 4
     with pytest.raises(ValueError, match=r"rank_pattern\['q_proj'\]=0: a rank must be a positive int"):
         LoraConfig(rank_pattern={"q_proj": 0})
+
+
+def test_nf4_storage_counts_expert_stacks():
+    """nf4_storage_bytes covers the expert stacks too: 4 bits a weight plus the double-quantized block scales, as
+    plan's NF4_BYTES says, over every decoder linear except the router and every expert weight."""
+    from mistral_train.plan import NF4_BYTES
+    from mistral_train.quant import nf4_storage_bytes
+
+    model = _moe()
+    experts = sum(p.numel() for name, p in model.named_parameters() if p.ndim == 3)
+    linears = sum(m.weight.numel() for name, m in model.named_modules()
+                  if type(m) is nn.Linear and not name.endswith(("mlp.gate", "lm_head")))
+    stored, params = nf4_storage_bytes(quantize_model(model))
+    assert params == experts + linears and experts > linears
+    # the rest: the code books (16 NF4 levels, 256 nested levels, fp32, shared) and each tensor's partial blocks
+    assert 0 <= stored - NF4_BYTES * params <= 2048 < 0.1 * stored
