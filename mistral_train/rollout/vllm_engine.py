@@ -16,6 +16,7 @@ from typing import Any, Optional, Sequence, Union
 
 import torch
 
+from mistral_train.adapters.expert_lora import ExpertLoRA
 from mistral_train.adapters.lora import LoRALinear
 
 
@@ -92,7 +93,7 @@ class VLLMEngine:
     def push_weights(self, model: torch.nn.Module) -> None:
         """Load `model`'s current weights (a plain `Mistral`, full fine-tuning) into the live engine.
         Adapter runs push their adapter folder instead (`push_adapter`): the engine keeps the base."""
-        if any(isinstance(m, LoRALinear) for m in model.modules()):
+        if any(isinstance(m, (LoRALinear, ExpertLoRA)) for m in model.modules()):  # experts' adapters too
             raise ValueError("push_weights takes a model without adapters; for a LoRA run save the adapter "
                              "(save_adapter) and call push_adapter(folder)")
         weights = [(name, tensor.detach()) for name, tensor in model.state_dict().items()]

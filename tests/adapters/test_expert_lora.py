@@ -233,3 +233,13 @@ def test_nf4_storage_counts_expert_stacks():
     assert params == experts + linears and experts > linears
     # the rest: the code books (16 NF4 levels, 256 nested levels, fp32, shared) and each tensor's partial blocks
     assert 0 <= stored - NF4_BYTES * params <= 2048 < 0.1 * stored
+
+
+def test_vllm_weight_push_refuses_a_model_with_expert_adapters():
+    """push_weights sends a plain model's state dict; expert adapters would be dropped silently, so it refuses
+    (before touching an engine: no vLLM needed to check it)."""
+    from mistral_train.rollout.vllm_engine import VLLMEngine
+
+    model = apply_lora(_moe(), LoraConfig(r=4, target_modules=[], target_parameters=EXPERTS))
+    with pytest.raises(ValueError, match="push_adapter"):
+        VLLMEngine.push_weights(None, model)
