@@ -106,13 +106,15 @@ def run_weights(cfg: MistralConfig, adapter: AdapterSpec, weight_bytes: int, ada
         chosen = [n for n in linears if re.fullmatch(targets, n)]
     else:
         chosen = [n for n in linears if any(n == t or n.endswith("." + str(t)) for t in targets)]
-    if not chosen:
+    experts_lora = plan_moe.expert_lora_parameters(cfg, list(adapter.target_parameters), adapter.r)
+    if not chosen and not experts_lora:
         raise ConfigError(f"adapter.target_modules={targets!r} matches no decoder linear "
                           "(q_proj k_proj v_proj o_proj gate_proj up_proj down_proj)")
     names = {**sizes, "lm_head": cfg.vocab_size * cfg.hidden_size}  # a tied head is copied when saved
     # an entry names the module or one holding it, at dot boundaries: "lm_head", "embed_tokens", "layers.0"
     saved = [n for n in names if any(f".{t}." in f".{n}." for t in adapter.modules_to_save)]
     lora = sum(adapter.r * (i + o) + (o if adapter.use_dora else 0) for i, o in (linears[n] for n in chosen))
+    lora += experts_lora  # adapter.target_parameters: LoRA on expert weights (and a named router)
     copies = sum(names[n] for n in saved)
     # every decoder linear, and every routed expert (the router stays in the weights' dtype)
     nf4 = sum(a * b for a, b in linears.values()) + plan_moe.expert_parameters(cfg) if adapter.kind == "qlora" else 0

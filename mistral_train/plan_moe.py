@@ -91,6 +91,17 @@ def expert_parameters(cfg: Any) -> int:
     return sum(v for k, v in expert_sizes(cfg).items() if k.endswith(".mlp.experts"))
 
 
+def expert_lora_parameters(cfg: Any, targets: list[str], r: int) -> int:
+    """LoRA parameters on the weights `adapter.target_parameters` names (adapters/expert_lora.py, peft's layout):
+    r * E * (in + out) per 3-D expert weight and expert layer, r * (H + E) for a named router weight."""
+    if not is_moe(cfg) or not targets:
+        return 0
+    h, e, i = cfg.hidden_size, cfg.num_local_experts, expert_width(cfg)
+    shapes = {"mlp.experts.gate_up_proj": (e, h, 2 * i), "mlp.experts.down_proj": (e, i, h), "mlp.gate.weight": (1, h, e)}
+    chosen = [k for k in shapes if any(k == t or k.endswith("." + t) for t in targets)]
+    return len(expert_layers(cfg)) * sum(r * n * (a + b) for n, a, b in (shapes[k] for k in chosen))
+
+
 def active_parameters(cfg: Any, total: int) -> int:
     """Parameters one token uses: all but the (E - k) / E of the routed experts it is not sent to."""
     if not is_moe(cfg):

@@ -243,3 +243,15 @@ def test_vllm_weight_push_refuses_a_model_with_expert_adapters():
     model = apply_lora(_moe(), LoraConfig(r=4, target_modules=[], target_parameters=EXPERTS))
     with pytest.raises(ValueError, match="push_adapter"):
         VLLMEngine.push_weights(None, model)
+
+
+@pytest.mark.parametrize("modules, params", [(["q_proj"], EXPERTS), ([], ["down_proj", "mlp.gate.weight"])])
+def test_plan_counts_expert_adapters_as_the_model_has_them(modules, params):
+    """plan's trainable count with adapter.target_parameters equals the adapted model's own count."""
+    from mistral_train.plan import run_weights
+
+    model = _moe()
+    spec = AdapterSpec(kind="lora", r=4, alpha=8, target_modules=modules, target_parameters=params)
+    apply_lora(model, lora_config(spec))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert run_weights(model.config, spec, 2).trainable == trainable
