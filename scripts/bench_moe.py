@@ -2,7 +2,8 @@
 
 A training step is what the loop optimises: forward, the causal-LM loss plus router_aux_loss_coef x the
 load-balancing loss (ours: model/moe.py's, recorded by the forward; transformers: output_router_logits=True),
-backward, an AdamW step. Sides: ours; transformers with its default experts implementation (grouped_mm where
+backward, an AdamW step. Sides: ours (experts recomputed in backward: model/expert_recompute.py); ours-plain (the
+same model keeping every expert intermediate); transformers with its default experts implementation (grouped_mm where
 torch has it); transformers with experts_implementation="eager" (a Python loop over experts). Each side runs in
 its own child process (peak memory apart), timed steps go round-robin; all sides get the same weights (one
 state dict in safetensors: our in-memory names are transformers') and the same batch. lr 1e-3, so each side is
@@ -39,9 +40,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared bench hel
 import _bench_common as mem  # noqa: E402
 
 from mistral_train import Mistral, MistralConfig  # noqa: E402
-from mistral_train.model.moe import take_aux_loss  # noqa: E402
+from mistral_train.model.moe import Experts, take_aux_loss  # noqa: E402
 
-SIDES = {"ours": None, "hf-grouped_mm": "grouped_mm", "hf-eager": "eager"}  # side -> experts_implementation
+# side -> transformers' experts_implementation; ours-plain: ours with Experts.recompute off (autograd keeps every
+# expert intermediate), which prices model/expert_recompute.py's saving in the same run
+SIDES = {"ours": None, "ours-plain": None, "hf-grouped_mm": "grouped_mm", "hf-eager": "eager"}
 ARCH = dict(model_type="mixtral", vocab_size=4096, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
             num_attention_heads=8, num_key_value_heads=4, num_local_experts=8, num_experts_per_tok=2,
             router_aux_loss_coef=0.02, sliding_window=None, max_position_embeddings=4096, tie_word_embeddings=False)
@@ -71,8 +74,11 @@ class StepMemory:
 
 def build(side: str, weights: Path, arch: dict, checkpointing: str = "none") -> torch.nn.Module:
     config = MistralConfig.from_hf_dict(arch, source="bench")
-    if side == "ours":
+    if side.startswith("ours"):
         model = Mistral(config)
+        for module in model.modules():
+            if isinstance(module, Experts):
+                module.recompute = side == "ours"
     else:
         hf_config = transformers.MixtralConfig(**{k: v for k, v in config.to_hf_dict("MistralForCausalLM").items()
                                                   if k not in ("architectures", "model_type")})
@@ -81,7 +87,7 @@ def build(side: str, weights: Path, arch: dict, checkpointing: str = "none") -> 
         model.set_experts_implementation(SIDES[side])
     model.load_state_dict(load_file(weights), strict=True)
     if checkpointing == "block":  # the memory lever each library offers for the whole layer
-        if side == "ours":
+        if side.startswith("ours"):
             model.set_gradient_checkpointing("block")
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -99,7 +105,7 @@ def serve_side(side: str, weights: Path, args: argparse.Namespace) -> None:
 
     def step() -> float:
         model.train()
-        if side == "ours":
+        if side.startswith("ours"):
             loss = model(ids, labels=ids) + take_aux_loss(model)[0]  # what train/loop.py backward_window adds
         else:
             loss = model(ids, labels=ids, use_cache=False, output_router_logits=True).loss

@@ -58,14 +58,14 @@ class RecomputedExperts(torch.autograd.Function):
         dy = grad[tokens]  # (M, H): each sorted row gets its token's gradient
         u = product(dy, down.transpose(1, 2))  # (M, I) = dy W_d,e
         d_weights = (u.float() * acts.float()).sum(-1)
-        d_acts = (u.float() * weights[:, None]).to(u.dtype)
         d_down = weight_grad((dy.float() * weights[:, None]).to(dy.dtype), acts) if ctx.needs_input_grad[3] else None
-        del u, acts
+        del dy, acts
+        d_acts = u.mul_(weights[:, None])  # da = w * u, in u's buffer (computed in fp32, stored in u's dtype)
         d_gate, = torch.autograd.grad(activated, gate_leaf, d_acts * up)
         # dh written over the recomputed gate/up product, which is no longer needed: no third (M, 2I) buffer
         hidden[:, : gate.shape[1]] = d_gate
         hidden[:, gate.shape[1]:] = d_acts * activated.detach()
-        del d_gate, d_acts, activated, gate_leaf
+        del d_gate, d_acts, u, activated, gate_leaf
         d_gate_up = weight_grad(hidden, rows) if ctx.needs_input_grad[2] else None
         d_x = _sum_slots(product(hidden, gate_up.transpose(1, 2)), slots, x.shape[0]) if ctx.needs_input_grad[0] else None
         return d_x, d_weights, d_gate_up, d_down, None, None, None, None, None
