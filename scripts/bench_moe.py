@@ -12,16 +12,17 @@ also checked to train: its gradient norm is non-zero and its loss moves over the
 Two peaks per side: over the built model (the whole step, so AdamW's two moments, created by the first step,
 count: 12 bytes a parameter with the gradients, alike on both sides) and, after the warm-up steps, over the model
 plus that optimizer state (what a step adds on top: activations, gradients, transients: where MoE dispatch
-differs). On CPU the children run with MALLOC_MMAP_THRESHOLD_=65536, so every tensor over 64 KiB is its own
-mapping, returned on free, and the RSS high-water mark follows the live tensors (as torch.cuda.max_memory_allocated
-does on CUDA); glibc's default raises that threshold as tensors are freed and then keeps freed heap resident, an
-allocator effect that moves a side's figure by tens of MiB from run to run. --glibc-malloc measures with it.
+differs). On CPU the peak is the RSS high-water mark. glibc's malloc raises its mmap threshold as large tensors
+are freed and then keeps freed heap resident, so by default that mark includes retained heap, which moved a side
+by tens of MiB between runs. --live-memory runs the children with MALLOC_MMAP_THRESHOLD_=65536: every tensor over
+64 KiB is its own mapping, returned on free, and the mark follows the live tensors (as max_memory_allocated does
+on CUDA); every allocation then page-faults, which slows all sides several-fold, so take speed from a default run.
 --checkpointing block runs both sides with whole-layer activation checkpointing (ours
 set_gradient_checkpointing("block"), transformers gradient_checkpointing_enable, non-reentrant).
 Prints a markdown block for docs/benchmarks.md and a JSON line for bench_all.py.
 
     python scripts/bench_moe.py [--seq 256] [--batch 4] [--warmup 1] [--steps 4] [--device cpu|cuda|auto] [--quick]
-                                [--glibc-malloc] [--checkpointing none|block]
+                                [--live-memory] [--checkpointing none|block]
 """
 
 from __future__ import annotations
@@ -171,7 +172,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"))
     parser.add_argument("--quick", action="store_true", help="tiny model, 2 steps: a smoke test")
-    parser.add_argument("--glibc-malloc", action="store_true", help="CPU: glibc's default malloc thresholds")
+    parser.add_argument("--live-memory", action="store_true", help="CPU: MALLOC_MMAP_THRESHOLD_, see above")
     parser.add_argument("--checkpointing", default="none", choices=("none", "block"))
     parser.add_argument("--child", choices=list(SIDES), help=argparse.SUPPRESS)
     parser.add_argument("--weights", type=Path, help=argparse.SUPPRESS)
@@ -191,8 +192,8 @@ def main() -> None:
         n_params = sum(v.numel() for v in state.values())
         save_file(state, str(weights))
         argvs = {s: [__file__, *sys.argv[1:], "--child", s, "--weights", str(weights)] for s in SIDES}
-        allocator = "glibc malloc defaults"
-        if args.device == "cpu" and not args.glibc_malloc:  # read by each child's glibc at start, not by this process
+        allocator = "glibc malloc defaults (RSS includes heap glibc retains)"
+        if args.device == "cpu" and args.live_memory:  # read by each child's glibc at start, not by this process
             os.environ["MALLOC_MMAP_THRESHOLD_"] = MMAP_THRESHOLD
             allocator = f"MALLOC_MMAP_THRESHOLD_={MMAP_THRESHOLD} (RSS follows live tensors)"
         with mem.children_of(argvs) as children:
