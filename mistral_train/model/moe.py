@@ -61,7 +61,7 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor,
                    grouped: Optional[bool] = None) -> torch.Tensor:
     """Rows of `x` (M, in) grouped by expert (`counts` (E,) consecutive rows each) times their expert's
     `weight[e]` (E, out, in) transposed: (M, out). Each expert's matmul sees only its own rows."""
-    if (grouped if grouped is not None else GROUPED_MM) and _aligned(x, weight):
+    if (grouped if grouped is not None else _grouped_mm_usable(x)) and _aligned(x, weight):
         offsets = torch.cumsum(counts, 0).to(torch.int32)
         return torch._grouped_mm(x, weight.transpose(1, 2), offs=offsets)
     parts = [F.linear(rows, weight[e]) for e, rows in enumerate(x.split(counts.tolist())) if rows.shape[0]]
@@ -72,13 +72,19 @@ def grouped_weight_grad(dy: torch.Tensor, x: torch.Tensor, counts: torch.Tensor,
                         grouped: Optional[bool] = None) -> torch.Tensor:
     """The weight gradient of grouped_linear: dy (M, out) and x (M, in) grouped by `counts` (E,) -> (E, out, in),
     expert e's dy_e^T x_e (zeros for an expert with no rows)."""
-    if (grouped if grouped is not None else GROUPED_MM) and all(w * x.element_size() % 16 == 0 for w in (dy.shape[1], x.shape[1])):
+    if (grouped if grouped is not None else _grouped_mm_usable(x)) and all(w * x.element_size() % 16 == 0 for w in (dy.shape[1], x.shape[1])):
         return torch._grouped_mm(dy.t(), x, offs=torch.cumsum(counts, 0).to(torch.int32))
     out = x.new_zeros(counts.shape[0], dy.shape[1], x.shape[1])
     for e, (d, rows) in enumerate(zip(dy.split(counts.tolist()), x.split(counts.tolist()))):
         if rows.shape[0]:
             torch.mm(d.t(), rows, out=out[e])
     return out
+
+
+def _grouped_mm_usable(x: torch.Tensor) -> bool:
+    """torch._grouped_mm where it runs: eagerly for any float dtype, but under torch.compile on CPU only for bf16
+    (its compiled kernel rejects fp32 inputs there), so compiled fp32 decoding takes the per-expert path."""
+    return GROUPED_MM and (x.dtype == torch.bfloat16 or x.is_cuda or not torch.compiler.is_compiling())
 
 
 def _aligned(x: torch.Tensor, weight: torch.Tensor) -> bool:

@@ -68,3 +68,20 @@ def test_static_cache_step_equals_the_ordinary_step(tiny, our_model, random_ids,
                 steps = [model(ids[:, i : i + 1], cache=cache, cache_index=torch.tensor([i]))[:, -1] for i in range(6)]
             logits[static] = torch.stack(steps)
         assert max_abs_diff(logits[True], logits[False]) <= TOL, f"window {window}"
+
+
+def test_mixture_of_experts_decodes_compiled_in_fp32():
+    """A Mixtral's experts under compile: torch._grouped_mm's compiled CPU kernel rejects fp32, so compiled
+    decoding takes the per-expert path there and emits the eager tokens (logits within 1e-5)."""
+    from mistral_train.model.config import MistralConfig
+    from mistral_train.model.mistral import Mistral
+
+    config = MistralConfig.from_hf_dict({
+        "model_type": "mixtral", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "num_local_experts": 4, "num_experts_per_tok": 2,
+        "eos_token_id": None})
+    torch.manual_seed(0)
+    model = Mistral(config).eval()
+    ids = torch.randint(0, 64, (2, 5), generator=torch.Generator().manual_seed(5))
+    _assert_same(generate(model, ids, 6, return_logits=True, compile=True),
+                 generate(model, ids, 6, return_logits=True), "mixtral")
