@@ -2,7 +2,8 @@
 
 trl computes the loss inside `GRPOTrainer._compute_loss(self, model, inputs)`; we call that method unbound
 with a SimpleNamespace `self` carrying only the attributes it reads, and a `_get_per_token_logps_and_entropies`
-that hands back our leaf tensor of log-probs, so the value and the gradient come from trl's own code.
+that hands back our leaf tensor of log-probs, so the value and the gradient come from trl's own code. Advantages come the same way from
+`_generate_and_score_completions`, with generation and the reward functions stubbed.
 """
 
 from collections import defaultdict
@@ -12,7 +13,7 @@ import pytest
 import torch
 from trl.trainer.grpo_trainer import GRPOTrainer
 
-from mistral_train.losses import GRPO_LOSSES, grpo_loss
+from mistral_train.losses import GRPO_LOSSES, group_advantages, grpo_loss
 
 B, T, MAX_LEN = 8, 6, 7
 NEED_DEFAULTS = dict(delta=None, sapo_temperature_pos=1.0, sapo_temperature_neg=1.05, vespo_k_pos=2.0,
@@ -110,3 +111,44 @@ def test_inputs_exercise_both_clip_sides():
     logps, old, _, adv, mask, _ = _inputs()
     _, stats = grpo_loss(logps, old, adv, mask, loss_type="grpo")
     assert stats["clip_ratio/low_mean"] > 0 and stats["clip_ratio/high_mean"] > 0
+
+
+def _trl_advantages(rewards: torch.Tensor, num_generations: int, scale: str) -> torch.Tensor:
+    """trl's advantages: `_generate_and_score_completions` called unbound, generation and rewards stubbed.
+
+    The stubs hand back fixed completions and `rewards` as the one reward function's column; everything after
+    (the group / batch statistics and the NaN handling) is trl's own code.
+    """
+    n = rewards.numel()
+
+    def ident(t):
+        return t
+
+    trainer = SimpleNamespace(
+        accelerator=SimpleNamespace(device="cpu", num_processes=1, process_index=0, is_main_process=False,
+                                    gather=ident, gather_for_metrics=ident, reduce=lambda t, reduction="sum": t),
+        model=SimpleNamespace(training=True, is_gradient_checkpointing=False),
+        environment_factories=None, tools=None, environments=None, _is_vlm=False, beta=0.0,
+        _generate=lambda prompts: ([[1, 2]] * n, [[5, 6, 2]] * n, None, ["x"] * n, None, {}, None, None),
+        _tokenizer=SimpleNamespace(pad_token_id=0), pad_to_multiple_of=None, mask_truncated_completions=False,
+        args=SimpleNamespace(per_device_train_batch_size=n, gradient_checkpointing_kwargs=None,
+                             steps_per_generation=1, gradient_accumulation_steps=1),
+        num_iterations=1, use_vllm=False, vllm_importance_sampling_correction=False,
+        _calculate_rewards=lambda *a: rewards.unsqueeze(1), num_generations=num_generations,
+        multi_objective_aggregation="sum_then_normalize", reward_weights=torch.ones(1, dtype=rewards.dtype),
+        scale_rewards=scale, reward_func_names=["r"], _metrics={"train": defaultdict(list)},
+        _logs=defaultdict(list, rewards=defaultdict(list)), _pending_extra_logs={}, _pending_metrics={},
+    )
+    return GRPOTrainer._generate_and_score_completions(trainer, [{"prompt": "p"}] * n)["advantages"]
+
+
+@pytest.mark.parametrize("num_generations", [4, 2])
+@pytest.mark.parametrize("scale", ["group", "batch", "none"])
+def test_advantages_equal_trl(scale, num_generations):
+    rewards = torch.randn(B, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    rewards[:num_generations] = 0.5  # one group with no spread: trl's 1e-4 keeps it finite (advantage 0)
+    rewards[num_generations + 1] = float("nan")  # an unscorable completion: out of the stats, advantage 0
+    want = _trl_advantages(rewards, num_generations, scale)
+    got = group_advantages(rewards, num_generations, scale=scale)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    assert want.abs().max() > 0.1 and got[num_generations + 1] == 0
