@@ -2,8 +2,8 @@
 
 trl computes the loss inside `GRPOTrainer._compute_loss(self, model, inputs)`; we call that method unbound
 with a SimpleNamespace `self` carrying only the attributes it reads, and a `_get_per_token_logps_and_entropies`
-that hands back our leaf tensor of log-probs, so the value and the gradient come from trl's own code. Advantages come the same way from
-`_generate_and_score_completions`, with generation and the reward functions stubbed.
+that hands back our leaf tensor of log-probs, so the value and the gradient come from trl's own code.
+Advantages come the same way from `_generate_and_score_completions`, generation and reward functions stubbed.
 """
 
 from collections import defaultdict
