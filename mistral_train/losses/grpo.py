@@ -114,6 +114,12 @@ def _per_seq(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return x.squeeze(1) if x.shape[1] == 1 else (x * mask).sum(-1) / mask.sum(-1)
 
 
+def _nan_extreme(x: torch.Tensor, pick) -> float:
+    """min/max over the values that are not NaN; NaN when every sequence was empty (as trl logs it)."""
+    kept = x[~torch.isnan(x)]
+    return pick(kept).item() if kept.numel() else math.nan
+
+
 def grpo_loss(
     logps: torch.Tensor,
     old_logps: torch.Tensor,
@@ -170,8 +176,8 @@ def grpo_loss(
         stats["clip_ratio/low_mean"] = _masked_mean(low.float(), mask).item()
         stats["clip_ratio/high_mean"] = _masked_mean(high.float(), mask).item()
         stats["clip_ratio/region_mean"] = _masked_mean((low | high).float(), mask).item()
-        stats["clip_ratio/low_min"] = _per_seq(low.float(), mask).nan_to_num(math.inf).min().item()
-        stats["clip_ratio/high_max"] = _per_seq(high.float(), mask).nan_to_num(-math.inf).max().item()
+        stats["clip_ratio/low_min"] = _nan_extreme(_per_seq(low.float(), mask), torch.min)
+        stats["clip_ratio/high_max"] = _nan_extreme(_per_seq(high.float(), mask), torch.max)
     elif loss_type == "sapo":
         tau = torch.where(advantages > 0, opts["sapo_temperature_pos"], opts["sapo_temperature_neg"])
         per_token = -torch.sigmoid(tau * (ratio - 1)) * 4 / tau * advantages  # soft gate in place of a clip

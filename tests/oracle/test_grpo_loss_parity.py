@@ -26,6 +26,8 @@ def _inputs(seed: int = 0):
     old = logps + 0.4 * torch.randn(B, T, generator=g, dtype=torch.float64)  # ratios well outside 1 +- 0.2
     ref = logps + 0.3 * torch.randn(B, T, generator=g, dtype=torch.float64)
     adv = torch.randn(B, generator=g, dtype=torch.float64)
+    adv[3] = 0.0  # a zero-spread group's advantage: the sign tests (> 0, >= 0) must treat it as trl does
+    old[7] = logps[7] - 4.0  # far off-policy (sequence log-ratio 24): clips bind, vespo's weight underflows
     lengths = torch.tensor([6, 5, 1, 4, 6, 3, 2, 6])
     mask = (torch.arange(T)[None] < lengths[:, None]).long()
     is_ratio = torch.rand(B, T, generator=g, dtype=torch.float64) + 0.5
