@@ -208,6 +208,6 @@ def grpo_loss(
     elif loss_type == "luspo":
         loss = masked.sum(-1).mean()
     else:  # dapo, cispo, vespo: one token-level normaliser over the whole accumulated batch
-        total = mask.sum() if num_items is None else torch.as_tensor(num_items, dtype=logps.dtype, device=logps.device)
+        total = mask.sum() if num_items is None else torch.as_tensor(num_items, dtype=logps.dtype).to(logps.device)
         loss = masked.sum() / total.clamp(min=1.0)
     return loss, stats
