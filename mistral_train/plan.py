@@ -54,15 +54,20 @@ BF16_UPDATE_STATES = {"auto": "adamw_kahan", "kahan": "adamw_kahan", "fp32_maste
 
 
 def linear_shapes(cfg: MistralConfig) -> dict[str, tuple[int, int]]:
-    """(in, out) of every decoder linear, by transformers' module names (lm_head excluded); with experts,
-    plan_moe's (attention and shared experts: the routed experts are 3-D tensors, counted by module_sizes)."""
-    if plan_moe.is_moe(cfg):
-        return plan_moe.linear_shapes(cfg)
-    h, i = cfg.hidden_size, cfg.intermediate_size
-    q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
-    layer = {"self_attn.q_proj": (h, q), "self_attn.k_proj": (h, kv), "self_attn.v_proj": (h, kv),
-             "self_attn.o_proj": (q, h), "mlp.gate_proj": (h, i), "mlp.up_proj": (h, i), "mlp.down_proj": (i, h)}
-    return {f"model.layers.{n}.{k}": v for n in range(cfg.num_hidden_layers) for k, v in layer.items()}
+    """(in, out) of every decoder linear an adapter may target, by transformers' module names (lm_head excluded):
+    each layer's attention, and its MLP where it is dense (with experts: Small 4's shared experts; the routers and
+    3-D routed experts are plan_moe.expert_sizes')."""
+    h, moe = cfg.hidden_size, set(plan_moe.expert_layers(cfg))
+    shapes = {}
+    for n in range(cfg.num_hidden_layers):
+        layer = plan_moe.attention_shapes(cfg)
+        if n not in moe:
+            layer.update(plan_moe.swiglu_shapes("mlp", h, cfg.intermediate_size))
+        elif cfg.mlp_kind == "shared_moe" and cfg.n_shared_experts:
+            shared = cfg.n_shared_experts * cfg.moe_intermediate_size
+            layer.update(plan_moe.swiglu_shapes("mlp.shared_experts", h, shared))
+        shapes.update({f"model.layers.{n}.{k}": v for k, v in layer.items()})
+    return shapes
 
 
 def module_sizes(cfg: MistralConfig) -> dict[str, int]:

@@ -8,7 +8,7 @@ from one kv_lora_rank latent plus a shared rotary key), E routed experts of moe_
 always-on experts, and `first_k_dense_replace` dense layers first.
 
 QLoRA stores every routed expert in NF4 beside the decoder linears (bitsandbytes' format); the router stays in the
-weights' dtype and is never adapted (issue 16); adapters target the linears `linear_shapes` names (attention, the
+weights' dtype and is never adapted (issue 16); adapters target the linears plan.linear_shapes names (attention, the
 shared experts, dense layers' MLPs), never the 3-D expert tensors unless asked.
 Activations per token of an MoE layer: each of the k routed copies of a token keeps its gathered input, the gate/up
 output (2I), the activation and product (2I) and the expert's output before weighting (H): k(2H + 4I) in matmul
@@ -32,11 +32,15 @@ def expert_width(cfg: Any) -> int:
 
 
 def expert_layers(cfg: Any) -> range:
-    """The layers with experts: all of Mixtral's; Small 4's after its first_k_dense_replace dense ones."""
+    """The layers with experts: all of Mixtral's; Small 4's after its first_k_dense_replace dense ones; none of a
+    dense model's."""
+    if not is_moe(cfg):
+        return range(0)
     return range(cfg.first_k_dense_replace if cfg.mlp_kind == "shared_moe" else 0, cfg.num_hidden_layers)
 
 
-def _attention(cfg: Any) -> dict[str, tuple[int, int]]:
+def attention_shapes(cfg: Any) -> dict[str, tuple[int, int]]:
+    """(in, out) of one layer's attention linears: grouped-query, or Small 4's latent attention."""
     h, heads = cfg.hidden_size, cfg.num_attention_heads
     if cfg.attention_kind != "latent":
         q, kv = heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
@@ -50,23 +54,8 @@ def _attention(cfg: Any) -> dict[str, tuple[int, int]]:
             "self_attn.o_proj": (heads * cfg.v_head_dim, h)}
 
 
-def _swiglu(prefix: str, h: int, i: int) -> dict[str, tuple[int, int]]:
+def swiglu_shapes(prefix: str, h: int, i: int) -> dict[str, tuple[int, int]]:
     return {f"{prefix}.gate_proj": (h, i), f"{prefix}.up_proj": (h, i), f"{prefix}.down_proj": (i, h)}
-
-
-def linear_shapes(cfg: Any) -> dict[str, tuple[int, int]]:
-    """(in, out) of every decoder linear an adapter may target in a model with experts: the attention, Small 4's
-    shared experts and dense layers' MLPs. The routers and 3-D expert tensors are not here (`expert_sizes`)."""
-    h, moe = cfg.hidden_size, set(expert_layers(cfg))
-    shapes = {}
-    for n in range(cfg.num_hidden_layers):
-        layer = _attention(cfg)
-        if n not in moe:
-            layer.update(_swiglu("mlp", h, cfg.intermediate_size))
-        elif cfg.mlp_kind == "shared_moe" and cfg.n_shared_experts:
-            layer.update(_swiglu("mlp.shared_experts", h, cfg.n_shared_experts * cfg.moe_intermediate_size))
-        shapes.update({f"model.layers.{n}.{k}": v for k, v in layer.items()})
-    return shapes
 
 
 def expert_sizes(cfg: Any) -> dict[str, int]:
