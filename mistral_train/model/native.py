@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import shutil
 from pathlib import Path
 from typing import Any, Iterator, Optional, Union
 
@@ -31,6 +30,7 @@ from mistral_train.checkpoint.atomic import atomic_directory
 from mistral_train.errors import FolderError, TensorNameError
 from mistral_train.jsonfile import read_json_object
 from mistral_train.model.config import MODEL_TYPES, MistralConfig
+from mistral_train.tokenizer.files import write_native_tokenizer
 
 PARAMS_FILE = "params.json"
 WEIGHTS_FILE = "consolidated.safetensors"
@@ -356,8 +356,8 @@ def native_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def save_native(model: nn.Module, path: Union[str, Path], tokenizer: Any = None, chat_format: Optional[str] = None) -> None:
     """Write `model` as a native folder: params.json, consolidated.safetensors and, given `tokenizer` (our
-    Tokenizer of a SentencePiece or Tekken file), its file as mistral-common names it (write_native_tokenizer).
-    The folder appears only when complete."""
+    Tokenizer of a SentencePiece or Tekken file), its file as mistral-common names it
+    (tokenizer/files.py write_native_tokenizer). The folder appears only when complete."""
     params = params_dict(model.config)
     state = native_state_dict(model)
     with atomic_directory(path) as tmp:
@@ -365,31 +365,3 @@ def save_native(model: nn.Module, path: Union[str, Path], tokenizer: Any = None,
         save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         if tokenizer is not None:
             write_native_tokenizer(tokenizer, tmp, chat_format)
-
-
-def write_native_tokenizer(tokenizer: Any, folder: Union[str, Path], chat_format: Optional[str] = None) -> Path:
-    """Copy the tokenizer's file into `folder` as mistral-common reads it, encoding chats in `chat_format`
-    (default: the tokenizer's own): `tekken.json` (its `config.version` set to the chat format when they
-    differ) or `tokenizer.model.<chat format>` (mistral-common takes a SentencePiece file's version from
-    that suffix). Returns the written path.
-
-    Raises:
-        ValueError: a tokenizer.json-only tokenizer, which mistral-common cannot read.
-    """
-    fmt = tokenizer.chat_format(chat_format)
-    folder = Path(folder)
-    if tokenizer.kind == "sentencepiece":
-        target = folder / f"tokenizer.model.{fmt}"
-        shutil.copyfile(tokenizer.path, target)
-        return target
-    if tokenizer.kind != "tekken":
-        raise ValueError(f"{tokenizer.path}: an HF tokenizer.json has no native form; Mistral's native format "
-                         "holds tekken.json or tokenizer.model.vN (pass the model's own tokenizer file)")
-    target = folder / "tekken.json"
-    data = read_json_object(Path(tokenizer.path))
-    if data.get("config", {}).get("version") == fmt:
-        shutil.copyfile(tokenizer.path, target)
-    else:  # mistral-common encodes chats in the file's version: make it the one the run trained with
-        data["config"]["version"] = fmt
-        target.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
-    return target

@@ -123,3 +123,31 @@ def folder_chat_format(folder: Union[str, Path]) -> Optional[str]:
     if fmt is not None and not isinstance(fmt, str):
         raise ValueError(f"{config}: {CHAT_FORMAT_KEY} must be a chat format name (v1 to v15), got {fmt!r}")
     return fmt
+
+
+def write_native_tokenizer(tokenizer: Tokenizer, folder: Union[str, Path], chat_format: Optional[str] = None) -> Path:
+    """Copy the tokenizer's file into `folder` as mistral-common reads it, encoding chats in `chat_format`
+    (default: the tokenizer's own): `tekken.json` (its `config.version` set to the chat format when they
+    differ) or `tokenizer.model.<chat format>` (mistral-common takes a SentencePiece file's version from
+    that suffix). Returns the written path.
+
+    Raises:
+        ValueError: a tokenizer.json-only tokenizer, which mistral-common cannot read.
+    """
+    fmt = tokenizer.chat_format(chat_format)
+    folder = Path(folder)
+    if tokenizer.kind == "sentencepiece":
+        target = folder / f"tokenizer.model.{fmt}"
+        shutil.copyfile(tokenizer.path, target)
+        return target
+    if tokenizer.kind != "tekken":
+        raise ValueError(f"{tokenizer.path}: an HF tokenizer.json has no native form; Mistral's native format "
+                         "holds tekken.json or tokenizer.model.vN (pass the model's own tokenizer file)")
+    target = folder / "tekken.json"
+    data = read_json_object(Path(tokenizer.path))
+    if data.get("config", {}).get("version") == fmt:
+        shutil.copyfile(tokenizer.path, target)
+    else:  # mistral-common encodes chats in the file's version: make it the one the run trained with
+        data["config"]["version"] = fmt
+        target.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+    return target

@@ -22,7 +22,7 @@ from mistral_train.folders import check_model_folder
 from mistral_train.model import native
 from mistral_train.model.config import MODEL_TYPES
 from mistral_train.plan import model_shape
-from mistral_train.tokenizer.files import write_tokenizer_files
+from mistral_train.tokenizer.files import write_native_tokenizer, write_tokenizer_files
 from mistral_train.tokenizer.tokenizer import bundled_tokenizer_path, load_tokenizer
 from mistral_train.train import fit
 from tests._tokenizers import bundled
@@ -276,9 +276,9 @@ def test_sentencepiece_tokenizer_is_named_for_mistral_common(tmp_path):
 def test_tekken_tokenizer_keeps_the_runs_chat_format(tmp_path):
     tekken = load_tokenizer(Path(str(bundled_tokenizer_path("v1"))).parent / "tekken_240911.json")
     assert tekken.version == "v3"
-    copied = native.write_native_tokenizer(tekken, tmp_path)
+    copied = write_native_tokenizer(tekken, tmp_path)
     assert copied.read_bytes() == tekken.path.read_bytes()  # the file as it came, when the versions agree
-    native.write_native_tokenizer(tekken, tmp_path, "v7")
+    write_native_tokenizer(tekken, tmp_path, "v7")
     assert json.loads(copied.read_text())["config"]["version"] == "v7"
     assert MistralTokenizer.from_file(str(copied)).instruct_tokenizer.tokenizer.version == TokenizerVersion.v7
     hf_json = tmp_path / "hf"
@@ -286,7 +286,7 @@ def test_tekken_tokenizer_keeps_the_runs_chat_format(tmp_path):
     write_tokenizer_files(bundled("v1"), hf_json)
     (hf_json / "tokenizer.model").unlink()  # a folder with only tokenizer.json
     with pytest.raises(ValueError, match="tokenizer.json has no native form"):
-        native.write_native_tokenizer(load_tokenizer(hf_json), tmp_path)
+        write_native_tokenizer(load_tokenizer(hf_json), tmp_path)
 
 
 def test_export_verb_writes_a_full_folder_and_a_merged_adapter(tmp_path, capsys):
