@@ -96,10 +96,50 @@ class RewardSpec:
 
 
 @dataclass
+class GRPOSpec:
+    """Online RL (trainer.objective=grpo or rloo): rollouts, rewards and trl's GRPO loss family, with trl's
+    GRPOConfig/RLOOConfig names and defaults (where they differ between the two, rloo's are named below).
+    A micro-batch holds `trainer.batch_size` completions: batch_size // num_generations prompts, each
+    sampled num_generations times; one rollout serves one optimizer step's window, num_iterations times."""
+
+    num_generations: int = 8  # completions per prompt (rloo: at least 2; trl RLOOConfig default: 2)
+    max_completion_length: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: Optional[int] = None  # None: no cut (trl's top_k=0)
+    num_iterations: int = 1  # optimizer steps on each rollout; old log-probs kept from generation time
+    loss_type: str = "dapo"  # grpo | bnpo | dr_grpo | dapo | cispo | sapo | luspo | vespo (grpo only)
+    epsilon: float = 0.2
+    epsilon_high: Optional[float] = None  # None: epsilon
+    delta: Optional[float] = None  # two-sided clipping bound of the ratio
+    beta: float = 0.0  # KL coefficient (k3 estimator); 0: no reference model is kept (trl RLOOConfig default: 0.05)
+    scale_rewards: str = "group"  # group | batch | none
+    importance_sampling_level: str = "token"  # token | sequence
+    mask_truncated_completions: bool = False
+    # reward functions: "module:function" strings or {function: ..., weight: ..., kwargs: {...}} / {model: FOLDER}
+    reward_funcs: list[Any] = field(default_factory=list)
+    reward_weights: Optional[list[float]] = None
+    reference: str = "auto"  # as trainer.dpo.reference (used only when beta > 0)
+    rollout_engine: str = "generate"  # generate (ours: batched, KV cache) | vllm (where installed)
+    loss_options: dict[str, Any] = field(default_factory=dict)  # sapo/vespo extras (sapo_temperature_neg, ...)
+
+
+@dataclass
+class KTOSpec:
+    """Unpaired preferences (trainer.objective=kto), trl's KTOConfig names and defaults."""
+
+    loss_type: str = "kto"  # kto | apo_zero_unpaired
+    beta: float = 0.1
+    desirable_weight: float = 1.0
+    undesirable_weight: float = 1.0
+    reference: str = "auto"  # as trainer.dpo.reference
+
+
+@dataclass
 class TrainerSpec:
     """The optimisation loop."""
 
-    objective: str = "pretrain"  # pretrain | sft | dpo | reward
+    objective: str = "pretrain"  # pretrain | sft | dpo | reward | grpo | rloo | kto (train/objectives.py)
     max_steps: int = 150
     max_seq_len: int = 256
     batch_size: int = 8  # sequences per micro-batch
@@ -135,6 +175,8 @@ class TrainerSpec:
     sample_max_new_tokens: int = 40
     dpo: DPOSpec = field(default_factory=DPOSpec)
     reward: RewardSpec = field(default_factory=RewardSpec)
+    grpo: GRPOSpec = field(default_factory=GRPOSpec)
+    kto: KTOSpec = field(default_factory=KTOSpec)
 
 
 @dataclass
