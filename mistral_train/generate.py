@@ -53,6 +53,27 @@ def load_for_generation(folder: Union[str, Path], base: Optional[str] = None) ->
     return model.eval(), [folder, Path(base_folder)] if adapter else [folder]
 
 
+def processed_logits(
+    logits: torch.Tensor, temperature: float = 1.0, top_k: Optional[int] = None, top_p: Optional[float] = None
+) -> torch.Tensor:
+    """The fp32 logits (B, V) sampling draws from: divided by `temperature`, then cut to the `top_k` highest, then
+    to the smallest set whose probability reaches `top_p` (cut tokens are -inf). Same order and boundaries as
+    transformers' TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper (and vLLM's), so a sampled
+    rollout draws from the distribution trl's would (tests/oracle/test_sampling_parity.py). None: no cut."""
+    logits = logits.float() / temperature
+    if top_k is not None and 0 < top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        ascending, order = torch.sort(logits, dim=-1)
+        # Drop a token when it and every less likely token together hold at most 1 - top_p; the likeliest stays.
+        drop_sorted = ascending.softmax(dim=-1).cumsum(dim=-1) <= 1 - top_p
+        drop_sorted[:, -1] = False
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
 def sample_next(
     logits: torch.Tensor,
     temperature: float = 0.0,
@@ -60,25 +81,15 @@ def sample_next(
     top_p: Optional[float] = None,
     generator: Optional[torch.Generator] = None,
 ) -> torch.Tensor:
-    """Pick the next token of each row from logits (B, V): greedy at temperature 0, else sampled.
+    """Pick the next token of each row from logits (B, V): greedy at temperature 0, else sampled from
+    `processed_logits`.
 
     Returns:
         (B,) token ids.
     """
     if temperature <= 0.0:
         return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
-    if top_k is not None and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        # Drop a token when the tokens before it already cover top_p; the first always stays.
-        drop_sorted = (cumulative - sorted_logits.softmax(dim=-1)) >= top_p
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
-    probs = logits.softmax(dim=-1)
+    probs = processed_logits(logits, temperature, top_k, top_p).softmax(dim=-1)
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
 
 
