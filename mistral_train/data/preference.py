@@ -214,7 +214,7 @@ def collate_pairs(pairs: Sequence[PreferencePair], pad_id: int, packing: bool, m
     if not pairs:
         raise ValueError("collate_pairs: got no pairs; expected at least one")
     sequences = [p.sequence("chosen") for p in pairs] + [p.sequence("rejected") for p in pairs]  # 2B
-    batch = _pack_or_pad(sequences, pad_id, packing, max_seq_len, pad_to_max)
+    batch = collate_sequences(sequences, pad_id, packing, max_seq_len, pad_to_max)
     margins = [p.margin for p in pairs]
     if any(m is not None for m in margins):
         if None in margins:
@@ -224,7 +224,10 @@ def collate_pairs(pairs: Sequence[PreferencePair], pad_id: int, packing: bool, m
     return batch
 
 
-def _pack_or_pad(sequences: list[SFTExample], pad_id: int, packing: bool, max_seq_len: int, pad_to_max: bool) -> Batch:
+def collate_sequences(sequences: list[SFTExample], pad_id: int, packing: bool, max_seq_len: int,
+                      pad_to_max: bool = False) -> Batch:
+    """Sequences -> one padded or packed batch with `sequence_index` (as `collate_pairs` describes); also the
+    collator of KTO's unpaired batches (data/unpaired.py)."""
     if not packing:
         batch = collate_padded(sequences, pad_id, max_seq_len, pad_to_max=pad_to_max)
         rows = torch.arange(len(sequences)).unsqueeze(1).expand_as(batch["input_ids"])
