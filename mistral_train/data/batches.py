@@ -34,8 +34,9 @@ import torch
 from mistral_train.data.audit import AuditReport, audit, format_report, length_warnings
 from mistral_train.data.collate import Batch, collate_packed, collate_padded
 from mistral_train.data.epochs import EpochBatches, TrainData, too_few
-from mistral_train.data.formats import PAIRS, TEXT
+from mistral_train.data.formats import PAIRS, PROMPTS, TEXT
 from mistral_train.data.pair_batches import pair_data
+from mistral_train.data.prompt_batches import prompt_data
 from mistral_train.data.packing import pack_examples, packing_efficiency
 from mistral_train.data.sft import SFTExample, SFTStats, tokenize_conversation, tokenize_rows
 from mistral_train.data.sources import RowSource
@@ -59,6 +60,8 @@ def build_batches(spec: DataSpec, batching: Batching, tokenizer, train: RowSourc
     """
     if train.kind == PAIRS:
         data = pair_data(spec, batching, tokenizer, train, held)
+    elif train.kind == PROMPTS:  # grpo, rloo: prompts to generate from (data/prompt_batches.py)
+        data = prompt_data(spec, batching, tokenizer, train, held)
     elif spec.streaming:
         data = _stream_data(spec, batching, tokenizer, train, held)
     elif train.kind == TEXT:

@@ -130,6 +130,8 @@ class TrainData:
     summary: lines worth printing before step 1 (counts, packing fill, the audit report, and last the
         "warning: " lines: examples dropped or cut for length, with the setting that did it).
     too_few: the small-data message when the training items do not fill one batch (`check_batch_size`).
+    prompt_rows: prompts (grpo, rloo): the canonical training rows, indexed by each batch's "row_index", so
+        reward functions read a prompt's other fields (data/prompt_batches.py).
     """
 
     train: Union[EpochBatches, StreamBatches]
@@ -140,6 +142,7 @@ class TrainData:
     report: Any = None  # AuditReport or PairAuditReport
     summary: list[str] = field(default_factory=list)
     too_few: Optional[str] = None
+    prompt_rows: Optional[list[dict[str, Any]]] = None  # prompts: the canonical rows a batch's row_index points at
     eval_batches: Optional[list[Batch]] = field(init=False, default=None)
 
     def __post_init__(self) -> None:

@@ -25,12 +25,15 @@ Formats and the fields they read (our names; `field_map` renames them, e.g.
 - `chosen_only`:       a preference row read as one chat row, the prompt and its chosen answer (the rejected
                        answer is dropped): the explicit opt-in to fine-tune (SFT) on a pairs file; never
                        chosen by `auto`, which reads such a row as `preference`
+- `prompt_only`:       `prompt`: a string (one user turn) or a message list (trl's conversational prompt, ending
+                       with a user turn or tool results), no completion: prompts for online RL (grpo, rloo), read
+                       as `{"prompt": [turns], "fields": {the row's other fields}}` (+ "answer", "tools")
 
 Tool use: `messages` (and prompt_completion's lists) and `sharegpt` rows carry tool calls, their results and
 a row-level `tools` list, mapped to canonical form by data/tool_rows.py (the example gains `"tools"`). An
 assistant message may also carry `weight` 0 (not trained) or 1.
 
-Data kinds: every format yields one kind of example, "text", "chat" or "preference" (`format_kind`),
+Data kinds: every format yields one kind of example, "text", "chat", "preference" or "prompt" (`format_kind`),
 and every objective trains on one kind (its entry in train/objectives.py, the one place that says so,
 whose `check_data_kind` refuses data of another kind, so nothing is half-used).
 
@@ -47,12 +50,12 @@ from mistral_train.data.tool_rows import (check_calls_defined, link_results, ope
                                           tool_definitions)
 from mistral_train.tokenizer.chat_messages import ROLES
 
-FORMATS = ("text", "alpaca", "messages", "sharegpt", "prompt_completion", "preference", "chosen_only")
+FORMATS = ("text", "alpaca", "messages", "sharegpt", "prompt_completion", "preference", "chosen_only", "prompt_only")
 CHAT_FORMATS = ("alpaca", "messages", "sharegpt", "prompt_completion", "chosen_only")
-TEXT, CHAT, PAIRS = KINDS = ("text", "chat", "preference")  # the data kinds: what an objective reads
-KIND_NAMES = {"text": "plain text", "chat": "chat rows", "preference": "preference pairs"}
+TEXT, CHAT, PAIRS, PROMPTS = KINDS = ("text", "chat", "preference", "prompt")  # the data kinds: what an objective reads
+KIND_NAMES = {"text": "plain text", "chat": "chat rows", "preference": "preference pairs", "prompt": "prompts"}
 # The format of the bundled data of each kind (data.path: null), which data.format=auto stands for there.
-BUNDLED_FORMATS = {"text": "text", "chat": "messages", "preference": "preference"}
+BUNDLED_FORMATS = {"text": "text", "chat": "messages", "preference": "preference", "prompt": "prompt_only"}
 # Field names `field_map` may rename: top-level fields, then the keys inside one message.
 TOP_FIELDS = ("text", "instruction", "input", "output", "system", "messages", "conversations",
               "prompt", "completion", "answer", "chosen", "rejected", "margin", "tools")
@@ -68,12 +71,14 @@ _EXPECTS = {
     "preference": "'prompt', 'chosen' and 'rejected' (strings or message lists), or 'chosen' and 'rejected' "
                   "conversations that share their prompt turns",
     "chosen_only": "a preference row ('prompt', 'chosen', 'rejected'), of which the prompt and chosen answer are read",
+    "prompt_only": "a 'prompt' (a string or a message list) and no completion; other fields are kept for rewards",
 }
 
 
 def format_kind(fmt: str) -> str:
-    """What rows of format `fmt` are for: "text" (pretraining), "preference" (pairs) or "chat" (SFT)."""
-    return fmt if fmt in ("text", "preference") else "chat"
+    """What rows of format `fmt` are for: "text" (pretraining), "preference" (pairs), "prompt" (online RL:
+    prompts to generate completions for) or "chat" (SFT)."""
+    return {"text": TEXT, "preference": PAIRS, "prompt_only": PROMPTS}.get(fmt, CHAT)
 
 
 def resolve_format(fmt: str, path: Any, kind: str) -> str:
@@ -105,7 +110,8 @@ def detect_format(row: Any, field_map: Optional[dict[str, str]] = None, where: s
                          f"preference needs both answers; the row has fields {sorted(row)}")
     for fmt, keys in (("preference", ("chosen", "rejected")), ("messages", ("messages",)),
                       ("sharegpt", ("conversations",)), ("alpaca", ("instruction", "output")),
-                      ("prompt_completion", ("prompt", "completion")), ("text", ("text",))):
+                      ("prompt_completion", ("prompt", "completion")), ("prompt_only", ("prompt",)),
+                      ("text", ("text",))):  # prompt_only after every format that reads a prompt and its answer
         if all(has(k) for k in keys):
             return fmt
     expected = "; ".join(f"{fmt}: {what}" for fmt, what in _EXPECTS.items())
@@ -136,6 +142,8 @@ def to_canonical(row: Any, fmt: str, field_map: dict[str, str], where: str) -> d
         if margin is not None:
             pair["margin"] = float(margin)
         return pair
+    if fmt == "prompt_only":
+        return _prompt_only(row, fm, where)
     if fmt == "chosen_only":  # the opt-in to SFT on pairs: prompt + chosen answer, a checked conversation
         pair = _preference(row, fm, where)
         messages, label = pair["prompt"] + pair["chosen"], "turns (prompt, then chosen)"
@@ -268,6 +276,36 @@ def _turn(item: dict, role: str, content_field: str, what: str, where: str, turn
                     raise ValueError(f"{where}: {what}.{key} must be a string, got {type(item[key]).__name__}")
                 message[key] = item[key]
     return message
+
+
+def _prompt_only(row: dict, fm: dict, where: str) -> dict[str, Any]:
+    """A prompt for online RL -> `{"prompt": turns ending with a user turn (or tool results), "fields": the row's
+    other fields under their file names (what trl passes reward functions), + "answer", "tools" when given}`."""
+    name = fm.get("prompt", "prompt")
+    prompt = _field(row, "prompt", fm, where, "prompt_only", kind=(str, list))
+    if isinstance(prompt, str):
+        if not prompt.strip():
+            raise ValueError(f"{where}: field {name!r} is empty (format prompt_only)")
+        turns: list[dict[str, Any]] = [{"role": "user", "content": prompt}]
+    else:
+        turns = _message_list(row, "prompt", fm, where, "prompt_only", "role", "content", None, value=prompt)
+        if not turns or turns[-1]["role"] not in ("user", "tool"):
+            last = f"ends with role {turns[-1]['role']!r}" if turns else "holds no turns"
+            raise ValueError(f"{where}: {name!r} {last}; expected the prompt to end with a user turn (or tool "
+                             "results): the turn the generated completion answers")
+        link_results(turns, name, where)
+        # a stand-in reply makes the prompt a whole conversation, so the chat rules are checked in one place
+        check_conversation(turns + [{"role": "assistant", "content": "reply"}], where, name)
+    example: dict[str, Any] = {"prompt": turns, "fields": {k: v for k, v in row.items() if k != name}}
+    tools = tool_definitions(_field(row, "tools", fm, where, "prompt_only", optional=True, kind=(str, list)),
+                             f"{where}: field {fm.get('tools', 'tools')!r}")
+    if tools:
+        check_calls_defined(turns, tools, name, where)
+        example["tools"] = tools
+    answer = _field(row, "answer", fm, where, "prompt_only", optional=True)  # exact match on held-out prompts
+    if answer is not None:
+        example["answer"] = answer
+    return example
 
 
 def _prompt_completion(row: dict, fm: dict, where: str) -> list[dict[str, str]]:

@@ -4,7 +4,8 @@
 `datasets`' save_to_disk, a plain folder (its data files and saved datasets, recursively, sorted;
 other and hidden files are not read; `RowSource.sources` lists what was), or a list of those. None:
 the bundled `tiny_chat.jsonl` (eval `tiny_chat_eval.jsonl`) for chat formats, `tiny_pairs.jsonl` (eval
-`tiny_pairs_eval.jsonl`) for preference pairs, the tiny corpus for
+`tiny_pairs_eval.jsonl`) for preference pairs, `tiny_prompts.jsonl` (eval `tiny_prompts_eval.jsonl`) for
+prompts (prompt_only), the tiny corpus for
 text. Rows pass through `formats.to_canonical` and gain "source" (file or saved folder) and "row",
 numbered from 1 in every file type, as a user counts them: the line in JSON Lines, the element of
 a JSON array, the row of Parquet, CSV (the header not counted) and saved datasets, the document in .txt.
@@ -116,6 +117,12 @@ def bundled_pairs_path(split: str = "train") -> Path:
     return Path(str(resources.files("mistral_train") / "resources" / "data" / name))
 
 
+def bundled_prompts_path(split: str = "train") -> Path:
+    """The bundled prompts (prompt_only, with answers): tiny_prompts.jsonl, or tiny_prompts_eval.jsonl for "eval"."""
+    name = "tiny_prompts_eval.jsonl" if split == "eval" else "tiny_prompts.jsonl"
+    return Path(str(resources.files("mistral_train") / "resources" / "data" / name))
+
+
 def load_rows(spec: DataSpec, split: str = "train", seed: int = 0) -> Optional[RowSource]:
     """The rows of `split` ("train" | "eval") described by a DataSpec; None for "eval" when none is set."""
     if split not in ("train", "eval"):
@@ -173,7 +180,8 @@ def _resolve(spec: Any) -> tuple[Any, str]:
     kind = format_kind(spec.format)
     path, held, fmt = {"text": (bundled_corpus_path(), None, "text"),
                        "chat": (bundled_chat_path(), bundled_chat_path("eval"), "messages"),
-                       "preference": (bundled_pairs_path(), bundled_pairs_path("eval"), "preference")}[kind]
+                       "preference": (bundled_pairs_path(), bundled_pairs_path("eval"), "preference"),
+                       "prompt": (bundled_prompts_path(), bundled_prompts_path("eval"), "prompt_only")}[kind]
     eval_path = held if spec.eval_path is None and spec.eval_fraction == 0 else spec.eval_path
     spec = replace(spec, path=str(path), format=fmt, field_map={}, eval_path=eval_path)
     return spec, f"bundled {path.name}"

@@ -43,6 +43,7 @@ class Batching:
     seed: int = 0
     eval_size: int = 1
     padded_only: bool = False
+    group_size: int = 1  # completions generated per prompt (grpo/rloo: trainer.grpo.num_generations)
 
 
 def pad_id_of(tokenizer) -> int:

@@ -18,6 +18,7 @@ from typing import Any, Callable, ContextManager, Iterable, Optional, Sequence
 
 import torch
 
+from mistral_train.data.prompt_batches import left_pad
 from mistral_train.generate import generate
 from mistral_train.tokenizer.chat_messages import call_arguments
 from mistral_train.tokenizer.tool_calls import ToolCallError, parse_answer
@@ -135,17 +136,6 @@ def _checked(rows: Iterable[dict]) -> list[dict]:
     return rows
 
 
-def _left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ids, attention_mask), both (B, T_max), padded on the left so every prompt ends at T_max - 1."""
-    length = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), length), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), length), dtype=torch.long)
-    for i, prompt in enumerate(prompts):
-        ids[i, length - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
-        mask[i, length - len(prompt):] = 1
-    return ids, mask
-
-
 def exact_match(
     model: torch.nn.Module,
     tokenizer: Any,
@@ -187,7 +177,7 @@ def exact_match(
     correct, samples = 0, []
     for start in range(0, len(rows), batch_size):
         chunk = prompts[start:start + batch_size]
-        ids, mask = _left_pad(chunk, pad_id)
+        ids, mask = left_pad(chunk, pad_id)
         out = generate(model, ids.to(device), max_new_tokens, attention_mask=mask.to(device),
                        eos_token_id=tokenizer.eos_id)
         for offset, new in enumerate(out[:, ids.shape[1]:].tolist()):

@@ -87,7 +87,9 @@ def check_data_kind(objective: str, kind: str, where: str) -> None:
                          "the pairs with trainer.objective=dpo or reward (recipe=tiny_dpo, recipe=tiny_reward)")
     fix = {"text": "plain text: a .txt file, or rows with a 'text' field (data.format=text)",
            "chat": "chat rows: messages, sharegpt, alpaca or prompt_completion (data.format=auto detects them)",
-           "preference": "preference pairs: prompt/chosen/rejected rows (data.format=preference)"}[wanted]
+           "preference": "preference pairs: prompt/chosen/rejected rows (data.format=preference)",
+           "prompt": "prompts: rows with a 'prompt' (a string or message list) and no completion, other fields "
+                     "kept for the reward functions (data.format=prompt_only)"}[wanted]
     others = ", ".join(f"trainer.objective={o}" for o, e in OBJECTIVES.items() if e.data_kind == kind)
     raise ValueError(f"{what}; give it {fix}, or train on this data with {others}")
 

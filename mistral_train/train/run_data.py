@@ -24,5 +24,6 @@ def read_data(cfg: RunConfig, tokenizer, check: bool = True) -> TrainData:
     check_data_kind(spec.objective, train.kind, train.name)
     batching = Batching(cfg.data.packing, spec.max_seq_len, pad_id_of(tokenizer), spec.batch_size, spec.seed,
                         eval_size=spec.batch_size * spec.grad_accum_steps,  # no gradients kept: a whole window at once
-                        padded_only=entry.padded_only)  # the objective table says whether its head pools each row's last token
+                        padded_only=entry.padded_only,  # the objective table says whether its head pools each row's last token
+                        group_size=spec.grpo.num_generations if entry.data_kind == "prompt" else 1)  # completions per prompt
     return build_batches(cfg.data, batching, tokenizer, train, held, check)
