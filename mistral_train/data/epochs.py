@@ -142,6 +142,7 @@ class TrainData:
     report: Any = None  # AuditReport or PairAuditReport
     summary: list[str] = field(default_factory=list)
     too_few: Optional[str] = None
+    files: dict[str, dict] = field(default_factory=dict)  # the training files' identity (data/fingerprint.py)
     prompt_rows: Optional[list[dict[str, Any]]] = None  # prompts: the canonical rows a batch's row_index points at
     eval_batches: Optional[list[Batch]] = field(init=False, default=None)
 

@@ -28,6 +28,8 @@ class DataSpec:
     neftune_alpha: Optional[float] = None  # NEFTune embedding noise during SFT; None: off
     max_prompt_len: Optional[int] = None  # preference pairs: cap on prompt tokens (its end is kept); None: max_seq_len // 2 floor
     identical_pairs: str = "warn"  # preference pairs whose chosen == rejected: warn (counted, kept) | error
+    # resume when a training file changed since the checkpoint (size or content, data/fingerprint.py): refuse | allow
+    changed_data: str = "refuse"
 
 
 @dataclass(frozen=True)

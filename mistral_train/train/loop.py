@@ -206,7 +206,8 @@ def _train(cfg: RunConfig, accelerator) -> Path:
         if done == spec.max_steps or (spec.save_every and done % spec.save_every == 0):
             trained = run.full_model.collect(run.model, trainable_only=cfg.adapter.kind != "none")  # every process
             save_checkpoint(accelerator, run.run_dir, done, run.model, run.optimizer, run.scheduler,
-                            run.data.train.state_dict(), lambda folder: run.write_folder(trained, folder), spec.keep_last)
+                            run.data.train.state_dict(), lambda folder: run.write_folder(trained, folder), spec.keep_last,
+                            data_files=run.data.files)
     bar.close()
     run.logger.close()
     _end(run, meter)
@@ -246,7 +247,7 @@ def _setup(cfg: RunConfig, accelerator) -> Run:
     start = 0
     if resume_from is not None:
         state = load_checkpoint(resume_from, accelerator, model, lambda folder: load_model_weights(unwrapped, folder),
-                                optimizer, scheduler, data.train)
+                                optimizer, scheduler, data.train, data.files, cfg.data.changed_data)
         restore_rng_state(state["rng"])  # last: nothing else draws random numbers before the next step
         start = state["step"]
         say(f"resumed from {resume_from} at step {start}")

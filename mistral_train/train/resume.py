@@ -27,6 +27,7 @@ from mistral_train.checkpoint.state import (
     STATE_FILE, capture_rng_state, checkpoint_path, latest_checkpoint, prune_checkpoints, read_state_file, run_state,
     write_state_file,
 )
+from mistral_train.data.fingerprint import check_unchanged
 from mistral_train.errors import ConfigError
 from mistral_train.dist.accelerator import deepspeed_engine, strategy_of
 
@@ -83,10 +84,12 @@ def _save_engine_state(accelerator, model, optimizer, folder: Optional[Path]) ->
 
 
 def save_checkpoint(accelerator, run_dir: Path, step: int, model, optimizer, scheduler, data_state: dict[str, Any],
-                    write_folder: Callable[[Path], None], keep_last: int) -> Optional[Path]:
+                    write_folder: Callable[[Path], None], keep_last: int,
+                    data_files: Optional[dict[str, dict]] = None) -> Optional[Path]:
     """Write `checkpoints/step_{step}` (every process calls this): on the main process `write_folder(tmp)`
-    (weights and tokenizer), then engine files from every process, then the training state; the folder is
-    published whole, then the newest `keep_last` are kept. Returns its path on the main process, None elsewhere."""
+    (weights and tokenizer), then engine files from every process, then the training state (with `data_files`,
+    the training files' identity: data/fingerprint.py); the folder is published whole, then the newest
+    `keep_last` are kept. Returns its path on the main process, None elsewhere."""
     accelerator.wait_for_everyone()
     main, world = accelerator.is_main_process, accelerator.num_processes
     rngs = gather_object([capture_rng_state()]) if world > 1 else [capture_rng_state()]
@@ -99,7 +102,8 @@ def save_checkpoint(accelerator, run_dir: Path, step: int, model, optimizer, sch
             tmp = Path(broadcast_object_list([str(tmp) if main else None])[0])
         engine = _save_engine_state(accelerator, model, optimizer, tmp)
         if main:
-            extra = {"strategy": strategy_of(accelerator).name, "world_size": world, "engine": engine}
+            extra = {"strategy": strategy_of(accelerator).name, "world_size": world, "engine": engine,
+                     "data_files": data_files or {}}
             if world > 1:
                 extra["rng_ranks"] = rngs
             write_state_file(tmp, run_state(step, None if engine else optimizer, scheduler, data_state, rngs[0], **extra))
@@ -128,7 +132,7 @@ def _check_resumable(state: dict[str, Any], accelerator, path: Path) -> None:
 
 
 def load_checkpoint(path: Path, accelerator, model, load_weights: Callable[[Path], None], optimizer, scheduler,
-                    batches) -> dict[str, Any]:
+                    batches, data_files: Optional[dict[str, dict]] = None, changed_data: str = "refuse") -> dict[str, Any]:
     """Load weights and optimizer (from the engine's files, or `load_weights(folder)` in place plus the state
     file's optimizer state), the scheduler, and move `batches` to the saved data position; return {"step", "rng"}
     (this process's RNG state, or the main process's when the process count changed). The caller restores the
@@ -136,9 +140,15 @@ def load_checkpoint(path: Path, accelerator, model, load_weights: Callable[[Path
 
     Raises:
         ConfigError: a checkpoint of another strategy, or of another process count under DeepSpeed.
+        DataError: a training file changed since the checkpoint (`data_files` against the saved identity),
+            unless `changed_data` is "allow" (then a warning line).
     """
     state = read_state_file(path)
     _check_resumable(state, accelerator, path)
+    if data_files is not None and state.get("data_files"):  # checkpoints written before identities were kept: none
+        for line in check_unchanged(state["data_files"], data_files, changed_data, str(path)):
+            if accelerator.is_main_process:
+                print(line)
     engine = state.get("engine")
     if engine == "deepspeed":
         ds = deepspeed_engine(accelerator)
