@@ -122,6 +122,7 @@ class GRPOSpec:
     reference: str = "auto"  # as trainer.dpo.reference (used only when beta > 0)
     rollout_engine: str = "generate"  # generate (ours: batched, KV cache) | vllm (where installed)
     loss_options: dict[str, Any] = field(default_factory=dict)  # sapo/vespo extras (sapo_temperature_neg, ...)
+    normalize_advantages: bool = False  # rloo only (trl RLOOConfig): standardise the window's advantages
 
 
 @dataclass
@@ -168,6 +169,9 @@ class TrainerSpec:
     log_every: int = 5
     save_every: Optional[int] = None  # steps between checkpoints; the last step always writes one
     keep_last: int = 2  # checkpoints kept on disk
+    # a checkpoint write that fails (disk full, I/O error): stop (one error line) | retry (warn, train on, save
+    # again at the next save_every; the last step's save always stops). docs/reliability.md
+    save_failure: str = "stop"
     eval_every: Optional[int] = None  # steps between held-out evaluations (data.eval_fraction > 0); None: at the end only
     eval_before_training: bool = False  # also evaluate at step 0, before the first update (logged as step 0)
     eval_max_new_tokens: int = 16  # exact match on held-out rows with an "answer": greedy tokens per reply; 0: off

@@ -181,6 +181,7 @@ class Mistral(nn.Module):
         cache_index: Optional[torch.Tensor] = None,
         sequence_index: Optional[torch.Tensor] = None,
         num_sequences: Optional[int] = None,
+        temperature: float = 1.0,
     ):
         """Logits, a loss, per-sequence log-probs, or hidden states.
 
@@ -191,6 +192,7 @@ class Mistral(nn.Module):
               of each sequence's labelled tokens and how many there are (DPO); `sequence_index` (B, T)
               numbers the sequences of packed rows (-1 on padding), default one sequence per row.
               Computed in chunks inside forward, so sharded weights (ZeRO-3, FSDP) are in place.
+              `temperature` divides the logits first (GRPO scores completions at the sampling temperature).
             - with `return_hidden`: final hidden states (B, T, H).
             - otherwise logits: (B, T, V) causal LM, (B, num_labels) sequence classification
               (last non-pad token), (B, T, num_labels) token classification.
@@ -204,6 +206,8 @@ class Mistral(nn.Module):
             shifted = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # token t predicts label t+1
             if reduction == "sequence":
                 owner = None if sequence_index is None else F.pad(sequence_index[:, 1:], (0, 1), value=-1)
+                if temperature != 1.0:  # logits / t == (hidden / t) @ W.T: scale the (N, H) side, not the head
+                    hidden = hidden / temperature
                 return sequence_logps(hidden, self.lm_head.weight, shifted, owner, num_sequences, loss_chunk_size)
             return chunked_cross_entropy(hidden, self.lm_head.weight, shifted, loss_chunk_size, reduction)
         if self.task == "causal_lm":

@@ -31,20 +31,21 @@ from mistral_train.train.steps import Batch, Objective, Reference, dpo_objective
 
 REFERENCES = ("auto", "copy", "adapter_off", "initial_adapter", "none")
 REFERENCE_FREE = ("simpo", "orpo")
-def resolve_reference(spec: DPOSpec, adapter: AdapterSpec) -> str:
-    """The reference kind `auto` stands for, checked against the run (see the module docstring)."""
+def resolve_reference(spec: DPOSpec, adapter: AdapterSpec, key: str = "trainer.dpo", free: Optional[bool] = None) -> str:
+    """The reference kind `auto` stands for, checked against the run (see the module docstring). `key` names the
+    spec in errors; `free`: whether the loss needs no reference (default: DPO's reference-free loss types)."""
     if spec.reference not in REFERENCES:
-        raise ValueError(f"trainer.dpo.reference must be one of {REFERENCES}, got {spec.reference!r}")
-    free = all(t in REFERENCE_FREE for t in loss_types(spec))
+        raise ValueError(f"{key}.reference must be one of {REFERENCES}, got {spec.reference!r}")
+    free = all(t in REFERENCE_FREE for t in loss_types(spec)) if free is None else free
     kind = spec.reference
     if kind == "auto":
         kind = "none" if free else "copy" if adapter.kind == "none" else "initial_adapter" if adapter.path else "adapter_off"
     if kind in ("adapter_off", "initial_adapter") and adapter.kind == "none":
-        raise ValueError(f"trainer.dpo.reference={kind} needs adapter=lora or qlora; full fine-tuning uses a frozen copy")
+        raise ValueError(f"{key}.reference={kind} needs adapter=lora or qlora; full fine-tuning uses a frozen copy")
     if kind == "initial_adapter" and not adapter.path:
-        raise ValueError("trainer.dpo.reference=initial_adapter needs adapter.path, the adapter the run starts from")
+        raise ValueError(f"{key}.reference=initial_adapter needs adapter.path, the adapter the run starts from")
     if kind == "none" and not free:
-        raise ValueError(f"trainer.dpo.reference=none only suits reference-free losses {REFERENCE_FREE}, "
+        raise ValueError(f"{key}.reference=none only suits reference-free losses {REFERENCE_FREE}, "
                          f"not {spec.loss_type!r}")
     return kind
 
@@ -60,18 +61,23 @@ def _reference_mode(model: torch.nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
-def build_reference(kind: str, model: torch.nn.Module, chunk: int) -> Optional[Reference]:
+def build_reference(kind: str, model: torch.nn.Module, chunk: int,
+                    score: Optional[Reference] = None) -> Optional[Reference]:
     """The reference policy as a function of (policy model, batch); None for `none`. Call it on the
-    unwrapped model at the start of training, before the first update (it snapshots what it needs)."""
+    unwrapped model at the start of training, before the first update (it snapshots what it needs).
+    `score(model, batch)` is what the reference computes: default DPO's per-sequence log-probs (2B,);
+    GRPO passes its per-token completion log-probs (train/rl_step.py)."""
     if kind == "none":
         return None
+    if score is None:
+        score = lambda m, batch: sequence_logprobs(m, batch, chunk)[0]  # noqa: E731
     if kind == "copy":
         frozen = copy.deepcopy(model).requires_grad_(False).eval()
-        return lambda _model, batch: sequence_logprobs(frozen, batch, chunk)[0]
+        return lambda _model, batch: score(frozen, batch)
     if kind == "adapter_off":
         def adapter_off(policy: torch.nn.Module, batch: Batch) -> torch.Tensor:
             with _reference_mode(policy), disable_adapters(_unwrap(policy)):
-                return sequence_logprobs(policy, batch, chunk)[0]
+                return score(policy, batch)
 
         return adapter_off
     start = peft_state_dict(model)  # the adapter the run started from (a copy of a few MB)
@@ -79,7 +85,7 @@ def build_reference(kind: str, model: torch.nn.Module, chunk: int) -> Optional[R
     def initial_adapter(policy: torch.nn.Module, batch: Batch) -> torch.Tensor:
         unwrapped = _unwrap(policy)
         with _reference_mode(policy), swapped_adapter(unwrapped, start):
-            return sequence_logprobs(policy, batch, chunk)[0]
+            return score(policy, batch)
 
     return initial_adapter
 

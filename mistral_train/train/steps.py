@@ -77,10 +77,18 @@ def pretrain_step(model: torch.nn.Module, batch: Batch, loss_chunk_size: int = 1
 
 @dataclass(frozen=True)
 class Objective:
-    """A step function and the unit counter used to normalise it."""
+    """A step function and the unit counter used to normalise it.
+
+    `draw`, set by objectives that make their own batches (GRPO/RLOO rollouts, train/online.py), replaces the
+    loop's `next_window`: draw(model, batches, grad_accum_steps, num_processes, process_index) -> the same
+    triple. Such an objective carries state a resume needs: `state_dict()` (tensors and plain values, saved in
+    the checkpoint) and `load_state_dict(state)`."""
 
     step: StepFn
     count: Callable[[Batch], int]
+    draw: Optional[Callable[..., tuple[list[Batch], int, list[Batch]]]] = None
+    state_dict: Optional[Callable[[], dict]] = None
+    load_state_dict: Optional[Callable[[dict], None]] = None
 
 
 def language_model(loss_chunk_size: int = 1024) -> Objective:
