@@ -10,6 +10,8 @@ Benches (each a script that also runs alone; each compares ours with the peer in
   dist   bench_dist.py: 1 vs 2 CPU processes, DDP and DeepSpeed ZeRO-2: scaling efficiency (CPU)
   moe    bench_moe.py: a Mixtral (8 experts, top-2) training step vs transformers' MixtralForCausalLM
          (its default grouped_mm experts and its eager loop)
+  grpo   bench_grpo.py: one GRPO step (generation, rewards, update) vs trl.GRPOTrainer with transformers'
+         generation, the time split between the parts
 The machine's matmul peak (a large fp32 sgemm on CPU, bf16 on CUDA, best of several) is measured
 before every bench and at the end of the run; MFU = tokens/s x model FLOPs per token / the highest
 of those (other load only ever lowers a measurement).
@@ -40,7 +42,7 @@ import _bench_common as mem  # noqa: E402
 import bench_report  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-BENCHES = ("model", "lora", "dpo", "sft", "compile", "dist", "moe")
+BENCHES = ("model", "lora", "dpo", "sft", "compile", "dist", "moe", "grpo")
 CPU_ONLY = ("compile", "dist")  # ours against ours (compiled vs eager, 1 vs 2 processes): no CUDA run
 
 

@@ -114,6 +114,11 @@ def _other_rows(r: dict) -> list[str]:
                 rows.append(_row(f"SFT epoch, ours packed vs {trl_name}: speed (their epoch s / ours)",
                                  theirs["epoch_s"] / ours["epoch_s"], target, True))
                 rows += _memory_rows(f"SFT epoch vs {trl_name}", ours, theirs, 0.5)
+    elif r["bench"] == "grpo":  # issue 17 item 7: one GRPO step >= 2x trl.GRPOTrainer's
+        rows.append(_row("GRPO step (generation, rewards, update): speed vs trl.GRPOTrainer (their s / ours)",
+                         r["trl"]["step_s"] / r["ours"]["step_s"], 2.0, True))
+        rows += [f"| GRPO {part}: speed vs trl.GRPOTrainer (their s / ours) | | "
+                 f"{r['trl'][part + '_s'] / r['ours'][part + '_s']:.2f}x | (no target) |" for part in ("generation", "update")]
     elif r["bench"] == "model" and r.get("decode"):
         d = r["decode"]
         same = "" if d["hf-sdpa"]["same_tokens"] else " (greedy tokens DIFFER)"
