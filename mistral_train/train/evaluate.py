@@ -13,21 +13,18 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import re
 from typing import Any, Callable, ContextManager, Iterable, Optional, Sequence
 
 import torch
 
 from mistral_train.data.prompt_batches import left_pad
 from mistral_train.generate import generate
+from mistral_train.rollout.reward_builtins import normalize_answer  # one normalisation: exact match and the reward
 from mistral_train.tokenizer.chat_messages import call_arguments
 from mistral_train.tokenizer.tool_calls import ToolCallError, parse_answer
 
 Batch = dict[str, torch.Tensor]
 StepFn = Callable[[torch.nn.Module, Batch], Any]  # -> train/steps.StepOutput
-# Sentence punctuation a model may add after a short answer ("Sunday." for "Sunday").
-_TRAILING = ".,!?;:"
-_SPACES = re.compile(r"\s+")
 
 
 def evaluate_loss(
@@ -81,14 +78,6 @@ def evaluate_loss(
     if perplexity:
         metrics["eval_ppl"] = math.exp(loss) if loss < 700 else float("inf")
     return {**metrics, **{f"eval_{key}": value / units for key, value in zip(sums, stat_totals)}}
-
-
-def normalize_answer(text: str) -> str:
-    """The form exact match compares: case-folded, runs of whitespace made one space, leading and
-    trailing whitespace removed, then trailing sentence punctuation (. , ! ? ; :) removed.
-    "  Sunday. " and "sunday" match; "3.5" keeps its inner dot; a leading article is not removed."""
-    text = _SPACES.sub(" ", text.casefold()).strip()
-    return text.rstrip(_TRAILING).rstrip()
 
 
 def prompt_messages(messages: Sequence[dict]) -> list[dict]:
