@@ -46,6 +46,7 @@ from typing import Any, Callable, Iterator, Optional
 from mistral_train.data.formats import FORMATS, KINDS, check_field_map, detect_format, format_kind, to_canonical
 from mistral_train.data.spec import DataSpec
 from mistral_train.data.text import bundled_corpus_path, read_txt
+from mistral_train.jsonfile import read_json_object
 from mistral_train.wording import counted
 
 SUFFIXES = {".jsonl": "jsonl", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "txt"}
@@ -237,6 +238,8 @@ def _raw(unit: _Unit, streaming: bool) -> Iterator[tuple[int, str, Any]]:
     else:
         import datasets  # imported here: loading the package should not pay for it
 
+        if unit.kind == "disk":
+            check_saved_names(unit.path)
         try:
             if unit.kind == "disk":
                 ds = datasets.load_from_disk(unit.name)
@@ -311,6 +314,26 @@ def _units(path: Any, splits: tuple[str, ...]) -> list[_Unit]:
         raise ValueError(f"{path}: unsupported data file type {suffix or '(no extension)'!r}; supported: "
                          f"{', '.join(SUFFIXES)}, a folder of them, or a folder written by datasets' save_to_disk")
     return [_Unit(path, SUFFIXES[suffix], splits)]
+
+
+def check_saved_names(folder: Path) -> None:
+    """A saved dataset names its splits (dataset_dict.json) and Arrow files (each split's state.json) by path,
+    and `datasets` joins those to the folder as they are: refuse (ValueError naming the file) a name that is
+    absolute or climbs out with '..', so a folder from elsewhere reads nothing outside itself."""
+    def inside(name: Any, where: Path, key: str) -> str:
+        if not isinstance(name, str) or not name or Path(name).is_absolute() or ".." in Path(name).parts:
+            raise ValueError(f"{where}: {key} {name!r} is not a path inside {folder}; refusing to read it")
+        return name
+
+    splits = [""]
+    if (folder / "dataset_dict.json").is_file():
+        listed = read_json_object(folder / "dataset_dict.json").get("splits") or []
+        splits = [inside(s, folder / "dataset_dict.json", "split") for s in listed]
+    for split in splits:
+        state_file = folder / split / "state.json"
+        if state_file.is_file():
+            for entry in read_json_object(state_file).get("_data_files") or []:
+                inside(entry.get("filename") if isinstance(entry, dict) else entry, state_file, "data file")
 
 
 def _is_saved(folder: Path) -> bool:

@@ -25,8 +25,14 @@ from mistral_train.model import native
 from mistral_train.model import vision_language
 from mistral_train.quant.loading import QUANTIZE_MODES, NF4Loading, prequantized_config
 from mistral_train.errors import FolderError, TensorNameError
+from mistral_train.jsonfile import read_json_object
 
 SINGLE_FILE = "model.safetensors"
+PICKLED_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+# one line that rewrites a pickled HF folder as safetensors: transformers unpickles it with weights_only=True
+# and save_pretrained writes safetensors (the default since transformers 4.35, the only format in 5.x)
+CONVERT_COMMAND = ("python -c \"import sys, transformers; transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1])"
+                   ".save_pretrained(sys.argv[2])\" OLD_FOLDER NEW_FOLDER")
 INDEX_FILE = "model.safetensors.index.json"
 _ARCHITECTURES = {
     "causal_lm": "MistralForCausalLM",
@@ -38,22 +44,38 @@ _IGNORED_KEY = re.compile(r".*rotary_emb\.inv_freq$")
 
 
 def weight_files(folder: Path) -> list[Path]:
-    """The safetensors files of an HF folder, in index order."""
+    """The safetensors files of an HF folder, in index order. Pickled weights (.bin, .pt) are never read:
+    unpickling runs code the folder's author chose (a folder holding only those is refused, saying how
+    to convert it); an index may name only .safetensors files inside the folder."""
     index_path = folder / INDEX_FILE
     if index_path.is_file():
         try:
-            weight_map = json.loads(index_path.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            weight_map = read_json_object(index_path)["weight_map"]
+            names = list(dict.fromkeys(weight_map.values()))
+        except (KeyError, TypeError, AttributeError) as e:
             raise FolderError(f"{index_path}: expected JSON with a `weight_map` object ({e})") from e
-        names = list(dict.fromkeys(weight_map.values()))
+        for name in names:
+            _check_shard_name(index_path, name)
         missing = [n for n in names if not (folder / n).is_file()]
         if missing:
             raise FileNotFoundError(f"{index_path}: lists shard(s) not in the folder: {missing}")
         return [folder / n for n in names]
     if (folder / SINGLE_FILE).is_file():
         return [folder / SINGLE_FILE]
-    hint = " (only .bin weights found: convert them to safetensors; pickled weights are never loaded)" if any(folder.glob("*.bin")) else ""
-    raise FileNotFoundError(f"{folder}: no {SINGLE_FILE} or {INDEX_FILE}{hint}")
+    pickled = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLED_SUFFIXES) if folder.is_dir() else []
+    if pickled:
+        raise FileNotFoundError(f"{folder}: holds only pickled weights ({', '.join(pickled)}), which are never "
+                                "loaded (unpickling runs code from the file); convert them to safetensors once "
+                                f"with: {CONVERT_COMMAND}")
+    raise FileNotFoundError(f"{folder}: no {SINGLE_FILE} or {INDEX_FILE}")
+
+
+def _check_shard_name(index_path: Path, name: object) -> None:
+    """An index's shard is a .safetensors file named inside the index's folder: no absolute path, no '..'
+    (checked on the name, not by resolving links: the HF hub cache links shards to its blobs folder)."""
+    parts = Path(str(name)).parts
+    if not isinstance(name, str) or Path(name).is_absolute() or ".." in parts or not name.endswith(".safetensors"):
+        raise FolderError(f"{index_path}: shard {name!r} is not a .safetensors file inside the folder; refusing to read it")
 
 
 def load_pretrained(

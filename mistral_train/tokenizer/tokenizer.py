@@ -24,7 +24,7 @@ import tokenizers
 
 from mistral_train.tokenizer import chat_formats
 from mistral_train.tokenizer.chat_messages import VERSIONS as CHAT_FORMATS
-from mistral_train.jsonfile import read_json_object
+from mistral_train.jsonfile import check_file_size, read_json_object
 from mistral_train.tokenizer.tekken import TEKKEN_PATTERN, Tekken, is_tekken_json
 from mistral_train.errors import FolderError
 
@@ -206,6 +206,7 @@ def load_tokenizer(path: Union[str, Path], kind: Optional[str] = None) -> "Token
         raise ValueError(f"tokenizer kind {kind!r} unknown; expected one of {KINDS} or None")
     path = Path(path).expanduser()
     file, kind = _resolve(path, kind)
+    check_file_size(file, what="a tokenizer file")  # before sentencepiece or tokenizers read it whole
     data = read_json_object(file) if kind != "sentencepiece" else {}
     if kind == "hf_json" and is_tekken_json(data) and not path.is_dir():
         kind = "tekken"  # a bare JSON file: its content says which
