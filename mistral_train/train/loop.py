@@ -207,7 +207,8 @@ def _train(cfg: RunConfig, accelerator) -> Path:
             trained = run.full_model.collect(run.model, trainable_only=cfg.adapter.kind != "none")  # every process
             save_checkpoint(accelerator, run.run_dir, done, run.model, run.optimizer, run.scheduler,
                             run.data.train.state_dict(), lambda folder: run.write_folder(trained, folder), spec.keep_last,
-                            data_files=run.data.files)
+                            data_files=run.data.files,
+                            objective_state=run.objective.state_dict() if run.objective.state_dict else None)
     bar.close()
     run.logger.close()
     _end(run, meter)
@@ -248,6 +249,8 @@ def _setup(cfg: RunConfig, accelerator) -> Run:
     if resume_from is not None:
         state = load_checkpoint(resume_from, accelerator, model, lambda folder: load_model_weights(unwrapped, folder),
                                 optimizer, scheduler, data.train, data.files, cfg.data.changed_data)
+        if state["objective"] is not None and objective.load_state_dict is not None:
+            objective.load_state_dict(state["objective"])  # GRPO: the rollout window, its uses, the generation RNG
         restore_rng_state(state["rng"])  # last: nothing else draws random numbers before the next step
         start = state["step"]
         say(f"resumed from {resume_from} at step {start}")
@@ -263,7 +266,10 @@ def _step(run: Run, meter: Meter) -> tuple[dict[str, float], float]:
     """One optimizer step over one accumulation window: (its metrics, tokens per second)."""
     accelerator, spec, tick = run.accelerator, run.cfg.trainer, time.perf_counter()
     world, rank = accelerator.num_processes, accelerator.process_index
-    mine, n_tokens, drawn = next_window(run.data.train, run.objective, spec.grad_accum_steps, world, rank)
+    if run.objective.draw is not None:  # GRPO/RLOO: a rollout with the current policy (train/online.py)
+        mine, n_tokens, drawn = run.objective.draw(run.model, run.data.train, spec.grad_accum_steps, world, rank)
+    else:
+        mine, n_tokens, drawn = next_window(run.data.train, run.objective, spec.grad_accum_steps, world, rank)
     window = [{k: v.to(accelerator.device) for k, v in b.items() if k != "pad_mask"} for b in mine]
     loss, _, stats = backward_window(run.model, run.train_objective, window, accelerator.autocast, accelerator,
                                      n_tokens, world)

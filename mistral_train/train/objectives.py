@@ -19,6 +19,7 @@ from mistral_train.config import RunConfig
 from mistral_train.data.formats import KIND_NAMES
 from mistral_train.tracking.plots import LM_LOSS
 from mistral_train.train.reference import dpo_with_reference, resolve_reference
+from mistral_train.train.online import build_online
 from mistral_train.train.steps import Objective, language_model, reward_objective
 
 # (cfg, model, data, pad_id, accelerator) -> the run's step and unit counter. Called once the model is built
@@ -48,6 +49,15 @@ def _language_model(cfg: RunConfig, *_) -> Objective:
     return language_model(cfg.trainer.loss_chunk_size)
 
 
+def _online_label(name: str) -> Callable[[Any], tuple[str, str]]:
+    return lambda _loss_type: (f"{name} loss", f"{name} policy loss (trainer.grpo), mean per accumulation window")
+
+
+def _online_reference(cfg: RunConfig) -> str:
+    """grpo/rloo keep a reference only for the KL term (trainer.grpo.beta > 0)."""
+    return resolve_reference(cfg.trainer.grpo, cfg.adapter, "trainer.grpo", free=cfg.trainer.grpo.beta == 0)
+
+
 def _dpo_label(loss_type: Any) -> tuple[str, str]:
     kind = "+".join(loss_type) if isinstance(loss_type, list) else loss_type
     return "DPO loss", f"DPO loss ({kind}), mean per pair"
@@ -63,6 +73,11 @@ OBJECTIVES: dict[str, ObjectiveEntry] = {
                              task="sequence_classification", generates=False, perplexity=False, padded_only=True,
                              loss_label=lambda _: ("reward loss", "reward-model loss -log sigmoid(r_chosen - "
                                                    "r_rejected), mean per pair")),
+    # online RL: each step's window is sampled from the policy (train/online.py); exact match still means something
+    "grpo": ObjectiveEntry(lambda cfg, *args: build_online(cfg, *args, rloo=False), "prompt", perplexity=False,
+                           loss_label=_online_label("GRPO"), reference=_online_reference),
+    "rloo": ObjectiveEntry(lambda cfg, *args: build_online(cfg, *args, rloo=True), "prompt", perplexity=False,
+                           loss_label=_online_label("RLOO"), reference=_online_reference),
 }
 
 

@@ -100,8 +100,9 @@ class Rollout:
             if spec.mask_truncated_completions:  # as trl: a truncated completion neither attends nor counts
                 completion_mask = completion_mask * (~out.truncated).long()[:, None]
             rows = [self.prompt_rows[int(i)] for i in prompts["row_index"].repeat_interleave(G)]
-            texts = [self.decode(ids[keep.bool()].tolist()) for ids, keep in zip(out.ids.cpu(), out.mask.cpu())]
-            scores.append(self.reward_set.score([row["prompt"] for row in rows], texts, [row["fields"] for row in rows]))
+            kept = [ids[keep.bool()].tolist() for ids, keep in zip(out.ids.cpu(), out.mask.cpu())]
+            scores.append(self.reward_set.score([row["prompt"] for row in rows], [self.decode(ids) for ids in kept],
+                                                [row["fields"] for row in rows], completion_ids=kept))
             window.append({"prompt_ids": prompt_ids.repeat_interleave(G, dim=0),
                            "prompt_mask": prompt_mask.repeat_interleave(G, dim=0),
                            "completion_ids": out.ids, "completion_mask": completion_mask,

@@ -85,7 +85,8 @@ def _save_engine_state(accelerator, model, optimizer, folder: Optional[Path]) ->
 
 def save_checkpoint(accelerator, run_dir: Path, step: int, model, optimizer, scheduler, data_state: dict[str, Any],
                     write_folder: Callable[[Path], None], keep_last: int,
-                    data_files: Optional[dict[str, dict]] = None) -> Optional[Path]:
+                    data_files: Optional[dict[str, dict]] = None,
+                    objective_state: Optional[dict[str, Any]] = None) -> Optional[Path]:
     """Write `checkpoints/step_{step}` (every process calls this): on the main process `write_folder(tmp)`
     (weights and tokenizer), then engine files from every process, then the training state (with `data_files`,
     the training files' identity: data/fingerprint.py); the folder is published whole, then the newest
@@ -93,6 +94,8 @@ def save_checkpoint(accelerator, run_dir: Path, step: int, model, optimizer, sch
     accelerator.wait_for_everyone()
     main, world = accelerator.is_main_process, accelerator.num_processes
     rngs = gather_object([capture_rng_state()]) if world > 1 else [capture_rng_state()]
+    # an objective's own state (GRPO's rollout window and generation RNG: train/online.py), one per process
+    objectives = gather_object([objective_state]) if world > 1 and objective_state is not None else [objective_state]
     final = checkpoint_path(run_dir, step)
     with contextlib.ExitStack() as stack:
         tmp = stack.enter_context(atomic_directory(final)) if main else None
@@ -106,6 +109,8 @@ def save_checkpoint(accelerator, run_dir: Path, step: int, model, optimizer, sch
                      "data_files": data_files or {}}
             if world > 1:
                 extra["rng_ranks"] = rngs
+            if objective_state is not None:
+                extra["objective_ranks"] = objectives
             write_state_file(tmp, run_state(step, None if engine else optimizer, scheduler, data_state, rngs[0], **extra))
         accelerator.wait_for_everyone()  # every process's files are closed before the folder is fsynced and renamed
     if main:
@@ -168,4 +173,7 @@ def load_checkpoint(path: Path, accelerator, model, load_weights: Callable[[Path
     batches.load_state_dict(state["data"])
     ranks = state.get("rng_ranks")
     same = ranks is not None and len(ranks) == accelerator.num_processes
-    return {"step": int(state["step"]), "rng": ranks[accelerator.process_index] if same else state["rng"]}
+    objectives = state.get("objective_ranks")  # None: the objective keeps no state (or the process count changed)
+    objective = objectives[accelerator.process_index] if objectives and len(objectives) == accelerator.num_processes else None
+    return {"step": int(state["step"]), "rng": ranks[accelerator.process_index] if same else state["rng"],
+            "objective": objective}

@@ -35,7 +35,7 @@ class LengthReward:
     def __init__(self):
         self.calls = []
 
-    def score(self, prompts, completions, rows):
+    def score(self, prompts, completions, rows, **_):
         self.calls.append((prompts, completions, rows))
         return torch.tensor([[float(len(c))] for c in completions])
 
