@@ -17,7 +17,8 @@ matrix, skipped by `combine`'s nansum as trl). `columns` are the rows' other fie
 `answer`), one list entry per completion; the entry's `kwargs` win over a column of the same name. As trl
 does for its two dataset kinds: when the prompts are message lists (conversational rows), `prompts` are
 those lists and `completions` are `[{"role": "assistant", "content": text}]` lists; when the prompts are
-strings, both are plain strings. trl's `trainer_state`, `log_extra` and `log_metric` are not passed.
+strings, both are plain strings. An async function is awaited. trl's `trainer_state`, `log_extra` and
+`log_metric` are not passed.
 
 A function that raises, returns something other than a list of N numbers (bool and str are refused), stops
 the run with RewardError naming the function, its config entry and the row (file and row number).
@@ -25,8 +26,10 @@ the run with RewardError naming the function, its config entry and the row (file
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import importlib
+import inspect
 import math
 import numbers
 from dataclasses import dataclass
@@ -155,6 +158,10 @@ def _location(rows: Sequence[Mapping], where: Optional[Sequence[str]], i: int) -
     return f"completion {i}"
 
 
+async def _awaited(awaitable: Any) -> Any:
+    return await awaitable
+
+
 def _one_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {' '.join(str(err).split())}"
 
@@ -193,6 +200,8 @@ class RewardSet:
                 values = f.fn(prompts=list(prompts), completions=shown,
                               completion_ids=None if completion_ids is None else [list(c) for c in completion_ids],
                               **{**columns, **f.kwargs})
+                if inspect.isawaitable(values):  # an async reward function (trl awaits those too)
+                    values = asyncio.run(_awaited(values))
             except Exception as err:  # noqa: BLE001 - the user's function: stop the run naming it and the row
                 at = err.index if isinstance(err, RewardRowError) and 0 <= err.index < N else 0
                 raise RewardError(f"reward function {f.name!r} ({f.where}) raised on {_location(rows, where, at)}: "

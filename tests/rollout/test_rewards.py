@@ -57,6 +57,9 @@ def user_module(tmp_path, monkeypatch):
 
         def a_string(completions, **kwargs):
             return ["0.5"] * len(completions)
+
+        async def later(completions, **kwargs):
+            return [0.25 * len(c) for c in completions]
     """))
     (tmp_path / "broken_rewards.py").write_text("raise RuntimeError('cannot start')\n")
     monkeypatch.syspath_prepend(str(tmp_path))
@@ -130,6 +133,11 @@ def test_message_prompts_get_trl_conversational_form_and_kwargs_win(user_module)
     assert call["level"] == 9 and call["bonus"] == 0.5  # the entry's kwargs win over a column of the same name
     assert "prompt" not in {k for k in call if k != "prompts"}  # trl keeps prompt/completion columns out
     assert call["completion_ids"] is None
+
+
+def test_async_function_is_awaited(user_module):
+    rs = build_rewards(spec(["my_rewards:later"]), bundled())
+    assert rs.score(["Q", "Q"], ["ab", "abcd"], [{}, {}]).tolist() == [[0.5], [1.0]]
 
 
 def test_names_from_function_entry_or_suffix(user_module):
