@@ -60,6 +60,27 @@ def test_a_folder_of_pickled_weights_is_refused_naming_them_and_the_command_conv
     assert all(torch.equal(converted[name], original[name]) for name in original)
 
 
+def test_a_pickled_adapter_is_refused_and_the_command_converts_it(tmp_path):
+    from mistral_train.adapters import LoraConfig, apply_lora, load_adapter, save_adapter
+    from mistral_train.adapters.peft_format import ADAPTER_CONVERT_COMMAND
+    from tests._tiny import tiny_model
+
+    torch.manual_seed(0)
+    model = apply_lora(tiny_model(), LoraConfig(r=4, alpha=8, target_modules="all-linear", init="none"))
+    folder = save_adapter(model, tmp_path / "adapter", base_model_name_or_path="base")
+    saved = load_file(folder / "adapter_model.safetensors")
+    torch.save(saved, folder / "adapter_model.bin")  # what older peft versions wrote
+    (folder / "adapter_model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match=r"only a pickled adapter_model.bin.*convert it to safetensors") as err:
+        load_adapter(tiny_model(), folder)
+    assert ADAPTER_CONVERT_COMMAND in str(err.value)
+    command = ADAPTER_CONVERT_COMMAND.replace("python", shlex.quote(sys.executable), 1)
+    subprocess.run(command.replace("ADAPTER_FOLDER", shlex.quote(str(folder))), shell=True, check=True, capture_output=True)
+    loaded = load_adapter(tiny_model(), folder).state_dict()
+    lora = {k: v for k, v in model.state_dict().items() if "lora_" in k}
+    assert len(lora) > 0 and all(torch.equal(loaded[k], v) for k, v in lora.items())
+
+
 # ---- the package's own source: no unpickling, no remote code ----------------------------------------------
 
 def _package_sources() -> list[Path]:

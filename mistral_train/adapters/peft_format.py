@@ -27,6 +27,9 @@ from mistral_train.errors import FolderError
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
+# one line that rewrites peft's pickled adapter_model.bin (a plain state dict) beside it as safetensors
+ADAPTER_CONVERT_COMMAND = ("python -c \"import sys, torch, safetensors.torch as st; d = sys.argv[1]; st.save_file(torch.load("
+                           "d + '/adapter_model.bin', weights_only=True), d + '/adapter_model.safetensors')\" ADAPTER_FOLDER")
 PREFIX = "base_model.model."
 _TASK_TYPES = {"causal_lm": "CAUSAL_LM", "sequence_classification": "SEQ_CLS", "token_classification": "TOKEN_CLS"}
 # Written at their defaults (long-standing keys, so older peft versions read our file too).
@@ -264,7 +267,8 @@ def load_adapter(model: nn.Module, folder: Union[str, Path]) -> nn.Module:
     if not weights.is_file():
         hint = ""
         if (folder / "adapter_model.bin").exists():
-            hint = " (only a pickled adapter_model.bin: convert it to safetensors; pickles are never loaded)"
+            hint = (" (only a pickled adapter_model.bin: pickles are never loaded; convert it to safetensors once "
+                    f"with: {ADAPTER_CONVERT_COMMAND})")
         raise FileNotFoundError(f"{folder}: no {WEIGHTS_FILE}{hint}")
     try:
         tensors = load_file(str(weights))
