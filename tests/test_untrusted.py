@@ -240,3 +240,26 @@ def test_json_nested_too_deeply_is_one_clean_error(tmp_path, name):
     with pytest.raises(FolderError, match=rf"{name}: JSON nested too deeply to read") as err:
         read_json_object(path) if name == "config.json" else load_tokenizer(tmp_path)
     assert "\n" not in str(err.value)
+
+
+def test_a_data_row_nested_too_deeply_names_its_file_and_line(tmp_path):
+    from mistral_train.data.sources import load_rows
+
+    deep = '{"text": ' + "[" * 200_000 + "]" * 200_000 + "}"
+    lines = tmp_path / "rows.jsonl"
+    lines.write_text('{"text": "fine"}\n' + deep + "\n")
+    with pytest.raises(ValueError, match=rf"^{lines} line 2: malformed JSON \(nested too deeply to read\)$"):
+        list(load_rows(DataSpec(path=str(lines))))
+    array = tmp_path / "rows.json"
+    array.write_text("[" + deep + "]")
+    with pytest.raises(ValueError, match=rf"^{array}: malformed JSON \(nested too deeply to read\)$"):
+        list(load_rows(DataSpec(path=str(array))))
+
+
+def test_a_safetensors_header_length_that_lies_is_refused_without_allocating_it(tmp_path):
+    from mistral_train.model.vision_language import _tensor_sizes
+
+    file = tmp_path / "model.safetensors"
+    file.write_bytes((2**62).to_bytes(8, "little") + b"{}")
+    with pytest.raises(FolderError, match=rf"{file}: not a readable safetensors file \(its header claims {2**62} bytes\)"):
+        list(_tensor_sizes(file))

@@ -272,6 +272,8 @@ def _jsonl(path: Path) -> Iterator[tuple[int, str, Any]]:
                 yield line_no, where, json.loads(line)
             except json.JSONDecodeError as err:
                 raise ValueError(f"{where}: malformed JSON ({err.msg} at column {err.colno}){hint}") from None
+            except RecursionError:  # a row from anyone: deep nesting is a bad row, not a crash
+                raise ValueError(f"{where}: malformed JSON (nested too deeply to read)") from None
 
 
 def _json_array(path: Path) -> Iterator[tuple[int, str, Any]]:
@@ -281,6 +283,8 @@ def _json_array(path: Path) -> Iterator[tuple[int, str, Any]]:
         raise ValueError(f"{path} line {err.lineno}: malformed JSON ({err.msg} at column {err.colno})") from None
     except UnicodeDecodeError as err:
         raise ValueError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    except RecursionError:
+        raise ValueError(f"{path}: malformed JSON (nested too deeply to read)") from None
     yield from ((i, f"{path} row {i}", row) for i, row in enumerate(rows, start=1))
 
 

@@ -36,6 +36,7 @@ from mistral_train.model.config import MistralConfig
 
 MODEL_TYPE = "mistral3"
 ARCHITECTURE = "Mistral3ForConditionalGeneration"
+SAFETENSORS_MAX_HEADER = 100_000_000  # the safetensors library refuses longer headers too
 # (prefix in a checkpoint or in transformers' module names, our prefix): the language model's two layouts.
 _LANGUAGE = (
     ("model.language_model.", "model."), ("lm_head.", "lm_head."),
@@ -215,6 +216,9 @@ def _tensor_sizes(file: Path) -> Iterator[tuple[str, int]]:
     try:
         with open(file, "rb") as fh:
             (length,) = struct.unpack("<Q", fh.read(8))
+            if length > min(file.stat().st_size - 8, SAFETENSORS_MAX_HEADER):  # a lying length: refuse, never allocate it
+                raise FolderError(f"{file}: not a readable safetensors file (its header claims {length} bytes); "
+                                  "is it truncated?")
             header = json.loads(fh.read(length))
     except (struct.error, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise FolderError(f"{file}: not a readable safetensors file ({e}); is it truncated?") from e
