@@ -9,15 +9,24 @@ Completions of prompt i sit at rows i*G .. i*G+G-1 (G = num_generations), as trl
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Optional, Protocol
 
 import torch
 
-from mistral_train.config import GRPOSpec
 from mistral_train.generate import generate
 
 if TYPE_CHECKING:  # vLLM is optional: the engine's module imports it only when an engine is built
     from mistral_train.rollout.vllm_engine import VLLMEngine
+
+
+class GRPOSpec(Protocol):
+    """The sampling settings a rollout reads (config.GRPOSpec has them; config sits above rollout/)."""
+
+    num_generations: int
+    max_completion_length: int
+    temperature: float
+    top_p: float
+    top_k: Optional[int]
 
 
 @dataclass
