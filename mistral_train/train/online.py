@@ -26,7 +26,7 @@ import torch
 
 from mistral_train.config import GRPOSpec
 from mistral_train.errors import ConfigError
-from mistral_train.losses.grpo import _nanstd, group_advantages
+from mistral_train.losses.grpo import GRPO_LOSSES, REWARD_SCALES, _nanstd, group_advantages
 from mistral_train.losses.rloo import rloo_advantages, rloo_kl_penalty
 from mistral_train.rollout import sampling
 from mistral_train.train.rl_step import METRIC, TOKEN_NORMALISED, completion_logps, count_units, grpo_step, rloo_step
@@ -170,6 +170,11 @@ def _as_sequences(batch: Batch) -> Batch:
 
 def check_spec(spec: GRPOSpec, rloo: bool) -> None:
     """One-line ConfigErrors for settings the rollout cannot run."""
+    for key, value, allowed in (("loss_type", spec.loss_type, GRPO_LOSSES), ("scale_rewards", spec.scale_rewards,
+                                REWARD_SCALES), ("importance_sampling_level", spec.importance_sampling_level,
+                                                 ("token", "sequence"))):
+        if value not in allowed:
+            raise ConfigError(f"trainer.grpo.{key}={value!r}: expected one of {', '.join(allowed)}")
     if spec.num_iterations < 1:
         raise ConfigError(f"trainer.grpo.num_iterations={spec.num_iterations}: expected at least 1")
     if rloo and spec.num_generations < 2:

@@ -1,6 +1,7 @@
 """The objective table: each entry says what its objective needs, and adding one is an entry plus its loss."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -76,13 +77,15 @@ def test_a_toy_objective_refuses_data_of_another_kind_naming_its_own_kind(tmp_pa
     ("pretrain", "text", "causal_lm", True, True, False),
     ("sft", "chat", "causal_lm", True, True, False),
     ("dpo", "preference", "causal_lm", True, False, False),
-    ("reward", "preference", "sequence_classification", False, False, True)])
+    ("reward", "preference", "sequence_classification", False, False, True),
+    ("grpo", "prompt", "causal_lm", True, False, False),
+    ("rloo", "prompt", "causal_lm", True, False, False)])
 def test_each_entry_says_what_its_objective_needs(name, kind, task, generates, perplexity, padded_only):
     entry = objective_entry(name)
     assert (entry.data_kind, entry.task, entry.generates, entry.perplexity, entry.padded_only) == (
         kind, task, generates, perplexity, padded_only)
     assert entry.chat == (kind != "text")  # samples are prompted in the chat template when the data is conversations
-    assert (entry.reference is not None) == (name == "dpo")  # only DPO has a reference policy
+    assert (entry.reference is not None) == (name in ("dpo", "grpo", "rloo"))  # grpo/rloo: when beta > 0
 
 
 def test_the_table_builds_each_objectives_step_from_the_run_config():
@@ -96,12 +99,13 @@ def test_the_table_builds_each_objectives_step_from_the_run_config():
 
 
 def test_unknown_objective_is_refused_naming_the_table():
-    with pytest.raises(ValueError, match=r"trainer.objective 'kto' is not available; expected one of "
-                                         r"\['pretrain', 'sft', 'dpo', 'reward'\]"):
-        objective_entry("kto")
+    with pytest.raises(ValueError, match=r"trainer.objective 'ppo' is not available; expected one of "
+                                         + re.escape(str(list(OBJECTIVES)))):
+        objective_entry("ppo")
     cfg = RunConfig()
-    cfg.trainer.objective = "kto"
-    with pytest.raises(ConfigError, match="trainer.objective=kto is unknown; expected one of pretrain, sft, dpo, reward"):
+    cfg.trainer.objective = "ppo"
+    with pytest.raises(ConfigError, match="trainer.objective=ppo is unknown; expected one of "
+                                          + re.escape(", ".join(OBJECTIVES))):
         check_stage(cfg)
 
 

@@ -7,6 +7,7 @@ rollout.sampling.generate_completions (monkeypatched, as the design asks), rewar
 from __future__ import annotations
 
 import contextlib
+import re
 from dataclasses import replace
 
 import pytest
@@ -14,12 +15,13 @@ import torch
 import torch.nn.functional as F
 
 from mistral_train.config import GRPOSpec
+from mistral_train.errors import ConfigError
 from mistral_train.losses.grpo import group_advantages, grpo_loss
 from mistral_train.losses.rloo import rloo_advantages, rloo_loss
 from mistral_train.rollout import sampling
 from mistral_train.rollout.sampling import completions_from_tokens
 from mistral_train.train.loop import backward_window
-from mistral_train.train.online import Rollout, online_objective
+from mistral_train.train.online import Rollout, check_spec, online_objective
 from mistral_train.train.rl_step import completion_logps
 from tests._tiny import tiny_model
 
@@ -209,10 +211,11 @@ def test_a_fixed_completions_step_equals_grpo_loss_on_hand_built_tensors(monkeyp
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
 
 
-def test_accumulation_of_two_micro_batches_equals_one_window_of_the_same_completions(monkeypatch, model):
-    """dapo: grad_accum_steps 2 of 2 prompts each gives the gradient of one micro-batch of the same 4 prompts'
-    completions (the loss is normalised by the window's tokens either way)."""
-    spec = GRPOSpec(num_generations=G, max_completion_length=5, loss_type="dapo")
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo"])
+def test_accumulation_of_two_micro_batches_equals_one_window_of_the_same_completions(monkeypatch, model, loss_type):
+    """grad_accum_steps 2 of 2 prompts each gives the gradient of one micro-batch of the same 4 prompts'
+    completions: dapo normalises by the window's tokens either way, grpo averages equal-sized micro-batches."""
+    spec = GRPOSpec(num_generations=G, max_completion_length=5, loss_type=loss_type)
     monkeypatch.setattr(sampling, "generate_completions", fake_generate())
     objective = online_objective(spec, False, 16, make_rollout(spec))
     window, units, _ = objective.draw(model, prompt_batches(8), 2)
@@ -229,7 +232,7 @@ def test_accumulation_of_two_micro_batches_equals_one_window_of_the_same_complet
     for key in ("completion_ids", "completion_mask", "advantages"):
         merged[key] = torch.cat([b[key] for b in window])
     merged["share"] = torch.tensor(1.0)
-    backward_window(model, objective, [merged], contextlib.nullcontext, n_tokens=units)
+    backward_window(model, objective, [merged], contextlib.nullcontext, n_tokens=units if loss_type == "dapo" else 1)
     for a, p in zip(split, model.parameters()):
         torch.testing.assert_close(a, p.grad, atol=1e-6, rtol=1e-5)
 
@@ -278,7 +281,7 @@ def test_rloo_advantages_and_loss_equal_the_hand_formula():
     loss, stats = rloo_loss(logps, old, a, mask, 0.2, 0.3)
     r = torch.exp(torch.tensor([-3.0 - -3.5, -1.5 - -2.0]))  # one ratio per sequence: both e^0.5 = 1.65
     want = -torch.min(r * a, r.clamp(0.8, 1.3) * a).mean()
-    assert float(loss) == pytest.approx(float(want))
+    assert float(loss.detach()) == pytest.approx(float(want))
     assert stats["clip_ratio/high_mean"] == 0.5 and stats["clip_ratio/region_mean"] == 0.5  # row 0: r > 1.3, A > 0
     assert stats["clip_ratio/low_mean"] == 0.0
     loss.backward()
@@ -302,3 +305,12 @@ def test_rloo_rollout_penalises_kl_in_the_reward(monkeypatch, model):
     out = online_objective(spec, True, 16, rollout).step(model, b)
     want, _ = rloo_loss(completion_logps(model, b, 1.0, 16), b["old_logps"], b["advantages"], b["completion_mask"].float())
     torch.testing.assert_close(out.loss_sum, want)
+
+
+@pytest.mark.parametrize("change, key", [(dict(loss_type="ppo"), "trainer.grpo.loss_type='ppo'"),
+                                         (dict(scale_rewards="std"), "trainer.grpo.scale_rewards='std'"),
+                                         (dict(num_iterations=0), "trainer.grpo.num_iterations=0"),
+                                         (dict(num_generations=1), "trainer.grpo.num_generations=1")])
+def test_settings_the_rollout_cannot_run_are_one_line_config_errors(change, key):
+    with pytest.raises(ConfigError, match=re.escape(key)):
+        check_spec(replace(GRPOSpec(), **change), rloo=True)
