@@ -10,7 +10,6 @@ import json
 import re
 import shlex
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -37,7 +36,16 @@ TINY = {**SMALL, "vocab_size": 128}
 
 # ---- weights: safetensors only --------------------------------------------------------------------------
 
-def test_a_folder_of_pickled_weights_is_refused_naming_them_and_the_command_converts_it(tmp_path):
+def run_command(command: str, monkeypatch) -> None:
+    """Run a `python -c CODE ARGS...` line as the shell would split it, in this process (no second
+    interpreter to start): CODE with sys.argv = ["-c", ARGS...]."""
+    python, flag, code, *args = shlex.split(command)
+    assert (python, flag) == ("python", "-c")
+    monkeypatch.setattr(sys, "argv", ["-c", *args])
+    exec(compile(code, "<command>", "exec"), {"__name__": "__main__"})
+
+
+def test_a_folder_of_pickled_weights_is_refused_naming_them_and_the_command_converts_it(tmp_path, monkeypatch):
     folder = save_tiny_folder(tmp_path / "pickled", **TINY)
     original = Mistral.from_pretrained(folder).state_dict()
     state = load_file(folder / "model.safetensors")
@@ -52,15 +60,14 @@ def test_a_folder_of_pickled_weights_is_refused_naming_them_and_the_command_conv
 
     # the command the message gives works: transformers reads the pickle (weights_only) and writes safetensors
     (folder / "extra.pt").unlink()
-    command = CONVERT_COMMAND.replace("python", shlex.quote(sys.executable), 1)
-    command = command.replace("OLD_FOLDER", shlex.quote(str(folder))).replace("NEW_FOLDER", shlex.quote(str(tmp_path / "new")))
-    subprocess.run(command, shell=True, check=True, capture_output=True)
+    run_command(CONVERT_COMMAND.replace("OLD_FOLDER", shlex.quote(str(folder)))
+                .replace("NEW_FOLDER", shlex.quote(str(tmp_path / "new"))), monkeypatch)
     converted = Mistral.from_pretrained(tmp_path / "new").state_dict()
     assert converted.keys() == original.keys()
     assert all(torch.equal(converted[name], original[name]) for name in original)
 
 
-def test_a_pickled_adapter_is_refused_and_the_command_converts_it(tmp_path):
+def test_a_pickled_adapter_is_refused_and_the_command_converts_it(tmp_path, monkeypatch):
     from mistral_train.adapters import LoraConfig, apply_lora, load_adapter, save_adapter
     from mistral_train.adapters.peft_format import ADAPTER_CONVERT_COMMAND
     from tests._tiny import tiny_model
@@ -74,8 +81,7 @@ def test_a_pickled_adapter_is_refused_and_the_command_converts_it(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"only a pickled adapter_model.bin.*convert it to safetensors") as err:
         load_adapter(tiny_model(), folder)
     assert ADAPTER_CONVERT_COMMAND in str(err.value)
-    command = ADAPTER_CONVERT_COMMAND.replace("python", shlex.quote(sys.executable), 1)
-    subprocess.run(command.replace("ADAPTER_FOLDER", shlex.quote(str(folder))), shell=True, check=True, capture_output=True)
+    run_command(ADAPTER_CONVERT_COMMAND.replace("ADAPTER_FOLDER", shlex.quote(str(folder))), monkeypatch)
     loaded = load_adapter(tiny_model(), folder).state_dict()
     lora = {k: v for k, v in model.state_dict().items() if "lora_" in k}
     assert len(lora) > 0 and all(torch.equal(loaded[k], v) for k, v in lora.items())
