@@ -72,7 +72,7 @@ class Rollout:
         if not self.window or self.served >= self.spec.num_iterations:
             drawn = [next(batches) for _ in range(grad_accum_steps * num_processes)]
             self.window, self.units = self.rollout(model, drawn[process_index::num_processes],
-                                                   grad_accum_steps * num_processes, process_index)
+                                                   grad_accum_steps * num_processes, process_index, num_processes)
             self.served = 0
         self.served += 1
         return self.window, self.units, [_as_sequences(b) for b in self.window]
@@ -88,14 +88,19 @@ class Rollout:
 
     # -- one rollout ------------------------------------------------------------------------------
     def rollout(self, model: torch.nn.Module, prompt_batches: list[Batch], window_batches: int,
-                process_index: int = 0) -> tuple[list[Batch], int]:
+                process_index: int = 0, num_processes: int = 1) -> tuple[list[Batch], int]:
         """Sample, score and prepare this process's micro-batches; `window_batches` micro-batches over all processes."""
         spec, G = self.spec, self.spec.num_generations
         window, scores = [], []
-        for prompts in prompt_batches:
+        # one seed per rollout from the run's generation RNG (every process draws the same), then one generator per
+        # micro-batch seeded by its place in the window: what a micro-batch samples is the same on any process count
+        base = int(torch.randint(2**62, (1,), generator=self.generator, device=self.generator.device))
+        for k, prompts in enumerate(prompt_batches):
+            generator = torch.Generator(device=self.device)
+            generator.manual_seed(base + process_index + k * num_processes)  # its index in the loop's draw order
             prompt_ids, prompt_mask = prompts["prompt_ids"].to(self.device), prompts["prompt_mask"].to(self.device)
             out = sampling.generate_completions(self.generate_model(model), prompt_ids, prompt_mask, spec,
-                                                self.eos_token_id, self.pad_id, self.generator)
+                                                self.eos_token_id, self.pad_id, generator)
             completion_mask = out.mask.long()
             if spec.mask_truncated_completions:  # as trl: a truncated completion neither attends nor counts
                 completion_mask = completion_mask * (~out.truncated).long()[:, None]

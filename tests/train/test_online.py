@@ -149,7 +149,9 @@ def test_micro_batches_carry_the_completion_masks(monkeypatch, model):
     batch = window[0]
     torch.testing.assert_close(batch["prompt_ids"], first["prompt_ids"].repeat_interleave(G, 0))
     # the same draw again, to see what the sampler gave
-    raw = fake(None, first["prompt_ids"], first["prompt_mask"], spec, EOS, PAD, make_rollout(spec).generator)
+    fresh = make_rollout(spec).generator  # the rollout's seed, then micro-batch 0's generator
+    g = torch.Generator().manual_seed(int(torch.randint(2**62, (1,), generator=fresh)) + 0)
+    raw = fake(None, first["prompt_ids"], first["prompt_mask"], spec, EOS, PAD, g)
     torch.testing.assert_close(batch["completion_ids"], raw.ids)
     assert raw.truncated.any() and not raw.truncated.all()
     torch.testing.assert_close(batch["completion_mask"], raw.mask * (~raw.truncated).long()[:, None])
@@ -159,6 +161,21 @@ def test_micro_batches_carry_the_completion_masks(monkeypatch, model):
     assert units == 1 and float(batch["share"]) == 1.0  # grpo: one unit per micro-batch
     assert meter[0]["input_ids"].shape == (2 * G, first["prompt_ids"].shape[1] + raw.ids.shape[1])
     assert "old_logps" not in batch and "ref_logps" not in batch  # num_iterations 1, beta 0: nothing kept
+
+
+def test_a_micro_batch_samples_the_same_completions_on_any_process_count(monkeypatch, model):
+    """One process with grad_accum_steps 2 and process k of two with 1 each draw the same prompt batches and
+    sample the same completions for each (one generator per micro-batch, seeded by its place in the window)."""
+    monkeypatch.setattr(sampling, "generate_completions", fake_generate())
+    spec = GRPOSpec(num_generations=G, max_completion_length=5, loss_type="grpo")
+    one, _, _ = make_rollout(spec).draw(model, prompt_batches(8), 2)
+    for rank in (0, 1):
+        rollout = make_rollout(spec)
+        rollout.gather = lambda t: torch.cat([t, t])  # two processes' worth (advantages are not compared here)
+        mine, _, _ = rollout.draw(model, prompt_batches(8), 1, num_processes=2, process_index=rank)
+        for key in ("prompt_ids", "completion_ids", "completion_mask"):
+            assert torch.equal(mine[0][key], one[rank][key])
+    assert not torch.equal(one[0]["completion_ids"], one[1]["completion_ids"])
 
 
 def test_old_logps_equal_the_policy_logps_before_the_update(monkeypatch, model):
