@@ -34,7 +34,7 @@ import torch
 from mistral_train.data.audit import AuditReport, audit, format_report, length_warnings
 from mistral_train.data.collate import Batch, collate_packed, collate_padded
 from mistral_train.data.epochs import EpochBatches, TrainData, too_few
-from mistral_train.data.formats import PAIRS, PROMPTS, TEXT
+from mistral_train.data.formats import PAIRS, PROMPTS, TEXT, UNPAIRED
 from mistral_train.data.pair_batches import pair_data
 from mistral_train.data.prompt_batches import prompt_data
 from mistral_train.data.packing import pack_examples, packing_efficiency
@@ -43,6 +43,7 @@ from mistral_train.data.sources import RowSource
 from mistral_train.data.spec import Batching, DataSpec
 from mistral_train.data.stream import StreamBatches, text_pieces
 from mistral_train.data.text import pack_rows, tokenize_documents
+from mistral_train.data.unpaired import unpaired_data
 from mistral_train.wording import counted
 
 
@@ -62,6 +63,8 @@ def build_batches(spec: DataSpec, batching: Batching, tokenizer, train: RowSourc
         data = pair_data(spec, batching, tokenizer, train, held)
     elif train.kind == PROMPTS:  # grpo, rloo: prompts to generate from (data/prompt_batches.py)
         data = prompt_data(spec, batching, tokenizer, train, held)
+    elif train.kind == UNPAIRED:  # kto: single completions labelled desirable or not (data/unpaired.py)
+        data = unpaired_data(spec, batching, tokenizer, train, held)
     elif spec.streaming:
         data = _stream_data(spec, batching, tokenizer, train, held)
     elif train.kind == TEXT:

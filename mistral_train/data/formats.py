@@ -28,12 +28,17 @@ Formats and the fields they read (our names; `field_map` renames them, e.g.
 - `prompt_only`:       `prompt`: a string (one user turn) or a message list (trl's conversational prompt, ending
                        with a user turn or tool results), no completion: prompts for online RL (grpo, rloo), read
                        as `{"prompt": [turns], "fields": {the row's other fields}}` (+ "answer", "tools")
+- `unpaired`:          `prompt`, `completion`, `label`: trl's unpaired preference rows (KTO): two strings (a user
+                       turn, its answer) or two message lists (the prompt's turns, one assistant message), and a
+                       bool `label` (true: desirable); read as `{"prompt": [turns], "completion": [answer],
+                       "label": bool}`
 
 Tool use: `messages` (and prompt_completion's lists) and `sharegpt` rows carry tool calls, their results and
 a row-level `tools` list, mapped to canonical form by data/tool_rows.py (the example gains `"tools"`). An
 assistant message may also carry `weight` 0 (not trained) or 1.
 
-Data kinds: every format yields one kind of example, "text", "chat", "preference" or "prompt" (`format_kind`),
+Data kinds: every format yields one kind of example, "text", "chat", "preference", "prompt" or "unpaired"
+(`format_kind`),
 and every objective trains on one kind (its entry in train/objectives.py, the one place that says so,
 whose `check_data_kind` refuses data of another kind, so nothing is half-used).
 
@@ -50,15 +55,19 @@ from mistral_train.data.tool_rows import (check_calls_defined, link_results, ope
                                           tool_definitions)
 from mistral_train.tokenizer.chat_messages import ROLES
 
-FORMATS = ("text", "alpaca", "messages", "sharegpt", "prompt_completion", "preference", "chosen_only", "prompt_only")
+FORMATS = ("text", "alpaca", "messages", "sharegpt", "prompt_completion", "preference", "chosen_only", "prompt_only",
+           "unpaired")
 CHAT_FORMATS = ("alpaca", "messages", "sharegpt", "prompt_completion", "chosen_only")
-TEXT, CHAT, PAIRS, PROMPTS = KINDS = ("text", "chat", "preference", "prompt")  # the data kinds: what an objective reads
-KIND_NAMES = {"text": "plain text", "chat": "chat rows", "preference": "preference pairs", "prompt": "prompts"}
+# the data kinds: what an objective reads
+TEXT, CHAT, PAIRS, PROMPTS, UNPAIRED = KINDS = ("text", "chat", "preference", "prompt", "unpaired")
+KIND_NAMES = {"text": "plain text", "chat": "chat rows", "preference": "preference pairs", "prompt": "prompts",
+              "unpaired": "unpaired preferences"}
 # The format of the bundled data of each kind (data.path: null), which data.format=auto stands for there.
-BUNDLED_FORMATS = {"text": "text", "chat": "messages", "preference": "preference", "prompt": "prompt_only"}
+BUNDLED_FORMATS = {"text": "text", "chat": "messages", "preference": "preference", "prompt": "prompt_only",
+                   "unpaired": "unpaired"}
 # Field names `field_map` may rename: top-level fields, then the keys inside one message.
 TOP_FIELDS = ("text", "instruction", "input", "output", "system", "messages", "conversations",
-              "prompt", "completion", "answer", "chosen", "rejected", "margin", "tools")
+              "prompt", "completion", "answer", "chosen", "rejected", "margin", "tools", "label")
 MESSAGE_FIELDS = ("role", "content", "from", "value")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system",
                   "function_call": "function_call", "observation": "tool", "tool": "tool"}  # function_call: see _turn
@@ -72,13 +81,15 @@ _EXPECTS = {
                   "conversations that share their prompt turns",
     "chosen_only": "a preference row ('prompt', 'chosen', 'rejected'), of which the prompt and chosen answer are read",
     "prompt_only": "a 'prompt' (a string or a message list) and no completion; other fields are kept for rewards",
+    "unpaired": "'prompt' and 'completion' (strings or message lists) and a bool 'label' (true: desirable)",
 }
 
 
 def format_kind(fmt: str) -> str:
     """What rows of format `fmt` are for: "text" (pretraining), "preference" (pairs), "prompt" (online RL:
-    prompts to generate completions for) or "chat" (SFT)."""
-    return {"text": TEXT, "preference": PAIRS, "prompt_only": PROMPTS}.get(fmt, CHAT)
+    prompts to generate completions for), "unpaired" (KTO: single answers labelled desirable or not) or "chat"
+    (SFT)."""
+    return {"text": TEXT, "preference": PAIRS, "prompt_only": PROMPTS, "unpaired": UNPAIRED}.get(fmt, CHAT)
 
 
 def resolve_format(fmt: str, path: Any, kind: str) -> str:
@@ -110,7 +121,8 @@ def detect_format(row: Any, field_map: Optional[dict[str, str]] = None, where: s
                          f"preference needs both answers; the row has fields {sorted(row)}")
     for fmt, keys in (("preference", ("chosen", "rejected")), ("messages", ("messages",)),
                       ("sharegpt", ("conversations",)), ("alpaca", ("instruction", "output")),
-                      ("prompt_completion", ("prompt", "completion")), ("prompt_only", ("prompt",)),
+                      ("unpaired", ("prompt", "completion", "label")), ("prompt_completion", ("prompt", "completion")),
+                      ("prompt_only", ("prompt",)),
                       ("text", ("text",))):  # prompt_only after every format that reads a prompt and its answer
         if all(has(k) for k in keys):
             return fmt
@@ -144,6 +156,8 @@ def to_canonical(row: Any, fmt: str, field_map: dict[str, str], where: str) -> d
         return pair
     if fmt == "prompt_only":
         return _prompt_only(row, fm, where)
+    if fmt == "unpaired":
+        return _unpaired(row, fm, where)
     if fmt == "chosen_only":  # the opt-in to SFT on pairs: prompt + chosen answer, a checked conversation
         pair = _preference(row, fm, where)
         messages, label = pair["prompt"] + pair["chosen"], "turns (prompt, then chosen)"
@@ -303,6 +317,27 @@ def _prompt_only(row: dict, fm: dict, where: str) -> dict[str, Any]:
         check_calls_defined(turns, tools, name, where)
         example["tools"] = tools
     answer = _field(row, "answer", fm, where, "prompt_only", optional=True)  # exact match on held-out prompts
+    if answer is not None:
+        example["answer"] = answer
+    return example
+
+
+def _unpaired(row: dict, fm: dict, where: str) -> dict[str, Any]:
+    """trl's unpaired preference row -> `{"prompt": turns, "completion": [answer], "label": bool}`, checked so
+    that prompt + completion is a valid conversation (+ "answer" when given)."""
+    name = lambda key: fm.get(key, key)  # noqa: E731
+    label = _field(row, "label", fm, where, "unpaired", kind=bool)  # exactly a bool: 0/1 or "yes" are refused
+    turns = _prompt_completion(row, fm, where)  # strings or message lists, as prompt_completion reads them
+    given = row[name("completion")]
+    n = len(given) if isinstance(given, list) else 1  # the completion's turns end the conversation
+    prompt, completion = turns[: len(turns) - n], turns[len(turns) - n :]
+    if [m["role"] for m in completion] != ["assistant"]:
+        raise ValueError(f"{where}: {name('completion')!r} must hold exactly one assistant message (the answer), got "
+                         f"roles {[m['role'] for m in completion]}; earlier turns belong in {name('prompt')!r}")
+    link_results(turns, f"{name('prompt')} + {name('completion')}", where)
+    check_conversation(turns, where, f"{name('prompt')} + {name('completion')}")
+    example: dict[str, Any] = {"prompt": prompt, "completion": completion, "label": label}
+    answer = _field(row, "answer", fm, where, "unpaired", optional=True)
     if answer is not None:
         example["answer"] = answer
     return example

@@ -5,7 +5,8 @@
 other and hidden files are not read; `RowSource.sources` lists what was), or a list of those. None:
 the bundled `tiny_chat.jsonl` (eval `tiny_chat_eval.jsonl`) for chat formats, `tiny_pairs.jsonl` (eval
 `tiny_pairs_eval.jsonl`) for preference pairs, `tiny_prompts.jsonl` (eval `tiny_prompts_eval.jsonl`) for
-prompts (prompt_only), the tiny corpus for
+prompts (prompt_only), `tiny_unpaired.jsonl` (eval `tiny_unpaired_eval.jsonl`) for unpaired preferences, the tiny
+corpus for
 text. Rows pass through `formats.to_canonical` and gain "source" (file or saved folder) and "row",
 numbered from 1 in every file type, as a user counts them: the line in JSON Lines, the element of
 a JSON array, the row of Parquet, CSV (the header not counted) and saved datasets, the document in .txt.
@@ -124,6 +125,13 @@ def bundled_prompts_path(split: str = "train") -> Path:
     return Path(str(resources.files("mistral_train") / "resources" / "data" / name))
 
 
+def bundled_unpaired_path(split: str = "train") -> Path:
+    """The bundled unpaired preferences (KTO): tiny_unpaired.jsonl, or tiny_unpaired_eval.jsonl for "eval"
+    (scripts/make_tiny_unpaired.py makes both from the bundled pairs)."""
+    name = "tiny_unpaired_eval.jsonl" if split == "eval" else "tiny_unpaired.jsonl"
+    return Path(str(resources.files("mistral_train") / "resources" / "data" / name))
+
+
 def load_rows(spec: DataSpec, split: str = "train", seed: int = 0) -> Optional[RowSource]:
     """The rows of `split` ("train" | "eval") described by a DataSpec; None for "eval" when none is set."""
     if split not in ("train", "eval"):
@@ -182,7 +190,8 @@ def _resolve(spec: Any) -> tuple[Any, str]:
     path, held, fmt = {"text": (bundled_corpus_path(), None, "text"),
                        "chat": (bundled_chat_path(), bundled_chat_path("eval"), "messages"),
                        "preference": (bundled_pairs_path(), bundled_pairs_path("eval"), "preference"),
-                       "prompt": (bundled_prompts_path(), bundled_prompts_path("eval"), "prompt_only")}[kind]
+                       "prompt": (bundled_prompts_path(), bundled_prompts_path("eval"), "prompt_only"),
+                       "unpaired": (bundled_unpaired_path(), bundled_unpaired_path("eval"), "unpaired")}[kind]
     eval_path = held if spec.eval_path is None and spec.eval_fraction == 0 else spec.eval_path
     spec = replace(spec, path=str(path), format=fmt, field_map={}, eval_path=eval_path)
     return spec, f"bundled {path.name}"

@@ -18,6 +18,7 @@ from typing import Any, Callable, Optional
 from mistral_train.config import RunConfig
 from mistral_train.data.formats import KIND_NAMES
 from mistral_train.tracking.plots import LM_LOSS
+from mistral_train.train.kto_step import kto_with_reference
 from mistral_train.train.reference import dpo_with_reference, resolve_reference
 from mistral_train.train.online import build_online
 from mistral_train.train.steps import Objective, language_model, reward_objective
@@ -78,6 +79,11 @@ OBJECTIVES: dict[str, ObjectiveEntry] = {
                            loss_label=_online_label("GRPO"), reference=_online_reference),
     "rloo": ObjectiveEntry(lambda cfg, *args: build_online(cfg, *args, rloo=True), "prompt", perplexity=False,
                            loss_label=_online_label("RLOO"), reference=_online_reference),
+    # unpaired desirable/undesirable completions (train/kto_step.py); the reference as DPO's, never none
+    "kto": ObjectiveEntry(kto_with_reference, "unpaired", perplexity=False,
+                          loss_label=lambda _: ("KTO loss", "KTO loss, mean per example"),
+                          reference=lambda cfg: resolve_reference(cfg.trainer.kto, cfg.adapter, "trainer.kto",
+                                                                  free=False)),
 }
 
 
@@ -104,7 +110,9 @@ def check_data_kind(objective: str, kind: str, where: str) -> None:
            "chat": "chat rows: messages, sharegpt, alpaca or prompt_completion (data.format=auto detects them)",
            "preference": "preference pairs: prompt/chosen/rejected rows (data.format=preference)",
            "prompt": "prompts: rows with a 'prompt' (a string or message list) and no completion, other fields "
-                     "kept for the reward functions (data.format=prompt_only)"}[wanted]
+                     "kept for the reward functions (data.format=prompt_only)",
+           "unpaired": "unpaired preferences: prompt/completion/label rows, label true for a desirable completion "
+                       "(data.format=unpaired)"}[wanted]
     others = ", ".join(f"trainer.objective={o}" for o, e in OBJECTIVES.items() if e.data_kind == kind)
     raise ValueError(f"{what}; give it {fix}, or train on this data with {others}")
 

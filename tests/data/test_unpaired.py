@@ -48,7 +48,8 @@ def test_string_and_conversational_rows_become_trl_conversational_rows():
     assert to_canonical({**CONV_ROW, "score": 3}, "unpaired", {}, WHERE) == CONV_ROW  # other fields are not read
     assert to_canonical({**STRING_ROW, "answer": "blue"}, "unpaired", {}, WHERE)["answer"] == "blue"
     # auto: a label makes a prompt/completion row unpaired; without one it stays an SFT row
-    assert detect_format(STRING_ROW) == "unpaired" and detect_format({"prompt": "q", "completion": "a"}) == "prompt_completion"
+    assert detect_format(STRING_ROW) == "unpaired"
+    assert detect_format({"prompt": "q", "completion": "a"}) == "prompt_completion"
     assert format_kind("unpaired") == "unpaired"
     fm = {"prompt": "question", "completion": "reply", "label": "good"}
     assert detect_format({"question": "q", "reply": "a", "good": False}, fm) == "unpaired"
@@ -89,7 +90,8 @@ def test_tokenized_example_is_the_official_encoding_with_labels_on_the_completio
     examples, stats = tokenize_unpaired(rows, tokenizer, 256)
     assert (stats.desirable, stats.undesirable, stats.truncated, stats.dropped) == (1, 1, 0, 0)
     for row, ex in zip(rows, examples):
-        whole = finetuning.encode_chat_completion(ChatCompletionRequest(messages=row["prompt"] + row["completion"])).tokens
+        request = ChatCompletionRequest(messages=row["prompt"] + row["completion"])
+        whole = finetuning.encode_chat_completion(request).tokens
         prompt = serving.encode_chat_completion(ChatCompletionRequest(messages=row["prompt"])).tokens
         assert ex.prompt_ids + ex.completion_ids == whole
         assert ex.prompt_ids == prompt and ex.completion_ids[-1] == tokenizer.eos_id
@@ -185,7 +187,8 @@ def test_bundled_files_are_the_scripts_output_and_balanced(tmp_path):
                    check=True, capture_output=True)
     for split, count in (("train", 600), ("eval", 100)):
         path = bundled_unpaired_path(split)
-        assert (tmp_path / path.name).read_bytes() == path.read_bytes(), f"{path.name}: rerun scripts/make_tiny_unpaired.py"
+        written = (tmp_path / path.name).read_bytes()
+        assert written == path.read_bytes(), f"{path.name}: rerun scripts/make_tiny_unpaired.py"
         rows = list(load_rows(DataSpec(path=str(path), format="auto")))
         assert len(rows) == count and sum(r["label"] for r in rows) == count // 2
         assert all(("answer" in r) == (split == "eval") for r in rows)

@@ -140,7 +140,8 @@ def our_run(tmp_path, folder, rows, name: str, kto: KTOSpec, packing: bool):
                           grad_accum_steps=ACCUM, lr=LR, min_lr_ratio=1.0, warmup_steps=0, weight_decay=0.0,
                           beta1=0.9, beta2=0.95, grad_clip=CLIP, loss_chunk_size=CHUNK, device="cpu", seed=SEED,
                           log_every=1, eval_max_new_tokens=0, sample_max_new_tokens=1, kto=kto)
-    cfg = RunConfig(model=ModelSpec(path=str(folder)), data=DataSpec(path=str(path), format="unpaired", packing=packing),
+    cfg = RunConfig(model=ModelSpec(path=str(folder)),
+                    data=DataSpec(path=str(path), format="unpaired", packing=packing),
                     trainer=trainer, run=RunSpec(name=name, dir=str(tmp_path / "runs")),
                     tracking=TrackingSpec(progress_bar=False, plot=False))
     run_dir = fit(cfg)
@@ -164,7 +165,8 @@ def compare(ours: list[dict], theirs: list[dict], our_weights: dict, their_weigh
     shared = [k for k in our_weights if k in their_weights]
     assert len(shared) >= len(their_weights) - 1  # lm_head may be tied to the embeddings on one side only
     for name in shared:
-        torch.testing.assert_close(our_weights[name], their_weights[name], rtol=0, atol=TOL, msg=lambda m: f"{what}: {name}: {m}")
+        torch.testing.assert_close(our_weights[name], their_weights[name], rtol=0, atol=TOL,
+                                   msg=lambda m: f"{what}: {name}: {m}")
     return worst
 
 
@@ -196,7 +198,8 @@ def test_kto_steps_and_weights_match_trl_kto_trainer(tmp_path, folder, monkeypat
                                  KTOSpec(loss_type="kto", beta=0.1, desirable_weight=2.0, undesirable_weight=0.5,
                                          reference="copy")], ids=["apo_zero_unpaired", "weighted"])
 def test_apo_zero_and_class_weights_match_trl_kto_trainer(tmp_path, folder, monkeypatch, kto):
-    """apo_zero_unpaired (no KL pass at all) and desirable_weight != undesirable_weight: steps and weights equal trl's."""
+    """apo_zero_unpaired (no KL pass at all) and desirable_weight != undesirable_weight: steps and weights
+    equal trl's."""
     rows = file_rows()
     theirs, their_weights = trl_run(folder, hf_tokenizer(tmp_path / "tok"), rows, tmp_path / "trl", monkeypatch, kto)
     ours, our_weights = our_run(tmp_path, folder, rows, "ours", kto, packing=False)

@@ -10,7 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mistral_train.config import AdapterSpec, DataSpec, KTOSpec, ModelSpec, RunConfig, RunSpec, TrackingSpec, TrainerSpec
+from mistral_train.config import (AdapterSpec, DataSpec, KTOSpec, ModelSpec, RunConfig, RunSpec, TrackingSpec,
+                                  TrainerSpec)
 from mistral_train.data.sources import bundled_unpaired_path
 from mistral_train.errors import ConfigError, DataError
 from mistral_train.train import fit
@@ -35,7 +36,8 @@ def _run(tmp_path, base, name, *, adapter="none", packing=True, steps=4, **kto) 
 
 
 def _logged(run_dir):
-    return [r for r in (json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    rows = (json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines())
+    return [r for r in rows if "loss" in r]
 
 
 def test_kto_trains_logs_trls_metrics_and_writes_final(tmp_path, tiny_base_folder):
