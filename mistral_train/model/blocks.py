@@ -15,6 +15,7 @@ from torch.utils.checkpoint import checkpoint
 from mistral_train.model.attention import AttentionInputs, attend
 from mistral_train.model.config import MistralConfig
 from mistral_train.model.execution import recomputing
+from mistral_train.model.fused import rms_norm, silu_mul, silu_mul_linear
 from mistral_train.model.latent_attention import LatentAttention
 from mistral_train.model.moe import SparseMoE
 from mistral_train.model.routed_experts import SharedRoutedMoE
@@ -30,9 +31,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in fp32, scale in the input dtype: transformers' order, to the last bit.
-        normed = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * normed.to(x.dtype)
+        # Normalise in fp32, scale in the input dtype: transformers' order, to the last bit; keeps x and rstd only.
+        return rms_norm(x, self.weight, self.eps)
 
 
 class MLP(nn.Module):
@@ -47,7 +47,12 @@ class MLP(nn.Module):
         self.act = _ACTIVATIONS[config.hidden_act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_proj(x), self.up_proj(x)
+        if self.act is not F.silu:
+            return self.down_proj(self.act(gate) * up)
+        if type(self.down_proj) is nn.Linear and self.down_proj.bias is None:
+            return silu_mul_linear(gate, up, self.down_proj.weight)  # the product is recomputed, not kept
+        return self.down_proj(silu_mul(gate, up))  # LoRA / NF4 down_proj: it keeps the product it is given
 
 
 # config.mlp_kind -> its module; the experts take their activation from this table

@@ -12,6 +12,8 @@ from typing import Any, Optional
 
 import torch
 
+from mistral_train.model.fused import rotate
+
 # rope_parameters keys YaRN reads (transformers' _compute_yarn_parameters); `max_position_embeddings` is
 # written there by Ministral 3's config and read by nobody.
 YARN_KEYS = ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "mscale", "mscale_all_dim",
@@ -114,8 +116,6 @@ def llama4_query_scale(position_ids: torch.Tensor, beta: float, original_max_pos
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x (B, n_heads, T, head_dim) by the angles in cos/sin (B, T, head_dim)."""
-    cos, sin = cos.unsqueeze(-3), sin.unsqueeze(-3)  # broadcast over heads
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+    """Rotate x (B, n_heads, T, head_dim) by the angles in cos/sin (B, T, head_dim): x cos + rotate_half(x) sin,
+    through model/fused.py's `rotate` (bitwise the same; keeps only cos/sin for backward)."""
+    return rotate(x, cos.unsqueeze(-3), sin.unsqueeze(-3))  # broadcast over heads
