@@ -35,6 +35,11 @@ class TensorNameError(FolderError, KeyError):
     lookup would raise)."""
 
 
+class CheckpointWriteError(UserError):
+    """A checkpoint could not be written (disk full, an I/O error); the message names the folder, the bytes it
+    needed and what is free. The previous complete checkpoint is kept."""
+
+
 class DataError(UserError):
     """The training or evaluation data cannot be read or used; the message names the file and row."""
 

@@ -87,10 +87,17 @@ def atomic_directory(final_path: str | os.PathLike) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     old = None
-    if final_path.exists():
-        old = temp_path_for(final_path)
-        os.replace(final_path, old)
-    os.replace(tmp, final_path)
+    try:
+        if final_path.exists():
+            old = temp_path_for(final_path)
+            os.replace(final_path, old)
+        os.replace(tmp, final_path)
+    except BaseException:
+        # the old folder goes back under its name: a failed publish must not leave it hidden (and later pruned)
+        if old is not None and not final_path.exists():
+            os.replace(old, final_path)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     _fsync_path(final_path.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from mistral_train.checkpoint.atomic import remove_stale_temps
+from mistral_train.checkpoint.integrity import HashingWriter
 
 STATE_FILE = "training_state.pt"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -65,8 +66,12 @@ def run_state(step: int, optimizer: Optional[torch.optim.Optimizer], scheduler: 
 
 
 def write_state_file(folder: str | os.PathLike, state: dict[str, Any]) -> Path:
+    """`training_state.pt` in `folder`, hashed as it streams out (the manifest then need not read it back)."""
     path = Path(folder) / STATE_FILE
-    torch.save(state, path)
+    with open(path, "wb") as f:
+        writer = HashingWriter(f)
+        torch.save(state, writer)
+    writer.note(path)
     return path
 
 
@@ -76,6 +81,46 @@ def read_state_file(directory: str | os.PathLike) -> dict[str, Any]:
     if not state_file.is_file():
         raise FileNotFoundError(f"{directory}: not a training checkpoint (no {STATE_FILE})")
     return torch.load(state_file, map_location="cpu", weights_only=True)
+
+
+def tensor_bytes(obj: Any) -> int:
+    """Bytes of every tensor in a nest of dicts, lists and tuples (an optimizer's or model's state dict)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
+
+
+def folder_bytes(folder: str | os.PathLike) -> int:
+    """Bytes the files under `folder` take (their sizes, not their blocks)."""
+    return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
+
+
+def estimate_checkpoint_bytes(run_dir: str | os.PathLike, model: torch.nn.Module,
+                              optimizer: Optional[torch.optim.Optimizer]) -> tuple[int, str]:
+    """About how many bytes the next checkpoint of a run takes, and how that was estimated: the newest
+    checkpoint's files when there is one (same model, optimizer and tokenizer: the same sizes), else the tensors
+    to write: the trained weights (only the trainable ones when some are frozen: an adapter run saves its
+    adapter) plus the optimizer state."""
+    newest = latest_checkpoint(run_dir)
+    if newest is not None:
+        return folder_bytes(newest), f"the size of {newest.name}"
+    params = list(model.parameters())
+    trained = [p for p in params if p.requires_grad] if any(not p.requires_grad for p in params) else params
+    optimizer_bytes = tensor_bytes(optimizer.state_dict()) if optimizer is not None else 0
+    return tensor_bytes(trained) + optimizer_bytes, "the trained weights plus the optimizer state"
+
+
+def write_failure_message(folder: Path, err: OSError, needed: int, how: str) -> str:
+    """One line for a checkpoint that could not be written: the folder, the cause, the bytes needed and free."""
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    free = shutil.disk_usage(existing).free
+    cause = os.strerror(err.errno) if err.errno else str(err)
+    return (f"{folder}: checkpoint not written ({cause}): it needs about {needed:,} bytes ({how}) and "
+            f"{free:,} are free there; the previous complete checkpoint is kept")
 
 
 def list_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:

@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from mistral_train.checkpoint.atomic import atomic_directory
+from mistral_train.checkpoint.integrity import safetensors_damage
 from mistral_train.model.blocks import score_layer
 from mistral_train.model.config import MistralConfig
 from mistral_train.model import expert_layout
@@ -132,7 +133,8 @@ def load_pretrained(
                     _assign(model, key, tensor)
                     loaded.add(key)
         except SafetensorError as e:
-            raise FolderError(f"{file}: not a readable safetensors file ({e}); is it truncated?") from e
+            # safetensors names neither the tensor nor the cause: read the header ourselves to say which
+            raise FolderError(f"{file}: not a readable safetensors file: {safetensors_damage(file) or e}") from e
     if nf4 is not None:
         loaded |= nf4.finish(str(folder))
     for key, tensor in experts.finish(str(folder)).items():

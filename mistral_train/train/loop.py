@@ -207,7 +207,8 @@ def _train(cfg: RunConfig, accelerator) -> Path:
             trained = run.full_model.collect(run.model, trainable_only=cfg.adapter.kind != "none")  # every process
             save_checkpoint(accelerator, run.run_dir, done, run.model, run.optimizer, run.scheduler,
                             run.data.train.state_dict(), lambda folder: run.write_folder(trained, folder), spec.keep_last,
-                            data_files=run.data.files,
+                            data_files=run.data.files,  # the last save has no next one to retry at: it stops
+                            save_failure=spec.save_failure if done < spec.max_steps else "stop",
                             objective_state=run.objective.state_dict() if run.objective.state_dict else None)
     bar.close()
     run.logger.close()

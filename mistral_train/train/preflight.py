@@ -20,7 +20,7 @@ from mistral_train.data.sft import OVERLONG, TRAIN_ON
 from mistral_train.dist.accelerator import DEVICES
 from mistral_train.dist.strategy import ACCELERATE_PRECISION, STRATEGIES
 from mistral_train.folders import check_adapter_folder, check_model_folder
-from mistral_train.train.resume import resolve_resume
+from mistral_train.train.resume import SAVE_FAILURES, resolve_resume
 from mistral_train.train.model_setup import ADAPTER_KINDS, DTYPES
 from mistral_train.train.objectives import OBJECTIVES
 from mistral_train.train.optim import OPTIMIZERS
@@ -53,7 +53,8 @@ def _choices(cfg: RunConfig) -> list[tuple[str, object, tuple]]:
     t = cfg.trainer
     return [("trainer.objective", t.objective, tuple(OBJECTIVES)), ("trainer.optimizer", t.optimizer, OPTIMIZERS),
             ("trainer.precision", t.precision, tuple(ACCELERATE_PRECISION)), ("trainer.device", t.device, DEVICES),
-            ("trainer.strategy", t.strategy, STRATEGIES), ("trainer.compile", str(t.compile).lower(), ("auto", "true", "false")),
+            ("trainer.strategy", t.strategy, STRATEGIES), ("trainer.save_failure", t.save_failure, SAVE_FAILURES),
+            ("trainer.compile", str(t.compile).lower(), ("auto", "true", "false")),
             ("model.dtype", cfg.model.dtype, tuple(DTYPES)), ("adapter.kind", cfg.adapter.kind, ADAPTER_KINDS),
             ("data.train_on", cfg.data.train_on, TRAIN_ON), ("data.overlong", cfg.data.overlong, OVERLONG)]
 

@@ -23,24 +23,30 @@ from typing import Any, Callable, Optional
 from accelerate.utils import broadcast_object_list, gather_object
 
 from mistral_train.checkpoint.atomic import atomic_directory
+from mistral_train.checkpoint.integrity import newest_intact_checkpoint, verify_checkpoint, write_manifest
 from mistral_train.checkpoint.state import (
-    STATE_FILE, capture_rng_state, checkpoint_path, latest_checkpoint, prune_checkpoints, read_state_file, run_state,
-    write_state_file,
+    STATE_FILE, capture_rng_state, checkpoint_path, estimate_checkpoint_bytes, latest_checkpoint, list_checkpoints,
+    prune_checkpoints, read_state_file, run_state, write_failure_message, write_state_file,
 )
 from mistral_train.data.fingerprint import check_unchanged
-from mistral_train.errors import ConfigError
+from mistral_train.errors import CheckpointWriteError, ConfigError
 from mistral_train.dist.accelerator import deepspeed_engine, strategy_of
 
 DEEPSPEED_DIR, DEEPSPEED_TAG = "deepspeed", "state"  # engine.save_checkpoint(folder/deepspeed, tag=state)
 OPTIMIZER_FORMAT = {"single": "torch", "ddp": "torch", "fsdp2": "fsdp2"}  # else DeepSpeed's, per ZeRO stage
+SAVE_FAILURES = ("stop", "retry")  # trainer.save_failure: what a failed checkpoint write does (save_checkpoint)
 
 
 def resolve_resume(resume: Optional[str], run_dir: Path) -> Optional[Path]:
     """The checkpoint to continue from: `resume` is None, "true"/"latest" or a folder.
 
+    Checkpoints are verified against their manifests (checkpoint/integrity.py): "latest" falls back past
+    damaged ones to the newest intact one, saying so; a named folder that is damaged is an error.
+
     Raises:
         FileExistsError: no resume asked for, but the run folder already holds checkpoints.
         FileNotFoundError: `resume` names a folder that is not a checkpoint.
+        DamagedCheckpoint: `resume` names a damaged checkpoint, or every checkpoint of the run is damaged.
     """
     flag = str(resume).strip().lower() if resume is not None else "none"
     if flag in ("none", "", "false", "null"):
@@ -52,13 +58,14 @@ def resolve_resume(resume: Optional[str], run_dir: Path) -> Optional[Path]:
             )
         return None
     if flag in ("true", "latest"):
-        found = latest_checkpoint(run_dir)
+        found = newest_intact_checkpoint(path for _, path in list_checkpoints(run_dir))
         if found is None:
             print(f"resume={resume}: no checkpoint in {run_dir / 'checkpoints'}; starting from step 0")
         return found
     path = Path(resume)
     if not (path / STATE_FILE).is_file():
         raise FileNotFoundError(f"resume={resume!r}: not a checkpoint folder (no {STATE_FILE} in it)")
+    verify_checkpoint(path)  # named explicitly: a damaged file is an error, never a silent fallback
     return path
 
 
@@ -85,34 +92,49 @@ def _save_engine_state(accelerator, model, optimizer, folder: Optional[Path]) ->
 
 def save_checkpoint(accelerator, run_dir: Path, step: int, model, optimizer, scheduler, data_state: dict[str, Any],
                     write_folder: Callable[[Path], None], keep_last: int,
-                    data_files: Optional[dict[str, dict]] = None,
+                    data_files: Optional[dict[str, dict]] = None, save_failure: str = "stop",
                     objective_state: Optional[dict[str, Any]] = None) -> Optional[Path]:
     """Write `checkpoints/step_{step}` (every process calls this): on the main process `write_folder(tmp)`
     (weights and tokenizer), then engine files from every process, then the training state (with `data_files`,
     the training files' identity: data/fingerprint.py); the folder is published whole, then the newest
-    `keep_last` are kept. Returns its path on the main process, None elsewhere."""
+    `keep_last` are kept. Returns its path on the main process, None elsewhere.
+
+    A write that fails (OSError: disk full, EIO) leaves no folder and prunes nothing; with `save_failure`
+    "stop" it raises CheckpointWriteError naming the folder and the bytes needed, with "retry" it warns and
+    returns None (the run goes on; the next save tries again)."""
     accelerator.wait_for_everyone()
     main, world = accelerator.is_main_process, accelerator.num_processes
     rngs = gather_object([capture_rng_state()]) if world > 1 else [capture_rng_state()]
     # an objective's own state (GRPO's rollout window and generation RNG: train/online.py), one per process
     objectives = gather_object([objective_state]) if world > 1 and objective_state is not None else [objective_state]
     final = checkpoint_path(run_dir, step)
-    with contextlib.ExitStack() as stack:
-        tmp = stack.enter_context(atomic_directory(final)) if main else None
-        if main:  # first: save_pretrained publishes into `tmp` by replacing it whole (its own atomic write)
-            write_folder(tmp)
-        if world > 1:
-            tmp = Path(broadcast_object_list([str(tmp) if main else None])[0])
-        engine = _save_engine_state(accelerator, model, optimizer, tmp)
-        if main:
-            extra = {"strategy": strategy_of(accelerator).name, "world_size": world, "engine": engine,
-                     "data_files": data_files or {}}
+    try:
+        with contextlib.ExitStack() as stack:
+            tmp = stack.enter_context(atomic_directory(final)) if main else None
+            if main:  # first: save_pretrained publishes into `tmp` by replacing it whole (its own atomic write)
+                write_folder(tmp)
             if world > 1:
-                extra["rng_ranks"] = rngs
-            if objective_state is not None:
-                extra["objective_ranks"] = objectives
-            write_state_file(tmp, run_state(step, None if engine else optimizer, scheduler, data_state, rngs[0], **extra))
-        accelerator.wait_for_everyone()  # every process's files are closed before the folder is fsynced and renamed
+                tmp = Path(broadcast_object_list([str(tmp) if main else None])[0])
+            engine = _save_engine_state(accelerator, model, optimizer, tmp)
+            if main:
+                extra = {"strategy": strategy_of(accelerator).name, "world_size": world, "engine": engine,
+                         "data_files": data_files or {}}
+                if world > 1:
+                    extra["rng_ranks"] = rngs
+                if objective_state is not None:
+                    extra["objective_ranks"] = objectives
+                write_state_file(tmp, run_state(step, None if engine else optimizer, scheduler, data_state, rngs[0], **extra))
+            accelerator.wait_for_everyone()  # every process's files are closed before the folder is fsynced and renamed
+            if main:  # the last file: sizes and checksums of every file above (checkpoint/integrity.py)
+                write_manifest(tmp)
+    except OSError as err:  # disk full, an I/O error: atomic_directory removed the partial folder
+        needed, how = estimate_checkpoint_bytes(run_dir, model, optimizer)
+        failure = CheckpointWriteError(write_failure_message(final, err, needed, how))
+        if save_failure != "retry":
+            raise failure from err
+        if main:
+            print(f"warning: {failure}; training goes on and the next save tries again (trainer.save_failure=retry)")
+        return None
     if main:
         prune_checkpoints(run_dir, keep_last)
     accelerator.wait_for_everyone()
