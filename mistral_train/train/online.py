@@ -154,11 +154,18 @@ class Rollout:
         rewards[torch.isnan(per_func).all(dim=1)] = float("nan")
         return rewards
 
+    def _zero_spread(self, rewards: torch.Tensor, G: int) -> torch.Tensor:
+        """trl's frac_reward_zero_std: the share of groups whose rewards do not spread (a NaN spread, fewer than
+        two scorable, is not zero); GRPO with scale_rewards=batch asks it of the whole window's spread (0 or 1)."""
+        batch = not self.rloo and self.spec.scale_rewards == "batch"
+        std = _nanstd(rewards).reshape(1) if batch else _nanstd(rewards.view(-1, G), dim=1)
+        return torch.isclose(std, torch.zeros_like(std)).float().mean()
+
     def _metrics(self, per_func: torch.Tensor, rewards: torch.Tensor, lengths: torch.Tensor, truncated: torch.Tensor,
                  G: int) -> dict[str, torch.Tensor]:
         """The rollout's metrics with trl's names, over the whole window."""
         out = {"reward": torch.nanmean(rewards), "reward_std": _nanstd(rewards),
-               "frac_reward_zero_std": (_nanstd(rewards.view(-1, G), dim=1).nan_to_num(0.0) < 1e-8).float().mean(),
+               "frac_reward_zero_std": self._zero_spread(rewards, G),
                "completions/mean_length": lengths.float().mean(), "completions/min_length": lengths.float().min(),
                "completions/max_length": lengths.float().max(), "completions/clipped_ratio": truncated.float().mean()}
         for i, name in enumerate(self.reward_set.names):

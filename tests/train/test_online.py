@@ -331,3 +331,11 @@ def test_rloo_rollout_penalises_kl_in_the_reward(monkeypatch, model):
 def test_settings_the_rollout_cannot_run_are_one_line_config_errors(change, key):
     with pytest.raises(ConfigError, match=re.escape(key)):
         check_spec(replace(GRPOSpec(), **change), rloo=True)
+
+
+@pytest.mark.parametrize("scale, rloo, want", [("group", False, 0.5), ("batch", False, 0.0), ("batch", True, 0.5)])
+def test_frac_reward_zero_std_is_trls(scale, rloo, want, model):
+    """trl's GRPO asks whether each group's rewards spread (whether the whole window's do under scale_rewards=batch);
+    RLOO always per group. Group 1 (3, 3) does not spread, group 2 (1, 2) does."""
+    rollout = make_rollout(GRPOSpec(num_generations=2, scale_rewards=scale), rloo=rloo)
+    assert float(rollout._zero_spread(torch.tensor([3.0, 3.0, 1.0, 2.0]), 2)) == want
