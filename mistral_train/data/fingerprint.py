@@ -63,8 +63,13 @@ def fingerprint(sources: Iterable[str]) -> dict[str, dict[str, Any]]:
 
 def changes(saved: dict[str, dict[str, Any]], now: dict[str, dict[str, Any]]) -> tuple[list[str], list[str]]:
     """(changes, notes) from a saved fingerprint to today's: changes are files gone, added, or of another
-    size or content; notes are files whose mtime alone moved."""
+    size or content; notes are files whose mtime alone moved, or files found under new paths (the run
+    resumed from another directory, the data moved) with the same sizes and contents in the same order."""
     found, notes = [], []
+    content = lambda files: [(files[n]["size"], files[n]["hash"]) for n in sorted(files)]  # noqa: E731
+    if set(saved) != set(now) and content(saved) == content(now):  # same files under another path (cwd, a move)
+        return [], [f"the training files are now {', '.join(sorted(now))} (were {', '.join(sorted(saved))}): same "
+                    "sizes and contents; taken as unchanged"]
     for name in sorted(set(saved) | set(now)):
         if name not in now:
             found.append(f"{name} is gone")

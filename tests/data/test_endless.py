@@ -162,6 +162,20 @@ def test_identity_of_a_large_file_hashes_its_ends_and_a_folder_lists_its_files(t
     assert fp.changes(before, fp.fingerprint([str(big.parent)]))[0] == []
 
     (tmp_path / "data" / "small.jsonl").unlink()
-    (tmp_path / "data" / "new.jsonl").write_text("{}\n")
+    (tmp_path / "data" / "new.jsonl").write_text('{"a": 1}\n')
     found, _ = fp.changes(before, fp.fingerprint([str(big.parent)]))
     assert found == [f"{tmp_path / 'data' / 'new.jsonl'} was added", f"{tmp_path / 'data' / 'small.jsonl'} is gone"]
+
+
+def test_the_same_files_under_another_path_are_a_note_not_a_change(tmp_path):
+    first = tmp_path / "a" / "chat.jsonl"
+    first.parent.mkdir()
+    _chat(first)
+    before = fp.fingerprint([str(first.parent)])
+    moved = tmp_path / "b"
+    first.parent.rename(moved)  # resumed from another directory, or the data moved
+    found, notes = fp.changes(before, fp.fingerprint([str(moved)]))
+    assert found == [] and notes == [f"the training files are now {moved / 'chat.jsonl'} (were {first}): same sizes "
+                                     "and contents; taken as unchanged"]
+    (moved / "chat.jsonl").write_text("{}\n")  # moved and changed: both paths named
+    assert fp.changes(before, fp.fingerprint([str(moved)]))[0] == [f"{first} is gone", f"{moved / 'chat.jsonl'} was added"]
