@@ -137,6 +137,10 @@ class Rollout:
         units = int(self.gather(tokens.reshape(1)).sum()) if token_units else window_batches
         metrics = self._metrics(every_per_func, every_reward, torch.cat([self.gather(b["length"]) for b in window]),
                                 torch.cat([self.gather(b["truncated"].long()) for b in window]), G)
+        if penalty is not None:  # trl's RLOO logs its KL: the first-order estimate per completion token of the window
+            kl_tokens = torch.stack([penalty.sum(), tokens.float()]).reshape(1, 2)
+            kl_sum, kl_count = self.gather(kl_tokens).sum(0)
+            metrics["kl"] = (kl_sum / kl_count.clamp(min=1.0)).detach().cpu()
         share = torch.tensor(units / window_batches)
         for batch, adv in zip(window, advantages):
             del batch["truncated"], batch["length"]

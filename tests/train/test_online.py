@@ -319,6 +319,7 @@ def test_rloo_rollout_penalises_kl_in_the_reward(monkeypatch, model):
     kl = ((b["old_logps"] - b["ref_logps"]) * b["completion_mask"]).sum(-1)
     torch.testing.assert_close(b["advantages"], rloo_advantages(rewards - 0.5 * kl, G))
     assert units == 1 and float(b["metric/reward"]) == pytest.approx(float(rewards.mean()))
+    assert float(b["metric/kl"]) == pytest.approx(float(kl.sum() / b["completion_mask"].sum()))  # trl: per token
     out = online_objective(spec, True, 16, rollout).step(model, b)
     want, _ = rloo_loss(completion_logps(model, b, 1.0, 16), b["old_logps"], b["advantages"], b["completion_mask"].float())
     torch.testing.assert_close(out.loss_sum, want)
