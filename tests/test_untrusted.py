@@ -267,5 +267,5 @@ def test_a_safetensors_header_length_that_lies_is_refused_without_allocating_it(
 
     file = tmp_path / "model.safetensors"
     file.write_bytes((2**62).to_bytes(8, "little") + b"{}")
-    with pytest.raises(FolderError, match=rf"{file}: not a readable safetensors file \(its header claims {2**62} bytes\)"):
+    with pytest.raises(FolderError, match=rf"{file}: not a readable safetensors file \(its header claims {2**62} "):
         list(_tensor_sizes(file))

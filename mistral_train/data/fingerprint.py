@@ -95,6 +95,7 @@ def check_unchanged(saved: dict[str, dict[str, Any]], now: dict[str, dict[str, A
         raise DataError(f"{checkpoint}: the training data changed since this checkpoint: {'; '.join(found)}; "
                          "its data position would point into other rows. Restore the files, or pass "
                          "data.changed_data=allow to resume anyway")
-    warned = [f"warning: {checkpoint}: the training data changed since this checkpoint ({'; '.join(found)}); "
-              "resuming anyway (data.changed_data=allow): the data position now points into other rows"] if found else []
-    return warned + notes
+    if not found:
+        return notes
+    return [f"warning: {checkpoint}: the training data changed since this checkpoint ({'; '.join(found)}); "
+            "resuming anyway (data.changed_data=allow): the data position now points into other rows", *notes]

@@ -108,8 +108,9 @@ def test_a_data_file_changed_before_resume_is_refused_naming_it_unless_allowed(t
     original = data.read_bytes()
 
     data.write_bytes(original + original.splitlines(keepends=True)[0])  # a row appended
-    with pytest.raises(DataError, match=rf"step_2: the training data changed since this checkpoint: {data} changed "
-                                        rf"size: {len(original)} bytes at the checkpoint, \d+ now;.*changed_data=allow"):
+    with pytest.raises(DataError, match=rf"step_2: the training data changed since this checkpoint: {data} "
+                                        rf"changed size: {len(original)} bytes at the checkpoint, \d+ now;"
+                                        r".*changed_data=allow"):
         fit(_run(tmp_path, data, 4, resume="latest"))
 
     edited = original.replace(b"fifteen", b"sixteen", 1)  # same size, other content
@@ -178,4 +179,5 @@ def test_the_same_files_under_another_path_are_a_note_not_a_change(tmp_path):
     assert found == [] and notes == [f"the training files are now {moved / 'chat.jsonl'} (were {first}): same sizes "
                                      "and contents; taken as unchanged"]
     (moved / "chat.jsonl").write_text("{}\n")  # moved and changed: both paths named
-    assert fp.changes(before, fp.fingerprint([str(moved)]))[0] == [f"{first} is gone", f"{moved / 'chat.jsonl'} was added"]
+    found, _ = fp.changes(before, fp.fingerprint([str(moved)]))
+    assert found == [f"{first} is gone", f"{moved / 'chat.jsonl'} was added"]
