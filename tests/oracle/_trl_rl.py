@@ -89,8 +89,9 @@ def exact_answer(prompts: list, completions: list, answer: list[str], **kwargs: 
     return [1.0 if _text(c).strip() == a else 0.0 for c, a in zip(completions, answer)]
 
 
-def brevity(prompts: list, completions: list, **kwargs: Any) -> list[float]:
-    return [-len(_text(c)) / 10.0 for c in completions]
+def brevity(prompts: list, completions: list, **kwargs: Any) -> list[Optional[float]]:
+    """No score (None, NaN in the reward matrix) for the hedging reply: trl's nansum/nanmean paths run."""
+    return [None if _text(c).startswith("I am not sure") else -len(_text(c)) / 10.0 for c in completions]
 
 
 REWARD_FUNCS = [exact_answer, brevity]
@@ -162,12 +163,14 @@ def model_folder(hf_model, tiny, folder: Path) -> Path:
 
 
 def rewards_of(rows: list[dict], table: dict, eos_id: int, decode: Optional[Callable] = None) -> torch.Tensor:
-    """(N, 2) rewards of the rows' completions in rollout order, by the reward functions on decoded text."""
+    """(N, 2) rewards of the rows' completions in rollout order, by the reward functions on decoded text
+    (NaN where a function gave None)."""
     decode = decode or (lambda ids: our_tokenizer().decode(ids))
     out = []
     for row in rows:
         texts = [decode(ids) for ids in table[tuple(prompt_ids_of(row))]]
-        out.append(torch.tensor([exact_answer(None, texts, [row["answer"]] * G), brevity(None, texts)]).T)
+        scores = [exact_answer(None, texts, [row["answer"]] * G), brevity(None, texts)]
+        out.append(torch.tensor([[float("nan") if v is None else v for v in col] for col in scores]).T)
     return torch.cat(out).float()
 
 
@@ -222,7 +225,12 @@ def our_run(objective: str, folder: Path, data: Path, run_dir: Path, table: dict
     return steps, weights, calls
 
 
-TOL = 1e-4  # per-step loss, grad norm (relative), metrics and final weights (fp32; ~1e-5 drift over 3 steps)
+# Per-step loss, grad norm (relative), metrics, and each final weight tensor's difference relative to its update.
+# Elementwise the weights get 10 * TOL: AdamW divides by sqrt(v), which amplifies fp32 rounding in the few
+# elements whose gradients nearly cancel over the steps (measured: with dapo and sequence-level ratios, 2 of
+# lm_head's 2M elements 2.4e-4 apart while the losses agreed to 7e-7 and the grad norms to 3e-6, all other
+# elements < 3e-5; RLOO beta 0.05: 1.1e-4 at most, 4e-5 of the update).
+TOL = 1e-4
 NOT_COMPARED = {"step", "epoch", "step_time", "learning_rate", "lr", "grad_norm", "loss"}  # epoch: trl counts repeats
 
 
@@ -240,11 +248,16 @@ def compare(ours: list[dict], theirs: list[dict], our_weights: dict, trl_weights
             f"{where}: grad norm ours {mine['grad_norm']}, trl {ref['grad_norm']}"
         assert mine["lr"] == pytest.approx(ref["learning_rate"], rel=1e-9), f"{where}: lr"
     assert set(our_weights) == set(trl_weights), what
-    worst = max(float((our_weights[k].float() - trl_weights[k]).abs().max()) for k in trl_weights)
-    moved = max(float((trl_weights[k] - initial[k]).abs().max()) for k in trl_weights)
-    assert worst < TOL, f"{what}: final weights differ by {worst:.2e}"
+    worst, worst_relative, moved = 0.0, 0.0, 0.0
+    for key, theirs_w in trl_weights.items():
+        update, diff = theirs_w - initial[key], our_weights[key].float() - theirs_w
+        worst, moved = max(worst, float(diff.abs().max())), max(moved, float(update.abs().max()))
+        worst_relative = max(worst_relative, float(diff.norm() / update.norm()))
+    assert worst_relative < TOL, f"{what}: final weights differ by {worst_relative:.2e} of their update (a tensor)"
+    assert worst < 10 * TOL, f"{what}: a final weight differs by {worst:.2e}"
     assert moved > 100 * TOL, f"{what}: the weights barely moved ({moved:.2e})"
-    print(f"{what}: max |ours - trl| final weights {worst:.2e} (moved {moved:.2e}), losses "
+    print(f"{what}: final weights: max |ours - trl| {worst:.2e}, relative to the update {worst_relative:.2e} "
+          f"(moved up to {moved:.2e}); max |loss difference| "
           f"{max(abs(m['loss'] - r['loss']) for m, r in zip(ours, theirs)):.2e}; trl losses "
           f"{[round(r['loss'], 6) for r in theirs]}")
     for mine, ref in zip(ours, theirs):

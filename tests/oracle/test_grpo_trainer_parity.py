@@ -38,9 +38,9 @@ REQUIRED = ("reward", "reward_std", *(f"rewards/{f.__name__}/mean" for f in REWA
 # (loss_type, scale_rewards, beta, num_iterations, extra GRPOSpec settings)
 CASES = [
     ("dapo", "group", 0.0, 1, {}),
-    ("dapo", "group", 0.04, 2, {}),
-    ("grpo", "group", 0.04, 2, {}),
-    ("bnpo", "batch", 0.0, 2, {}),
+    ("dapo", "group", 0.04, 2, {"epsilon_high": 0.28}),
+    ("grpo", "group", 0.04, 2, {"importance_sampling_level": "sequence"}),  # GSPO
+    ("bnpo", "batch", 0.0, 2, {"delta": 1.5}),
     ("dr_grpo", "none", 0.04, 1, {}),
     ("dapo", "batch", 0.0, 2, {"temperature": 0.7, "mask_truncated_completions": True}),
 ]
@@ -71,7 +71,7 @@ def hand_step_one(loss_type: str, scale: str, table: dict, eos_id: int, mask_tru
                   rows: list[dict] = ROWS) -> float:
     """Step 1's loss from the paper definitions: ratio 1, KL 0, so each token's loss is -A of its sequence."""
     window = rows[: BATCH * ACCUM // G]
-    rewards = rewards_of(window, table, eos_id) @ torch.tensor(REWARD_WEIGHTS)  # (8,)
+    rewards = (rewards_of(window, table, eos_id) * torch.tensor(REWARD_WEIGHTS)).nansum(1)  # (8,): None adds 0
     groups = rewards.view(-1, G)
     centred = (groups - groups.mean(1, keepdim=True)).flatten()
     std = {"group": groups.std(1).repeat_interleave(G), "batch": rewards.std().expand(len(rewards)),
@@ -92,21 +92,24 @@ def hand_step_one(loss_type: str, scale: str, table: dict, eos_id: int, mask_tru
     return float(-adv[lengths > 0].sum() / len(adv))
 
 
-@pytest.mark.parametrize("loss_type,scale", [("dapo", "group"), ("bnpo", "batch"), ("dr_grpo", "none")])
-def test_trl_step_one_equals_the_hand_formula(setup, tmp_path, loss_type, scale):
-    """The trl side is what the harness claims: the fixed completions reach trl's loss in the window's order
-    (no shuffle), rewards are the plain functions', and its logged step-1 loss is the hand value."""
+def test_trl_step_one_equals_the_hand_formula(setup, tmp_path):
+    """The trl side is what the harness claims, on its own: the fixed completions reach trl's loss in the
+    window's order (no shuffle), rewards are the plain functions' (None included) on trl's own decoding, and its
+    logged step-1 loss is the hand value. (Every parity case below checks its own step 1 by hand as well.)"""
     folder, tokenizer, table = setup
     logs, weights, _ = trl_run("grpo", folder, tokenizer, ROWS, tmp_path / "trl", table,
-                               **trl_config(loss_type, scale, 0.0, 1, {}))
-    want = hand_step_one(loss_type, scale, table, tokenizer.eos_token_id)
+                               **trl_config("dapo", "group", 0.0, 1, {}))
+    want = hand_step_one("dapo", "group", table, tokenizer.eos_token_id)
     assert abs(want) > 0.01, "the window does not tell the normalisations apart"
     assert logs[0]["loss"] == pytest.approx(want, abs=1e-6)
     # trl's decoding (transformers' tokenizer) gives the texts ours does
     rewards = rewards_of(ROWS[:4], table, tokenizer.eos_token_id,
                          lambda ids: tokenizer.decode(ids, skip_special_tokens=True))
+    assert torch.isnan(rewards[:, 1]).any()  # the None path is taken
     assert logs[0]["rewards/exact_answer/mean"] == pytest.approx(float(rewards[:, 0].mean()), abs=1e-6)
-    assert logs[0]["reward"] == pytest.approx(float((rewards @ torch.tensor(REWARD_WEIGHTS)).mean()), abs=1e-6)
+    assert logs[0]["rewards/brevity/mean"] == pytest.approx(float(rewards[:, 1].nanmean()), abs=1e-6)
+    assert logs[0]["reward"] == pytest.approx(float((rewards * torch.tensor(REWARD_WEIGHTS)).nansum(1).mean()),
+                                              abs=1e-6)
     assert logs[0]["completions/clipped_ratio"] == 0.25  # one truncated completion in four
     assert [entry["step"] for entry in logs] == [1, 2, 3] and logs[1]["loss"] != logs[0]["loss"]
 
