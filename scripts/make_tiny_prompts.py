@@ -10,6 +10,8 @@ function of them (byte-identical on every run; tests/data/test_prompt_rows.py ch
 
 - tiny_prompts.jsonl       {"prompt": question, "answer": reply}, one per training chat row
 - tiny_prompts_eval.jsonl  the same from the held-out chat rows
+- tiny_task_prompts.jsonl, tiny_task_prompts_eval.jsonl  the same from the word-list task rows
+  (tiny_tasks*.jsonl; one-word answers: first word, last word, word count), read by recipes/tiny_grpo.yaml
 """
 from __future__ import annotations
 
@@ -18,7 +20,9 @@ import json
 from pathlib import Path
 
 DATA = Path(__file__).resolve().parents[1] / "mistral_train" / "resources" / "data"
-FILES = {"tiny_chat.jsonl": "tiny_prompts.jsonl", "tiny_chat_eval.jsonl": "tiny_prompts_eval.jsonl"}
+FILES = {"tiny_chat.jsonl": "tiny_prompts.jsonl", "tiny_chat_eval.jsonl": "tiny_prompts_eval.jsonl",
+         # the default recipe's word-list tasks (scripts/make_tiny_tasks.py): recipes/tiny_grpo.yaml's prompts
+         "tiny_tasks.jsonl": "tiny_task_prompts.jsonl", "tiny_tasks_eval.jsonl": "tiny_task_prompts_eval.jsonl"}
 
 
 def prompt_row(chat_row: dict, where: str) -> dict[str, str]:

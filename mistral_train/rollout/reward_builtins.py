@@ -1,7 +1,8 @@
 """The built-in reward functions, named in a config as "mistral_train.rollout.rewards:NAME" (rewards.py
 re-exports them): `exact_answer`, `format_regex`, `length_penalty`. Each takes trl's calling convention
 (rewards.py): `completions` are strings or [{"role": "assistant", "content": text}] lists, the rows' fields
-come as keyword arguments, and anything else it does not use is accepted and ignored.
+come as keyword arguments, and anything else it does not use is accepted and ignored. `tool_call_match`
+("mistral_train.rollout.reward_builtins:tool_call_match", kwargs tokenizer) scores tool-use prompts.
 
 `normalize_answer` is the one answer normalisation: held-out exact match (train/evaluate.py) uses it too.
 """
@@ -9,10 +10,14 @@ come as keyword arguments, and anything else it does not use is accepted and ign
 from __future__ import annotations
 
 import functools
+import json
 import re
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 from mistral_train.errors import ConfigError
+from mistral_train.tokenizer.chat_messages import call_arguments
+from mistral_train.tokenizer.tokenizer import Tokenizer, load_tokenizer
+from mistral_train.tokenizer.tool_calls import ToolCallError, parse_answer
 
 _SPACES = re.compile(r"\s+")
 _TRAILING = ".,!?;:"  # sentence punctuation a model may add after a short answer ("Sunday." for "Sunday")
@@ -75,6 +80,51 @@ def length_penalty(completions: list, target_length: int, scale: float = 1.0, **
     return [-scale * abs(len(completion_text(c)) - target_length) / target_length for c in completions]
 
 
+@functools.lru_cache(maxsize=4)
+def _tokenizer(path: str) -> Tokenizer:
+    """The tokenizer a tool-call reward parses with, loaded once per path (a reward is called every rollout)."""
+    return load_tokenizer(path)
+
+
+def _name_args(call: Any) -> tuple[str, Any]:
+    """(name, arguments as a JSON value) of an OpenAI-form call ({"function": {"name", "arguments"}}) or of
+    a bare {"name", "arguments"}: arguments may be an object or a JSON string, as chat rows give them."""
+    function = call.get("function", call)
+    return function["name"], call_arguments(function.get("arguments"))
+
+
+def tool_call_match(completions: list, completion_ids: Optional[Sequence[Sequence[int]]] = None,
+                    tool_calls: Optional[list] = None, tokenizer: Optional[str] = None,
+                    chat_format: Optional[str] = None, **_: Any) -> list[float]:
+    """1.0 where the completion's tool calls equal the row's expected `tool_calls` (same names and arguments,
+    in order; call ids ignored), else 0.0 (no call, another call, malformed calls).
+
+    The completion is parsed from its token ids (`completion_ids`) with the project's own parser
+    (tokenizer/tool_calls.parse_answer, the one `generate --chat --tools` and held-out exact match use): the
+    decoded text has lost the [TOOL_CALLS] control token. `tokenizer` is the model's tokenizer (its folder or
+    file: the recipe passes ${model.path}); `chat_format` as trainer.chat_format (None: the tokenizer's own).
+    `tool_calls` is a column of the prompt rows: OpenAI-form calls, or {"name", "arguments"} objects.
+    """
+    if completion_ids is None:
+        raise RewardRowError(0, "tool_call_match needs the completions' token ids (completion_ids)")
+    if tool_calls is None:
+        raise RewardRowError(0, "the rows have no 'tool_calls' field; tool_call_match compares the completion's "
+                                "calls with it")
+    tok = _tokenizer(str(tokenizer))
+    scores = []
+    for i, (ids, expected) in enumerate(zip(completion_ids, tool_calls)):
+        try:
+            want = [_name_args(call) for call in expected]
+        except (TypeError, KeyError, AttributeError, json.JSONDecodeError) as err:
+            raise RewardRowError(i, f"'tool_calls' must be a list of calls with a name and arguments ({err!r})") from err
+        try:
+            got = [_name_args(call) for call in parse_answer(tok, ids, chat_format).get("tool_calls", [])]
+        except (ToolCallError, json.JSONDecodeError):
+            got = None  # malformed calls: no match
+        scores.append(float(bool(want) and got == want))
+    return scores
+
+
 def check_builtin(fn: Callable, kwargs: dict, where: str) -> None:
     """The built-ins' kwargs, checked when the run starts rather than at the first rollout."""
     if fn is format_regex:
@@ -85,6 +135,11 @@ def check_builtin(fn: Callable, kwargs: dict, where: str) -> None:
             _pattern(kwargs["pattern"])
         except ConfigError as err:
             raise ConfigError(f"{where}.kwargs.pattern: {err}") from None
+    if fn is tool_call_match:  # the tokenizer is loaded now: a wrong path stops the run before any rollout
+        if not isinstance(kwargs.get("tokenizer"), str):
+            raise ConfigError(f"{where}.kwargs.tokenizer: tool_call_match needs the model's tokenizer (a folder or "
+                              f"file, e.g. ${{model.path}}), got {kwargs.get('tokenizer')!r}")
+        _tokenizer(kwargs["tokenizer"])
     if fn is length_penalty:
         target = kwargs.get("target_length")
         if isinstance(target, bool) or not isinstance(target, int) or target < 1:
