@@ -212,12 +212,18 @@ def online_objective(spec: GRPOSpec, rloo: bool, chunk: int, rollout: Rollout) -
 def build_online(cfg, model: torch.nn.Module, data, pad_id: int, accelerator, rloo: bool) -> Objective:
     """The grpo/rloo entry's builder (train/objectives.py): called once the model is built and on its device,
     before any checkpoint loads (the reference is the policy the run starts from)."""
+    from mistral_train.dist.accelerator import strategy_of
     from mistral_train.rollout.rewards import build_rewards  # the reward functions' module (issue 17 item 3)
     from mistral_train.tokenizer.tokenizer import load_tokenizer, resolve_tokenizer_path
     from mistral_train.train.reference import build_reference, resolve_reference
 
     spec, trainer = cfg.trainer.grpo, cfg.trainer
     check_spec(spec, rloo)
+    strategy = strategy_of(accelerator)
+    if strategy.sharded and spec.rollout_engine == "generate":
+        # generate() reads the embeddings and head outside the sharded modules' forwards: it needs whole weights
+        raise ConfigError(f"trainer.objective={trainer.objective} generates its completions with the whole policy on "
+                          f"each process, and trainer.strategy={strategy.name} shards it; use ddp or zero2")
     if data.prompt_rows is None:
         raise ConfigError(f"trainer.objective={trainer.objective} needs prompt rows (data.format=prompt_only)")
     tokenizer = load_tokenizer(resolve_tokenizer_path(cfg.model.tokenizer, cfg.model.path))

@@ -101,3 +101,17 @@ def test_chat_rows_are_refused_with_the_data_kind_message(tmp_path, tiny_base_fo
                                              {"role": "assistant", "content": "hello"}]}) + "\n")
     with pytest.raises((DataError, ValueError), match="trainer.objective=grpo trains on prompts"):
         fit(_run(tmp_path, tiny_base_folder, "chat", data=chat))
+
+
+def test_sharded_strategies_are_refused_naming_the_setting(monkeypatch, tmp_path, tiny_base_folder):
+    """generate() reads the embeddings and head outside the sharded blocks' forwards: fsdp2/zero3 are refused
+    before the first rollout, in one line naming trainer.strategy."""
+    from types import SimpleNamespace
+
+    from mistral_train.dist.strategy import Strategy
+    from mistral_train.errors import ConfigError
+    from mistral_train.train.online import build_online
+
+    accelerator = SimpleNamespace(strategy=Strategy("fsdp2", 2), num_processes=2)
+    with pytest.raises(ConfigError, match="trainer.strategy=fsdp2 shards it; use ddp or zero2"):
+        build_online(_run(tmp_path, tiny_base_folder, "fsdp2"), None, None, 0, accelerator, rloo=False)
