@@ -132,6 +132,7 @@ def test_grpo_steps_match_trl_grpo_trainer(setup, tmp_path, case):
         abs=1e-6)
     compare(ours, theirs, our_weights, trl_weights, load_file(folder / "model.safetensors"), _id(case), REQUIRED)
     # the comparison reaches what the case is about: a second pass clips, the KL term is live
+    assert max(r["grad_norm"] for r in theirs) > 1.0  # gradient clipping (at 1.0 on both sides) acted
     if iterations > 1:
         assert theirs[1]["clip_ratio/region_mean"] > 0.1
     if beta > 0:
