@@ -117,10 +117,9 @@ class UnpairedCollate:
             raise ValueError("UnpairedCollate: got no examples; expected at least one")
         batch = self._collate([ex.sequence() for ex in examples])
         if self.mismatched:
-            if len(examples) < 2:  # one example would be paired with its own completion: its KL is its reward
-                raise ValueError("KTO's KL estimate pairs each prompt with another example's completion, so a batch "
-                                 "needs at least 2 examples; raise trainer.batch_size")
-            rotated = [examples[-1], *examples[:-1]]  # trl: [completions[-1]] + completions[:-1]
+            # trl: [completions[-1]] + completions[:-1]. A lone example (a held-out set's last batch) gets its own
+            # completion, as trl's rotation of one gives; training batches of 1 are refused (train/kto_step.py)
+            rotated = [examples[-1], *examples[:-1]]
             mismatched = self._collate([ex.sequence(other.completion_ids, self.max_seq_len)
                                         for ex, other in zip(examples, rotated)])
             batch.update({f"{KL_PREFIX}{key}": value for key, value in mismatched.items()})
