@@ -145,22 +145,37 @@ class Activations:
         return self.layers + self.recompute + self.head + self.loss + self.masks + self.casts
 
 
+def down_proj_keeps_input(adapter: AdapterSpec) -> bool:
+    """Whether down_proj keeps the SwiGLU product for backward: blocks.MLP fuses it away for a plain nn.Linear only,
+    not for NF4 (qlora) or a LoRA target (a regex target is tried on layer 0's name)."""
+    if adapter.kind != "lora":
+        return adapter.kind == "qlora"
+    targets, name = adapter.target_modules, "model.layers.0.mlp.down_proj"
+    if targets == "all-linear":
+        return True
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
 def whole_blocks(policy) -> bool:  # partial policies (attention, mlp, every_k) planned as none: an upper bound
     return policy is True or str(policy).lower() in ("true", "block")
 
 
 def activation_bytes(cfg: MistralConfig, batch: int, seq: int, *, act_bytes: int, resid_bytes: int, checkpointing: bool,
-                     loss_chunk: int, lm_head_trains: bool, masked: bool = True, cast_params: int = 0) -> Activations:
+                     loss_chunk: int, lm_head_trains: bool, masked: bool = True, cast_params: int = 0,
+                     down_kept: bool = False) -> Activations:
     """Activations of one micro-batch of B = `batch` rows of T = `seq` tokens, N = B T.
 
     a = act_bytes (matmul outputs: 2 under bf16 autocast or 16-bit weights), r = resid_bytes (residual stream:
     model.dtype); h hidden, q = heads * head_dim, kv = kv_heads * head_dim, i intermediate, V vocab, L layers.
-    Per layer and token P = 2((c + r)h + 4) + k a h + a(q + 2kv) + a q + 4 heads + 4 a i: each RMSNorm keeps its
-    fp32 input (c = 4; 8 when r = 2, as it calls x.float() twice) and output; the linears their input (k = 2, one
-    per norm; 5 under autocast over fp32, one cast per linear); SDPA q, k, v (GQA not expanded), its output
-    (o_proj's input too) and fp32 logsumexp; the SwiGLU MLP gate, act, up and their product.
+    Per layer and token P = 2(r h + 4) + k a h + a(q + 2kv) + a q + 4 heads + 2 a i: each RMSNorm keeps its
+    input and fp32 rstd (model/fused.py); the linears their input (k = 2, one per norm; 5 under autocast over fp32,
+    one cast per linear); SDPA q, k, v (GQA not expanded), its output (o_proj's input too) and fp32 logsumexp; the
+    SwiGLU MLP gate and up (silu and the product are recomputed; 3 a i with `down_kept`: an adapted or NF4
+    down_proj keeps the product it is given).
     layers = L N P; with gradient checkpointing L N r h (each block's input) and recompute = N P.
-    head = N((c + r)h + 4) (final norm) + 2 N head_dim r (RoPE cos, sin) + N r h (the hidden gradient our chunked
+    head = N(r h + 4) (final norm) + 2 N head_dim r (RoPE cos, sin) + N r h (the hidden gradient our chunked
     loss makes in the forward) + 4 V h (fp32 lm_head gradient, while the head trains).
     loss = N r h (label tokens' hidden copy) + a (chunk, V) fp32 logits buffer and its 16-bit cast, never (N, V).
     masks (`masked`: packed documents, padding, a window < T): the bool (B, T, T) mask and SDPA's float bias of it
@@ -171,8 +186,8 @@ def activation_bytes(cfg: MistralConfig, batch: int, seq: int, *, act_bytes: int
     h, i, heads, L, hd, a, r = (cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads, cfg.num_hidden_layers,
                                 cfg.head_dim, act_bytes, resid_bytes)
     q, kv, n = heads * hd, cfg.num_key_value_heads * hd, batch * seq
-    norm = (4 if r == 4 else 8) + r
-    mlp = plan_moe.mlp_activation_bytes(cfg, a)  # 4 a i for a dense SwiGLU
+    norm = r  # model/fused.py's rms_norm keeps x, not its fp32 copies
+    mlp = plan_moe.mlp_activation_bytes(cfg, a, down_kept)  # 2 a i for a dense SwiGLU
     per_token = 2 * (norm * h + 4) + (2 if a == r else 5) * a * h + a * (q + 2 * kv) + a * q + 4 * heads + mlp
     layers = L * n * r * h if checkpointing else L * n * per_token
     head = n * (norm * h + 4 + 2 * hd * r + r * h) + (4 * cfg.vocab_size * h if lm_head_trains else 0)
@@ -337,7 +352,8 @@ def plan_run(cfg: RunConfig, options: Optional[PlanOptions] = None) -> Plan:
                  + shape.vocab_size * shape.hidden_size) if autocast and wb == 4 else 0
         act = activation_bytes(shape, t.batch_size, t.max_seq_len, act_bytes=2 if autocast or wb == 2 else 4,
                                resid_bytes=wb, checkpointing=whole_blocks(cfg.model.gradient_checkpointing), loss_chunk=t.loss_chunk_size,
-                               lm_head_trains=w.lm_head_trains, cast_params=casts)
+                               lm_head_trains=w.lm_head_trains, cast_params=casts,
+                               down_kept=down_proj_keeps_input(cfg.adapter))
         weights, grads, optim, host = model_states(s, n, w, optimizer, max(sizes.values()), block, root)
         total = weights + grads + optim + act.total
         if plan_moe.is_moe(shape):  # NF4 experts are not sharded (like Q); float ones as the weights are

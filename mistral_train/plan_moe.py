@@ -12,7 +12,7 @@ weights' dtype and is never adapted (issue 16); adapters target the linears plan
 shared experts, dense layers' MLPs), never the 3-D expert tensors unless asked.
 Activations per token of an MoE layer: each of the k routed copies of a token keeps its gathered input, the gate/up
 output (2I), the activation and product (2I) and the expert's output before weighting (H): k(2H + 4I) in matmul
-bytes, plus the fp32 router logits and probabilities (8E); shared experts as a dense MLP (4 I_shared).
+bytes, plus the fp32 router logits and probabilities (8E); shared experts as a dense MLP (2 I_shared).
 """
 
 from __future__ import annotations
@@ -99,14 +99,16 @@ def active_parameters(cfg: Any, total: int) -> int:
     return total - expert_parameters(cfg) * (e - k) // e
 
 
-def mlp_activation_bytes(cfg: Any, a: int) -> float:
-    """Bytes an MLP saves per token and layer (matmul bytes `a`): a dense SwiGLU 4aI; an MoE layer the module
-    docstring's (Small 4's dense first layers are counted as expert layers: an upper bound when they are narrower)."""
-    h = cfg.hidden_size
+def mlp_activation_bytes(cfg: Any, a: int, down_kept: bool = False) -> float:
+    """Bytes an MLP saves per token and layer (matmul bytes `a`): a dense SwiGLU 2aI (gate and up: model/fused.py
+    recomputes the rest), 3aI when `down_kept` (a LoRA or NF4 down_proj keeps the product it is given); an MoE
+    layer the module docstring's (Small 4's dense first layers are counted as expert layers: an upper bound when
+    they are narrower)."""
+    h, dense = cfg.hidden_size, (3 if down_kept else 2) * a
     if not is_moe(cfg):
-        return 4 * a * cfg.intermediate_size
+        return dense * cfg.intermediate_size
     i = expert_width(cfg)
-    shared = 4 * a * cfg.n_shared_experts * i if cfg.mlp_kind == "shared_moe" else 0
+    shared = dense * cfg.n_shared_experts * i if cfg.mlp_kind == "shared_moe" else 0  # blocks.MLP: fused too
     return cfg.num_experts_per_tok * a * (2 * h + 4 * i) + 8 * cfg.num_local_experts + shared
 
 
