@@ -8,12 +8,15 @@ sliding window, optionally confined to padding-free keys and to one packed docum
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import TYPE_CHECKING, Optional, Union
 
 import torch
 import torch.nn.functional as F
 
 from mistral_train.model.kv_cache import KVCache
+
+if TYPE_CHECKING:  # attention_backends imports this module; attend() only calls the object it is given
+    from mistral_train.model.attention_backends import PackedAttention
 
 
 @dataclass
@@ -22,7 +25,8 @@ class AttentionInputs:
 
     cos: torch.Tensor  # (B, T, head_dim)
     sin: torch.Tensor
-    mask: Optional[torch.Tensor]  # (B|1, 1, T, Tk) bool; None means plain causal
+    # (B|1, 1, T, Tk) bool; None means plain causal; a PackedAttention for packed rows on CUDA (attention_backends.py)
+    mask: Optional[Union[torch.Tensor, "PackedAttention"]]
     cache: Optional[KVCache] = None
     query_scale: Optional[torch.Tensor] = None  # (B, 1, T, 1) on the rotated queries (Ministral 3), or None
 
@@ -80,17 +84,20 @@ def attend(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    mask: Optional[torch.Tensor],
+    mask: Optional[Union[torch.Tensor, "PackedAttention"]],
     dropout_p: float = 0.0,
 ) -> torch.Tensor:
     """Scaled dot-product attention with grouped KV heads.
 
     Args:
         q: (B, n_heads, Tq, head_dim); k, v: (B, n_kv_heads, Tk, head_dim).
-        mask: bool (B|1, 1, Tq, Tk), or None for plain causal attention with Tq == Tk.
+        mask: bool (B|1, 1, Tq, Tk), or None for plain causal attention with Tq == Tk, or a
+            PackedAttention (packed rows on CUDA: flash-attn varlen or FlexAttention, no dense mask).
     Returns:
         (B, n_heads, Tq, head_dim)
     """
+    if mask is not None and not isinstance(mask, torch.Tensor):
+        return mask.attend(q, k, v, dropout_p)
     gqa = q.shape[1] != k.shape[1]
     if mask is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p, enable_gqa=gqa)

@@ -15,7 +15,7 @@ from torch import nn
 from mistral_train.losses.ce import IGNORE_INDEX, chunked_cross_entropy
 from mistral_train.losses.logps import sequence_logps
 from mistral_train.model.attention import build_attention_mask, documents_from_positions
-from mistral_train.model import hf
+from mistral_train.model import attention_backends, hf
 from mistral_train.model.blocks import MLP, Attention, AttentionInputs, Block, RMSNorm, score_layer
 from mistral_train.model.compile import CompileOptions, compile_blocks, uncompile_blocks
 from mistral_train.model.config import MistralConfig
@@ -157,10 +157,20 @@ class Mistral(nn.Module):
         elif keep is None:
             documents = documents_from_positions(position_ids)
         plain = cache is None and keep is None and documents is None  # causal, unless a window cuts it
+        # Packed or windowed rows on CUDA: flash-attn varlen or FlexAttention; the dense mask is for the CPU,
+        # padding, the KV cache and latent attention (attention_backends.py).
+        backend = "sdpa"
+        if cache is None and keep is None and config.attention_kind != "latent":
+            backend = attention_backends.choose_backend(device, x.dtype, config.attention_dropout)
         inputs = {}  # one mask per attention window the layers use (each layer's kind: config.layer_window)
         for w in {block.self_attn.window for block in self.model.layers}:
             fast = plain and (w is None or w >= T)  # None: SDPA's causal fast path
-            mask = None if fast else build_attention_mask(index, kv_index, w, kv_keep, documents, documents)
+            if fast:
+                mask = None
+            elif backend != "sdpa":
+                mask = attention_backends.packed_attention(backend, position_ids, documents, w)
+            else:
+                mask = build_attention_mask(index, kv_index, w, kv_keep, documents, documents)
             inputs[w] = AttentionInputs(cos, sin, mask, cache, query_scale)
         for block in self.model.layers:
             x = run_block(self, block, x, inputs[block.self_attn.window])  # compiled, recomputed, offloaded: as set
