@@ -1,1 +1,1 @@
-"""Checkpoints: training state and atomic folder writes (HF model folders: model/hf.py)."""
+"""Checkpoints: training state, atomic folder writes, integrity manifests (HF model folders: model/hf.py)."""

@@ -5,7 +5,9 @@ is) plus `training_state.pt`, which holds only tensors and plain Python data (op
 scheduler, RNG states, data position, step) so it loads with `torch.load(weights_only=True)`.
 Under DeepSpeed and FSDP2 the optimizer state is sharded and lives in the engine's own files in
 a subfolder (train/resume.py); `training_state.pt` then holds None for it.
-Folders are written with `atomic_directory` (train/resume.py), so any `step_N` folder present is complete.
+Folders are written with `atomic_directory` (train/resume.py), so any `step_N` folder present is complete;
+its `manifest.json` (checkpoint/integrity.py) says whether its bytes are still the ones written.
+A write that fails is reported with `write_failure_message`: the bytes needed come from `estimate_checkpoint_bytes`.
 """
 
 from __future__ import annotations

@@ -25,6 +25,7 @@ from safetensors.torch import load_file
 
 from mistral_train import Mistral, MistralConfig
 from mistral_train.checkpoint import atomic
+from mistral_train.cli import main
 from mistral_train.checkpoint.integrity import (
     MANIFEST, DamagedCheckpoint, HashingWriter, read_manifest, safetensors_damage, verify_checkpoint,
 )
@@ -126,6 +127,20 @@ def test_a_failed_write_stops_keeps_the_last_good_checkpoint_and_resume_is_exact
     _assert_same_weights(run_dir / "checkpoints" / "step_4", reference / "checkpoints" / "step_4")
     assert _checkpoints(run_dir) == ["step_4"]
     assert _losses(run_dir) == _losses(reference)  # steps 1-2 from the first process, 3-4 from the resumed one
+
+
+def test_the_command_line_reports_a_full_disk_as_one_line(tmp_path, monkeypatch, capsys):
+    _fail_weights_write(monkeypatch, {1}, errno.ENOSPC)  # the first checkpoint: estimated from the tensors
+    status = main(["train", "recipe=tiny_pretrain", f"run.dir={tmp_path}", "run.name=cli", "trainer.max_steps=1",
+                   "model.hidden_size=32", "model.intermediate_size=64", "model.num_hidden_layers=1",
+                   "trainer.max_seq_len=32", "trainer.batch_size=2", "tracking.progress_bar=false",
+                   "tracking.plot=false"])
+    lines = capsys.readouterr().err.splitlines()
+    assert status == 2 and len(lines) == 1, lines
+    assert lines[0].startswith(f"mistral-train: error: {tmp_path / 'cli' / 'checkpoints' / 'step_1'}: checkpoint not "
+                               "written (No space left on device): it needs about ")
+    assert "bytes (the trained weights plus the optimizer state)" in lines[0]
+    assert os.listdir(tmp_path / "cli" / "checkpoints") == []
 
 
 def test_save_failure_retry_warns_trains_on_and_saves_at_the_next_save(tmp_path, monkeypatch, reference, capsys):

@@ -214,8 +214,10 @@ def test_runs_killed_anywhere_resume_to_bit_identical_weights(tmp_path, mode):
     children.append(reference)
     run_dir = tmp_path / "cut"
     # The plan depends on the seed only: the outside kill lands between the log lines of steps
-    # k and k + 2 (the child stalls there), so no checkpoint after step k + 1 exists yet.
-    k, delay = rng.randint(SAVE_EVERY, MAX_STEPS - 7), rng.uniform(0.0, 0.3)
+    # k and k + 2 (the child stalls there), so no checkpoint after step k + 1 exists yet. k >= 2 * SAVE_EVERY:
+    # the kill may land inside step k's own save (slower than `delay` on a loaded machine), and step
+    # k - SAVE_EVERY must then exist for the run to resume from.
+    k, delay = rng.randint(2 * SAVE_EVERY, MAX_STEPS - 7), rng.uniform(0.0, 0.3)
     weights_write = rng.choice([s for s in SAVES if k + 1 < s <= MAX_STEPS - SAVE_EVERY])
     rename_write = rng.choice([s for s in SAVES if s > weights_write])
     print(f"{mode}: kill {delay:.3f}s after step {k}, then in the weights write of step_{weights_write}, "
