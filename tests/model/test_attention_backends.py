@@ -238,3 +238,33 @@ def test_model_logits_equal_transformers_through_backend(backend, window, monkey
         expected = hf(input_ids=ids, position_ids=positions, use_cache=False).logits
         got = ours(ids, position_ids=positions)
     assert (got - expected).abs().max() <= TOL
+
+
+@pytest.mark.parametrize("recompute", [None, "attention"])
+def test_model_gradients_through_flash_path_equal_dense(recompute, monkeypatch):
+    """Training through the varlen path (emulated kernel) gives the dense path's loss and gradients, also
+    when the attention part is recomputed in backward (blocks.py hands the PackedAttention to checkpoint)."""
+    kwargs = tiny_kwargs(hidden_size=64, num_attention_heads=N_HEADS, num_key_value_heads=N_KV, sliding_window=6)
+    model, _ = make_pair(kwargs)
+    model.train()
+    if recompute:
+        model.set_gradient_checkpointing(recompute)
+    positions = packed_positions(DOCS)
+    ids = torch.randint(3, kwargs["vocab_size"], positions.shape, generator=torch.Generator().manual_seed(4))
+
+    def loss_and_grads():
+        model.zero_grad(set_to_none=True)
+        loss = model(ids, position_ids=positions, labels=ids)
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    dense_loss, dense_grads = loss_and_grads()
+    monkeypatch.setattr(backends, "choose_backend", lambda device, dtype, dropout_p=0.0: "flash_attn")
+    calls = []
+    monkeypatch.setattr(backends, "flash_varlen_kernel", lambda: calls.append(1) or emulated_flash_varlen)
+    loss, grads = loss_and_grads()
+    layers = kwargs["num_hidden_layers"]
+    assert len(calls) == (2 * layers if recompute else layers)  # recomputed attention calls the kernel again
+    assert abs(loss - dense_loss) <= TOL
+    for name, g in grads.items():
+        assert (g - dense_grads[name]).abs().max() <= TOL * max(1.0, dense_grads[name].abs().max()), name
