@@ -61,6 +61,7 @@ class Rollout:
         self.generate_model, self.gather, self.device, self.autocast, self.chunk = generate_model, gather, device, autocast, chunk
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(seed)
+        self.engine, self.sync = None, None  # rollout_engine=vllm: the engine and its weight push (online_vllm.py)
         self.window: list[Batch] = []  # this process's training micro-batches of the current rollout
         self.units = 0  # units of the whole window over all processes (train/rl_step.py)
         self.served = 0  # optimizer steps taken on the current window
@@ -95,12 +96,15 @@ class Rollout:
         # one seed per rollout from the run's generation RNG (every process draws the same), then one generator per
         # micro-batch seeded by its place in the window: what a micro-batch samples is the same on any process count
         base = int(torch.randint(2**62, (1,), generator=self.generator, device=self.generator.device))
+        if self.sync is not None:
+            self.sync(model)  # the engine samples from the policy as it is now
+        engine = {} if self.engine is None else {"engine": self.engine}  # the design's signature takes no engine
         for k, prompts in enumerate(prompt_batches):
             generator = torch.Generator(device=self.device)
             generator.manual_seed(base + process_index + k * num_processes)  # its index in the loop's draw order
             prompt_ids, prompt_mask = prompts["prompt_ids"].to(self.device), prompts["prompt_mask"].to(self.device)
             out = sampling.generate_completions(self.generate_model(model), prompt_ids, prompt_mask, spec,
-                                                self.eos_token_id, self.pad_id, generator)
+                                                self.eos_token_id, self.pad_id, generator, **engine)
             completion_mask = out.mask.long()
             if spec.mask_truncated_completions:  # as trl: a truncated completion neither attends nor counts
                 completion_mask = completion_mask * (~out.truncated).long()[:, None]
@@ -186,9 +190,10 @@ def _as_sequences(batch: Batch) -> Batch:
 
 def check_spec(spec: GRPOSpec, rloo: bool) -> None:
     """One-line ConfigErrors for settings the rollout cannot run."""
-    for key, value, allowed in (("loss_type", spec.loss_type, GRPO_LOSSES), ("scale_rewards", spec.scale_rewards,
-                                REWARD_SCALES), ("importance_sampling_level", spec.importance_sampling_level,
-                                                 ("token", "sequence"))):
+    choices = (("loss_type", spec.loss_type, GRPO_LOSSES), ("scale_rewards", spec.scale_rewards, REWARD_SCALES),
+               ("importance_sampling_level", spec.importance_sampling_level, ("token", "sequence")),
+               ("rollout_engine", spec.rollout_engine, ("generate", "vllm")))
+    for key, value, allowed in choices:
         if value not in allowed:
             raise ConfigError(f"trainer.grpo.{key}={value!r}: expected one of {', '.join(allowed)}")
     if spec.num_iterations < 1:
@@ -237,4 +242,8 @@ def build_online(cfg, model: torch.nn.Module, data, pad_id: int, accelerator, rl
                       data.prompt_rows, tokenizer.eos_id, pad_id, reference, accelerator.unwrap_model,
                       accelerator.gather if world > 1 else (lambda t: t), accelerator.device, accelerator.autocast,
                       trainer.loss_chunk_size, trainer.seed)
+    if spec.rollout_engine == "vllm":
+        from mistral_train.train.online_vllm import vllm_rollouts
+
+        rollout.engine, rollout.sync = vllm_rollouts(cfg, accelerator)
     return online_objective(spec, rloo, trainer.loss_chunk_size, rollout)

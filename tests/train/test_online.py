@@ -328,6 +328,7 @@ def test_rloo_rollout_penalises_kl_in_the_reward(monkeypatch, model):
 @pytest.mark.parametrize("change, key", [(dict(loss_type="ppo"), "trainer.grpo.loss_type='ppo'"),
                                          (dict(scale_rewards="std"), "trainer.grpo.scale_rewards='std'"),
                                          (dict(num_iterations=0), "trainer.grpo.num_iterations=0"),
+                                         (dict(rollout_engine="sglang"), "trainer.grpo.rollout_engine='sglang'"),
                                          (dict(num_generations=1), "trainer.grpo.num_generations=1")])
 def test_settings_the_rollout_cannot_run_are_one_line_config_errors(change, key):
     with pytest.raises(ConfigError, match=re.escape(key)):
