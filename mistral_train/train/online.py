@@ -225,8 +225,8 @@ def build_online(cfg, model: torch.nn.Module, data, pad_id: int, accelerator, rl
     spec, trainer = cfg.trainer.grpo, cfg.trainer
     check_spec(spec, rloo)
     strategy = strategy_of(accelerator)
-    if strategy.sharded and spec.rollout_engine == "generate":
-        # generate() reads the embeddings and head outside the sharded modules' forwards: it needs whole weights
+    if strategy.sharded:  # generate() reads the embeddings and head outside the sharded modules' forwards, and a
+        # vLLM weight push takes whole tensors: both need the whole policy on each process
         raise ConfigError(f"trainer.objective={trainer.objective} generates its completions with the whole policy on "
                           f"each process, and trainer.strategy={strategy.name} shards it; use ddp or zero2")
     if data.prompt_rows is None:
