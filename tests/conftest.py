@@ -36,7 +36,8 @@ MARKED = {
     "oracle": ("oracle/",),
     "distributed": ("distributed/",),
     "e2e": ("test_recipes.py", "train/test_resume_kill.py", "train/test_adapter_runs.py",
-            "train/test_preference_runs.py", "train/test_loop.py", "train/test_objectives.py"),
+            "train/test_preference_runs.py", "train/test_loop.py", "train/test_objectives.py",
+            "train/test_grpo_runs.py"),
 }
 _TESTS = Path(__file__).resolve().parent
 
