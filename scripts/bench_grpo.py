@@ -6,11 +6,10 @@ EOS) + a reward function (trl's documented length reward, the same Python functi
 advantages + the policy forward over prompt + completion + trl's default loss (dapo, beta 0, so no reference
 and, with one iteration, no old log-probs: the ratio is exp(logp - logp.detach())) + backward + clip + AdamW.
 
-- Ours: `rollout.sampling.generate_completions` (one batched KV-cache `generate` of the left-padded prompts,
-  each repeated G times), `losses.group_advantages`, per-token log-probs from one chunked forward
-  (`reduction="sequence"`, every completion token its own sequence: no (N, T, V) logits), `losses.grpo_loss`.
-  The grpo objective of the training loop (train/online.py) was not committed when this bench was written, so
-  these parts are timed directly, as that objective composes them; the loop's bookkeeping is not included.
+- Ours: the training loop's grpo objective (train/online.py): its `draw` (the rollout: `generate_completions`,
+  one batched KV-cache `generate` of the left-padded prompts, each repeated G times, timed alone; then decoding,
+  the reward function named by import path, group advantages), then `train.loop.backward_window` over the
+  window it returns (the grpo step: one chunked per-token log-prob forward, `grpo_loss`), clip and AdamW.
 - trl: `GRPOTrainer._generate_and_score_completions` on the rows its sampler yields (each prompt G times;
   its `_generate` timed alone: the rest is tokenization, rewards and advantages), then its `compute_loss`,
   `accelerator.backward`, clip and its optimizer's step (what `training_step` + the optimizer step run).
@@ -39,9 +38,6 @@ import _bench_models as models  # noqa: E402
 
 from mistral_train import Mistral  # noqa: E402
 from mistral_train.config import GRPOSpec  # noqa: E402
-from mistral_train.losses import grpo_loss, group_advantages  # noqa: E402
-from mistral_train.losses.ce import IGNORE_INDEX  # noqa: E402
-from mistral_train.rollout.sampling import generate_completions  # noqa: E402
 
 SIDES = ("ours", "trl")
 PARTS = ("generation", "rewards", "update")
@@ -54,9 +50,12 @@ PROMPTS = ["Write a short story about a dragon.", "Name three colours of the sea
 LR, CHUNK = 1e-5, 1024
 
 
-def reward_len(completions: list[str], **kwargs) -> list[float]:
-    """trl's documented example reward: completions near 20 characters score best."""
-    return [-abs(20 - len(completion)) / 20 for completion in completions]
+def reward_len(completions: list, **kwargs) -> list[float]:
+    """trl's documented example reward: completions near 20 characters score best. A completion is a string
+    (trl's plain-text prompts) or, for conversational prompts (ours: canonical rows are message lists), the
+    list of one assistant message, as trl passes it."""
+    texts = [c if isinstance(c, str) else c[0]["content"] for c in completions]
+    return [-abs(20 - len(text)) / 20 for text in texts]
 
 
 def weight_probe(model: torch.nn.Module) -> torch.Tensor:
@@ -71,57 +70,54 @@ def grad_norm_and_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer)
     return norm
 
 
-def completion_logps(model: Mistral, prompt_ids, prompt_mask, completion_ids, completion_mask) -> torch.Tensor:
-    """(N, C) per-token log-probs of the completions, one chunked forward (each labelled token its own sequence)."""
-    input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
-    attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
-    positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # as generation placed the left-padded prompt
-    N, T = prompt_ids.shape
-    labels = torch.full_like(input_ids, IGNORE_INDEX)
-    labels[:, T:] = completion_ids.masked_fill(completion_mask == 0, IGNORE_INDEX)
-    every_token = torch.arange(input_ids.numel(), device=input_ids.device).view_as(input_ids)
-    logps, _ = model(input_ids, attention_mask=attention_mask, position_ids=positions, labels=labels,
-                     reduction="sequence", sequence_index=every_token, num_sequences=input_ids.numel(),
-                     loss_chunk_size=CHUNK)
-    return logps.view_as(input_ids)[:, T:]
-
-
 def our_side(folder: Path, args: argparse.Namespace) -> Callable[[], dict]:
-    """One GRPO step of ours, returning its part times, grad norm and whether the probed weight moved."""
+    """One GRPO step of ours through the loop's grpo objective: its `draw` (rollout, rewards, advantages), then
+    `backward_window` over the window it returns, clip and AdamW, as fit() runs them."""
     import transformers
 
-    tokenizer = transformers.AutoTokenizer.from_pretrained(folder / "tokenizer")
-    tokenizer.pad_token = tokenizer.eos_token  # as trl sets it when the tokenizer has none
+    from mistral_train.rollout import sampling
+    from mistral_train.rollout.rewards import build_rewards
+    from mistral_train.tokenizer.tokenizer import load_tokenizer
+    from mistral_train.train.loop import backward_window
+    from mistral_train.train.online import Rollout, online_objective
+
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(folder / "tokenizer")  # trl's: the same prompt ids
+    hf_tokenizer.pad_token = hf_tokenizer.eos_token  # as trl sets it when the tokenizer has none
+    tokenizer = load_tokenizer(folder / "tokenizer")
     model = Mistral.from_pretrained(folder / "base").to(args.device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0)
-    spec = GRPOSpec(num_generations=args.generations, max_completion_length=args.completion, temperature=1.0)
-    encoded = tokenizer(PROMPTS[: args.prompts], padding=True, padding_side="left", return_tensors="pt")
-    prompt_ids, prompt_mask = encoded["input_ids"].to(args.device), encoded["attention_mask"].to(args.device)
-    generator = torch.Generator(args.device).manual_seed(0)
-    eos = pad = tokenizer.eos_token_id
+    spec = GRPOSpec(num_generations=args.generations, max_completion_length=args.completion, temperature=1.0,
+                    reward_funcs=["bench_grpo:reward_len"])  # by import path, as a config names it
+    prompts = PROMPTS[: args.prompts]
+    encoded = hf_tokenizer(prompts, padding=True, padding_side="left", return_tensors="pt")
+    batch = {"prompt_ids": encoded["input_ids"], "prompt_mask": encoded["attention_mask"],
+             "row_index": torch.arange(len(prompts))}  # a prompt batch as data/prompt_batches.py yields it
+    rows = [{"prompt": [{"role": "user", "content": p}], "fields": {}} for p in prompts]
+    eos = pad = hf_tokenizer.eos_token_id
+    rollout = Rollout(spec, False, build_rewards(spec, tokenizer), lambda ids: tokenizer.decode(ids, skip_special=True),
+                      rows, eos, pad, None, lambda m: m, lambda t: t, torch.device(args.device), contextlib.nullcontext,
+                      CHUNK, seed=0)
+    objective = online_objective(spec, False, CHUNK, rollout)
+    generation_s, original = [], sampling.generate_completions
 
-    def update(out, advantages) -> float:
-        ids = prompt_ids.repeat_interleave(spec.num_generations, 0)
-        mask = prompt_mask.repeat_interleave(spec.num_generations, 0)
-        logps = completion_logps(model, ids, mask, out.ids, out.mask)
-        loss, _ = grpo_loss(logps, logps.detach(), advantages, out.mask, loss_type=spec.loss_type,
-                            epsilon_low=spec.epsilon, epsilon_high=spec.epsilon, num_items=int(out.mask.sum()))
-        loss.backward()
+    def timed_generate(*a, **k):  # the objective looks it up through the module at call time
+        seconds, result = mem.timed(lambda: original(*a, **k), args.device)
+        generation_s.append(seconds)
+        return result
+
+    sampling.generate_completions = timed_generate
+
+    def update(window, units) -> float:
+        backward_window(model, objective, window, contextlib.nullcontext, n_tokens=units)
         return grad_norm_and_step(model, optimizer)
 
-    def score(out) -> tuple[torch.Tensor, torch.Tensor]:
-        texts = tokenizer.batch_decode([row[m.bool()] for row, m in zip(out.ids, out.mask)], skip_special_tokens=True)
-        rewards = torch.tensor(reward_len(texts), dtype=torch.float32, device=args.device)
-        return rewards, group_advantages(rewards, spec.num_generations, spec.scale_rewards)
-
     def step() -> dict:
-        before = weight_probe(model)
-        generation, out = mem.timed(lambda: generate_completions(model, prompt_ids, prompt_mask, spec, eos, pad,
-                                                                 generator), args.device)
-        scoring, (rewards, advantages) = mem.timed(lambda: score(out), args.device)
-        updating, norm = mem.timed(lambda: update(out, advantages), args.device)
-        return {"generation": generation, "rewards": scoring, "update": updating, "grad_norm": norm,
-                "moved": bool((weight_probe(model) != before).any()), "completion_tokens": int(out.mask.sum())}
+        before, generation_s[:] = weight_probe(model), []
+        drawn, (window, units, _) = mem.timed(lambda: objective.draw(model, iter([batch]), 1), args.device)
+        updating, norm = mem.timed(lambda: update(window, units), args.device)
+        return {"generation": sum(generation_s), "rewards": drawn - sum(generation_s), "update": updating,
+                "grad_norm": norm, "moved": bool((weight_probe(model) != before).any()),
+                "completion_tokens": int(sum(b["completion_mask"].sum() for b in window))}
 
     return step
 
@@ -203,9 +199,9 @@ def report(result: dict, args: argparse.Namespace, settings: dict) -> str:
         f"- Step: {args.prompts} prompts x {args.generations} completions, up to {args.completion} new tokens "
         f"(median completion tokens per step: ours {ours['completion_tokens']:.0f}, trl {theirs['completion_tokens']:.0f}), "
         "temperature 1, reward: trl's length example, loss dapo, beta 0, one iteration.",
-        "- Ours: generate_completions + group_advantages + a chunked per-token log-prob forward + grpo_loss, timed "
-        "directly (the loop's grpo objective was not committed yet); trl: GRPOTrainer's _generate_and_score_completions "
-        "(its _generate timed alone), compute_loss, backward, clip, optimizer step.",
+        "- Ours: the loop's grpo objective (train/online.py): its draw (generate_completions timed alone; the rest: "
+        "decoding, rewards, advantages), then backward_window, clip, AdamW step; trl: GRPOTrainer's "
+        "_generate_and_score_completions (its _generate timed alone), compute_loss, backward, clip, optimizer step.",
         f"- {args.warmup} warm-up + {args.steps} timed steps per side, in turns; medians of the timed steps. Trained: "
         f"{trained}.",
     ]
