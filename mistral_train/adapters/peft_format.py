@@ -22,6 +22,7 @@ from mistral_train.adapters.expert_lora import LORA_SUFFIX, ExpertLoRA, expert_s
 from mistral_train.adapters.inject import TrainableCopy, _is_linear, apply_lora, find_targets
 from mistral_train.adapters.lora import ALL_LINEAR, PEFT_INIT, LoraConfig, LoRALinear
 from mistral_train.checkpoint.atomic import atomic_directory
+from mistral_train.checkpoint.integrity import safetensors_damage
 from mistral_train.jsonfile import read_json_object
 from mistral_train.errors import FolderError
 
@@ -104,8 +105,10 @@ def load_adapter_weights(model: nn.Module, folder: Union[str, Path]) -> nn.Modul
     weights = Path(folder) / WEIGHTS_FILE
     try:
         tensors = load_file(str(weights))
-    except (SafetensorError, FileNotFoundError) as e:
+    except FileNotFoundError as e:
         raise FolderError(f"{weights}: not a readable adapter file ({e})") from e
+    except SafetensorError as e:  # safetensors names neither tensor nor cause: checkpoint/integrity.py reads the header
+        raise FolderError(f"{weights}: not a readable adapter file: {safetensors_damage(weights) or e}") from e
     return load_adapter_weights_from_tensors(model, tensors, str(weights))
 
 
@@ -273,7 +276,7 @@ def load_adapter(model: nn.Module, folder: Union[str, Path]) -> nn.Module:
     try:
         tensors = load_file(str(weights))
     except SafetensorError as e:
-        raise ValueError(f"{weights}: not a readable safetensors file ({e})") from e
+        raise ValueError(f"{weights}: not a readable safetensors file: {safetensors_damage(weights) or e}") from e
     # Some peft versions stored DoRA's magnitude as `lora_magnitude_vector.weight`.
     tensors = {k.removesuffix(".weight") if k.endswith("lora_magnitude_vector.weight") else k: v for k, v in tensors.items()}
     expected = _expected_shapes(model, cfg)

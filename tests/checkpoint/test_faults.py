@@ -24,6 +24,8 @@ import torch
 from safetensors.torch import load_file
 
 from mistral_train import Mistral, MistralConfig
+from mistral_train.adapters import LoraConfig, apply_lora, load_adapter, save_adapter
+from mistral_train.adapters.peft_format import load_adapter_weights
 from mistral_train.checkpoint import atomic
 from mistral_train.cli import main
 from mistral_train.checkpoint.integrity import (
@@ -337,6 +339,21 @@ def test_loading_an_hf_file_whose_header_lies_about_a_shape_names_the_tensor(tmp
     assert message.startswith(f"{weights}: not a readable safetensors file: tensor `{victim}`: the header says "
                               f"F32 [{shape[0] + 1}, {shape[1]}] ({(shape[0] + 1) * shape[1] * 4} bytes) but gives it "
                               f"{end - start} bytes")
+
+
+def test_loading_a_truncated_adapter_names_the_file_and_the_tensor(tmp_path):
+    """A checkpoint of an adapter run loads its PEFT file with load_adapter_weights; a fresh run with load_adapter."""
+    model, _ = _hf_folder(tmp_path)
+    model = apply_lora(Mistral.from_pretrained(model), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    folder = save_adapter(model, tmp_path / "adapter")
+    weights = folder / "adapter_model.safetensors"
+    _truncate(weights)
+    for load in (load_adapter, load_adapter_weights):
+        tensor = r"tensor `base_model\.model\.model\.layers\.0\.self_attn\.\w_proj\.lora_\w\.weight`"
+        cut = r"its bytes \d+-\d+ run past the end of the data \(\d+ bytes\): the file is truncated$"
+        expected = rf"^{weights}: not a readable (adapter|safetensors) file: {tensor}: {cut}"
+        with pytest.raises(ValueError, match=expected):
+            load(model, folder)
 
 
 def test_safetensors_damage_on_a_file_too_short_for_its_header(tmp_path):
