@@ -8,15 +8,18 @@ sliding window, optionally confined to padding-free keys and to one packed docum
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional, Union
+from typing import Optional, Protocol, Union
 
 import torch
 import torch.nn.functional as F
 
 from mistral_train.model.kv_cache import KVCache
 
-if TYPE_CHECKING:  # attention_backends imports this module; attend() only calls the object it is given
-    from mistral_train.model.attention_backends import PackedAttention
+class PackedAttention(Protocol):
+    """attention_backends.PackedAttention as attend() uses it; named by its shape, not imported, because
+    attention_backends imports this module (documents_from_positions)."""
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0) -> torch.Tensor: ...
 
 
 @dataclass
@@ -26,7 +29,7 @@ class AttentionInputs:
     cos: torch.Tensor  # (B, T, head_dim)
     sin: torch.Tensor
     # (B|1, 1, T, Tk) bool; None means plain causal; a PackedAttention for packed rows on CUDA (attention_backends.py)
-    mask: Optional[Union[torch.Tensor, "PackedAttention"]]
+    mask: Optional[Union[torch.Tensor, PackedAttention]]
     cache: Optional[KVCache] = None
     query_scale: Optional[torch.Tensor] = None  # (B, 1, T, 1) on the rotated queries (Ministral 3), or None
 
@@ -84,7 +87,7 @@ def attend(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    mask: Optional[Union[torch.Tensor, "PackedAttention"]],
+    mask: Optional[Union[torch.Tensor, PackedAttention]],
     dropout_p: float = 0.0,
 ) -> torch.Tensor:
     """Scaled dot-product attention with grouped KV heads.
