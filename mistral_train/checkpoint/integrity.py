@@ -55,10 +55,15 @@ class HashingWriter:
 
     def __init__(self, file: IO[bytes]) -> None:
         self._file, self._digest = file, hashlib.sha256()
+        self.error: Optional[OSError] = None  # a failed write (torch.save re-raises it as a RuntimeError)
 
     def write(self, data: bytes) -> int:
         self._digest.update(data)
-        return self._file.write(data)
+        try:
+            return self._file.write(data)
+        except OSError as err:
+            self.error = err
+            raise
 
     def flush(self) -> None:
         self._file.flush()

@@ -21,12 +21,14 @@ from typing import Any, Optional
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 
 from mistral_train.checkpoint.atomic import remove_stale_temps
 from mistral_train.checkpoint.integrity import HashingWriter
 
 STATE_FILE = "training_state.pt"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+_OS_ERROR = re.compile(r"\(os error (\d+)\)")  # how safetensors' Rust writer quotes the OS error
 
 
 def capture_rng_state() -> dict[str, Any]:
@@ -72,7 +74,12 @@ def write_state_file(folder: str | os.PathLike, state: dict[str, Any]) -> Path:
     path = Path(folder) / STATE_FILE
     with open(path, "wb") as f:
         writer = HashingWriter(f)
-        torch.save(state, writer)
+        try:
+            torch.save(state, writer)
+        except RuntimeError as err:  # torch's C++ writer turns a failed write into "unexpected pos": the OS's error
+            if writer.error is None:
+                raise
+            raise writer.error from err
     writer.note(path)
     return path
 
@@ -114,6 +121,22 @@ def estimate_checkpoint_bytes(run_dir: str | os.PathLike, model: torch.nn.Module
     trained = [p for p in params if p.requires_grad] if any(not p.requires_grad for p in params) else params
     optimizer_bytes = tensor_bytes(optimizer.state_dict()) if optimizer is not None else 0
     return tensor_bytes(trained) + optimizer_bytes, "the trained weights plus the optimizer state"
+
+
+def write_error(err: BaseException) -> Optional[OSError]:
+    """The operating system's error behind a failed checkpoint write, or None when `err` is not one: an OSError
+    (ours, DeepSpeed's) or one in its cause/context chain, or safetensors' SafetensorError "I/O error: ...
+    (os error N)" (its Rust writer reports the OS error only in the message)."""
+    seen: BaseException | None = err
+    while seen is not None:
+        if isinstance(seen, OSError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    match = _OS_ERROR.search(str(err)) if isinstance(err, SafetensorError) else None
+    if match is None:
+        return None
+    code = int(match.group(1))
+    return OSError(code, os.strerror(code))
 
 
 def write_failure_message(folder: Path, err: OSError, needed: int, how: str) -> str:

@@ -26,7 +26,7 @@ from mistral_train.checkpoint.atomic import atomic_directory
 from mistral_train.checkpoint.integrity import newest_intact_checkpoint, verify_checkpoint, write_manifest
 from mistral_train.checkpoint.state import (
     STATE_FILE, capture_rng_state, checkpoint_path, estimate_checkpoint_bytes, latest_checkpoint, list_checkpoints,
-    prune_checkpoints, read_state_file, run_state, write_failure_message, write_state_file,
+    prune_checkpoints, read_state_file, run_state, write_error, write_failure_message, write_state_file,
 )
 from mistral_train.data.fingerprint import check_unchanged
 from mistral_train.errors import CheckpointWriteError, ConfigError
@@ -123,13 +123,17 @@ def save_checkpoint(accelerator, run_dir: Path, step: int, model, optimizer, sch
                     extra["rng_ranks"] = rngs
                 if objective_state is not None:
                     extra["objective_ranks"] = objectives
-                write_state_file(tmp, run_state(step, None if engine else optimizer, scheduler, data_state, rngs[0], **extra))
+                write_state_file(tmp, run_state(step, None if engine else optimizer, scheduler, data_state, rngs[0],
+                                                **extra))
             accelerator.wait_for_everyone()  # every process's files are closed before the folder is fsynced and renamed
             if main:  # the last file: sizes and checksums of every file above (checkpoint/integrity.py)
                 write_manifest(tmp)
-    except OSError as err:  # disk full, an I/O error: atomic_directory removed the partial folder
+    except Exception as err:  # disk full, an I/O error: atomic_directory removed the partial folder
+        cause = write_error(err)  # safetensors and torch.save report a failed write in their own types
+        if cause is None:
+            raise  # not a write failure: a bug, with its traceback
         needed, how = estimate_checkpoint_bytes(run_dir, model, optimizer)
-        failure = CheckpointWriteError(write_failure_message(final, err, needed, how))
+        failure = CheckpointWriteError(write_failure_message(final, cause, needed, how))
         if save_failure != "retry":
             raise failure from err
         if main:

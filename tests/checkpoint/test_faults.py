@@ -1,26 +1,31 @@
 """Faults a checkpoint meets (issue 19 items 1 and 3), each injected, each checked for what must not be lost.
 
-Write faults: the safetensors writer or the training-state writer is replaced by one that writes half of
-its real bytes and then raises OSError (ENOSPC, EIO), in a real tiny fit(). Damage: bytes of a published
+Write faults, in a real tiny fit(): the safetensors writer is replaced by one that writes half of its bytes
+and raises OSError(ENOSPC); or the real safetensors or torch.save writer runs under a file size limit
+(RLIMIT_FSIZE) smaller than its file, so the kernel refuses a write part-way (EFBIG) and the writer reports
+it as it really does (SafetensorError, RuntimeError). Damage: bytes of a published
 checkpoint are cut, flipped or removed before a resume. Every resumed run is compared tensor for tensor with
 an uninterrupted run of the same config (`reference`, steps 1-4, checkpoints at 2 and 4).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import hashlib
-import io
 import itertools
 import json
 import os
+import resource
 import shutil
+import signal
 from pathlib import Path
 
 import pytest
 import safetensors.torch
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from mistral_train import Mistral, MistralConfig
@@ -31,7 +36,9 @@ from mistral_train.cli import main
 from mistral_train.checkpoint.integrity import (
     MANIFEST, DamagedCheckpoint, HashingWriter, read_manifest, safetensors_damage, verify_checkpoint,
 )
-from mistral_train.checkpoint.state import STATE_FILE, estimate_checkpoint_bytes, folder_bytes, latest_checkpoint
+from mistral_train.checkpoint.state import (
+    STATE_FILE, estimate_checkpoint_bytes, folder_bytes, latest_checkpoint, write_error,
+)
 from mistral_train.config import ModelSpec, RunConfig, RunSpec, TrackingSpec, TrainerSpec
 from mistral_train.errors import CheckpointWriteError, ConfigError, FolderError
 from mistral_train.model import hf
@@ -88,24 +95,48 @@ def _fail_weights_write(monkeypatch, calls: set[int], code: int) -> None:
     monkeypatch.setattr(hf, "save_file", save_file)
 
 
-def _fail_state_write(monkeypatch, calls: set[int], code: int) -> None:
-    """The `calls`-th training_state.pt writes (torch.save into write_state_file's hashing writer) write half
-    their bytes, then raise OSError(code)."""
+@contextlib.contextmanager
+def _file_size_limit(limit: int):
+    """Files written inside may not grow past `limit` bytes: the kernel refuses the write part-way (EFBIG), as a
+    full disk does (ENOSPC), and the real writer reports it in its own way."""
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # else the kernel kills the process
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, handler)
+
+
+def _limit_weights_write(monkeypatch, calls: set[int], code: int) -> None:
+    """The `calls`-th safetensors writes (4 MB) run under a 1 MB file size limit: safetensors' Rust writer
+    fails with SafetensorError "I/O error: File too large (os error 27)"."""
+    real, count = hf.save_file, itertools.count(1)
+
+    def save_file(tensors, filename, metadata=None):
+        with _file_size_limit(1 << 20) if next(count) in calls else contextlib.nullcontext():
+            return real(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr(hf, "save_file", save_file)
+
+
+def _limit_state_write(monkeypatch, calls: set[int], code: int) -> None:
+    """The `calls`-th training_state.pt writes (8 MB) run under a 1 MB file size limit: torch.save's C++ writer
+    turns the failed write into a RuntimeError ("unexpected pos")."""
     real, count = torch.save, itertools.count(1)
 
     def save(obj, f, *args, **kwargs):
-        if isinstance(f, HashingWriter) and next(count) in calls:
-            buffer = io.BytesIO()
-            real(obj, buffer)
-            f.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
-            raise OSError(code, os.strerror(code), STATE_FILE)
-        return real(obj, f, *args, **kwargs)
+        failing = isinstance(f, HashingWriter) and next(count) in calls
+        with _file_size_limit(1 << 20) if failing else contextlib.nullcontext():
+            return real(obj, f, *args, **kwargs)
 
     monkeypatch.setattr(torch, "save", save)
 
 
-@pytest.mark.parametrize("inject, code", [(_fail_weights_write, errno.ENOSPC), (_fail_state_write, errno.EIO)],
-                         ids=["weights-ENOSPC", "state-EIO"])
+@pytest.mark.parametrize("inject, code", [(_fail_weights_write, errno.ENOSPC), (_limit_weights_write, errno.EFBIG),
+                                          (_limit_state_write, errno.EFBIG)],
+                         ids=["weights-ENOSPC", "weights-kernel-EFBIG", "state-kernel-EFBIG"])
 def test_a_failed_write_stops_keeps_the_last_good_checkpoint_and_resume_is_exact(tmp_path, monkeypatch, reference,
                                                                                  inject, code):
     cfg = _cfg(tmp_path, "run", keep_last=1)
@@ -143,6 +174,21 @@ def test_the_command_line_reports_a_full_disk_as_one_line(tmp_path, monkeypatch,
                                "written (No space left on device): it needs about ")
     assert "bytes (the trained weights plus the optimizer state)" in lines[0]
     assert os.listdir(tmp_path / "cli" / "checkpoints") == []
+
+
+def test_only_write_failures_become_checkpoint_write_errors():
+    """write_error finds the OS error a writer reports in its own type; anything else stays a bug (None)."""
+    assert write_error(SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+                       ).errno == errno.ENOSPC
+    try:
+        try:
+            raise OSError(errno.EIO, "Input/output error")
+        except OSError as err:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598") from err
+    except RuntimeError as wrapped:
+        assert write_error(wrapped).errno == errno.EIO
+    assert write_error(SafetensorError("invalid shape, data type, or offset for tensor")) is None
+    assert write_error(RuntimeError("some bug")) is None and write_error(ValueError("(os error 28)")) is None
 
 
 def test_save_failure_retry_warns_trains_on_and_saves_at_the_next_save(tmp_path, monkeypatch, reference, capsys):
