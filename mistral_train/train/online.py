@@ -54,11 +54,13 @@ class Rollout:
 
     def __init__(self, spec: GRPOSpec, rloo: bool, reward_set, decode: Callable[[list[int]], str],
                  prompt_rows: list[dict], eos_token_id: int, pad_id: int, reference: Optional[Reference],
-                 generate_model: Callable[[torch.nn.Module], torch.nn.Module], gather: Callable[[torch.Tensor], torch.Tensor],
+                 generate_model: Callable[[torch.nn.Module], torch.nn.Module],
+                 gather: Callable[[torch.Tensor], torch.Tensor],
                  device: torch.device, autocast: Autocast, chunk: int, seed: int):
         self.spec, self.rloo, self.reward_set, self.decode = spec, rloo, reward_set, decode
         self.prompt_rows, self.eos_token_id, self.pad_id, self.reference = prompt_rows, eos_token_id, pad_id, reference
-        self.generate_model, self.gather, self.device, self.autocast, self.chunk = generate_model, gather, device, autocast, chunk
+        self.generate_model, self.gather, self.device = generate_model, gather, device
+        self.autocast, self.chunk = autocast, chunk
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(seed)
         self.engine, self.sync = None, None  # rollout_engine=vllm: the engine and its weight push (online_vllm.py)
@@ -235,8 +237,9 @@ def build_online(cfg, model: torch.nn.Module, data, pad_id: int, accelerator, rl
     reference = None
     if spec.beta > 0:
         kind = resolve_reference(spec, cfg.adapter, key="trainer.grpo", free=False)
-        reference = build_reference(kind, model, trainer.loss_chunk_size,
-                                    score=lambda m, b: completion_logps(m, b, spec.temperature, trainer.loss_chunk_size))
+        chunk = trainer.loss_chunk_size
+        reference = build_reference(kind, model, chunk,
+                                    score=lambda m, b: completion_logps(m, b, spec.temperature, chunk))
     world = accelerator.num_processes
     rollout = Rollout(spec, rloo, build_rewards(spec, tokenizer), lambda ids: tokenizer.decode(ids, skip_special=True),
                       data.prompt_rows, tokenizer.eos_id, pad_id, reference, accelerator.unwrap_model,

@@ -9,7 +9,8 @@ from unittest import mock
 
 import pytest
 
-from mistral_train.config import AdapterSpec, DataSpec, GRPOSpec, ModelSpec, RunConfig, RunSpec, TrackingSpec, TrainerSpec
+from mistral_train.config import (AdapterSpec, DataSpec, GRPOSpec, ModelSpec, RunConfig, RunSpec, TrackingSpec,
+                                  TrainerSpec)
 from mistral_train.rollout.vllm_engine import VLLMEngine
 from mistral_train.train import fit
 from tests._tiny import save_tiny_folder
@@ -26,7 +27,8 @@ def test_a_vllm_rollout_run_pushes_the_policy_before_each_rollout_and_trains(tmp
                             num_key_value_heads=1, sliding_window=None, max_position_embeddings=256,
                             initializer_range=0.1)
     data = tmp_path / "prompts.jsonl"
-    data.write_text("".join(json.dumps({"prompt": f"Say {w}.", "answer": w}) + "\n" for w in ["cat", "dog", "sun", "sea"]))
+    words = ["cat", "dog", "sun", "sea"]
+    data.write_text("".join(json.dumps({"prompt": f"Say {w}.", "answer": w}) + "\n" for w in words))
     spec = GRPOSpec(num_generations=2, max_completion_length=6, reward_funcs=LENGTH, rollout_engine="vllm",
                     num_iterations=2, beta=0.04)
     cfg = RunConfig(model=ModelSpec(path=str(base)), data=DataSpec(path=str(data), format="prompt_only"),

@@ -106,7 +106,8 @@ def test_completion_logps_equal_log_softmax_of_the_full_logits(model):
     want = F.log_softmax(logits[:, T - 1:-1], -1).gather(-1, out.ids[..., None]).squeeze(-1) * out.mask
     assert got.shape == out.ids.shape
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-    assert float(got[0, 3].detach()) == 0.0 and float(got[1, 3].detach()) != 0.0  # after EOS: masked; row 1 is truncated, all count
+    # after EOS: masked; row 1 is truncated, so all its tokens count
+    assert float(got[0, 3].detach()) == 0.0 and float(got[1, 3].detach()) != 0.0
 
 
 def test_advantages_span_the_window_and_every_process(monkeypatch, model):
@@ -321,7 +322,8 @@ def test_rloo_rollout_penalises_kl_in_the_reward(monkeypatch, model):
     assert units == 1 and float(b["metric/reward"]) == pytest.approx(float(rewards.mean()))
     assert float(b["metric/kl"]) == pytest.approx(float(kl.sum() / b["completion_mask"].sum()))  # trl: per token
     out = online_objective(spec, True, 16, rollout).step(model, b)
-    want, _ = rloo_loss(completion_logps(model, b, 1.0, 16), b["old_logps"], b["advantages"], b["completion_mask"].float())
+    want, _ = rloo_loss(completion_logps(model, b, 1.0, 16), b["old_logps"], b["advantages"],
+                        b["completion_mask"].float())
     torch.testing.assert_close(out.loss_sum, want)
 
 
