@@ -38,6 +38,13 @@ ARCH = dict(vocab_size=32000, hidden_size=512, intermediate_size=1536, num_hidde
             num_attention_heads=8, num_key_value_heads=2, sliding_window=None, max_position_embeddings=4096)
 # --quick: the same shape family, tiny (NF4 needs dimensions that are multiples of its block of 64).
 QUICK_ARCH = dict(ARCH, hidden_size=256, intermediate_size=768, num_hidden_layers=2, num_attention_heads=4)
+# bench_all.py --size 1b (scripts/gpu_check.sh's GPU run) sets BENCH_SIZE=1b for every bench it starts, so ARCH
+# is then a ~0.85B Mistral (TinyLlama's widths, 16 layers, head_dim 128, 4:1 GQA) wherever a bench reads it.
+SIZES = {"small": ARCH, "1b": dict(ARCH, hidden_size=2048, intermediate_size=5632, num_hidden_layers=16,
+                                   num_attention_heads=16, num_key_value_heads=4)}
+if os.environ.get("BENCH_SIZE", "small") not in SIZES:
+    raise SystemExit(f"BENCH_SIZE={os.environ['BENCH_SIZE']}: expected one of {', '.join(SIZES)}")
+ARCH = SIZES[os.environ.get("BENCH_SIZE", "small")]
 VERSIONED = ("torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate", "datasets")
 
 

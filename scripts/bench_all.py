@@ -24,12 +24,14 @@ otherwise the report says it was not run.
     python scripts/bench_all.py --only lora,dpo    # some benches (the report covers what ran)
     python scripts/bench_all.py --only dist --merge  # rerun some; keep the others from docs/benchmarks.json
     python scripts/bench_all.py --report-only      # rewrite the report from docs/benchmarks.json
+    python scripts/bench_all.py --gpu-only --size 1b --only model --out DIR  # GPU section alone (scripts/gpu_check.sh)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -133,6 +135,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="folder for benchmarks.md, benchmarks.json and img/ "
                                                   "(default docs/; outputs/bench-quick/ with --quick)")
     parser.add_argument("--no-gpu", action="store_true", help="skip the GPU section even when CUDA is available")
+    parser.add_argument("--gpu-only", action="store_true", help="skip the CPU section (scripts/gpu_check.sh)")
+    parser.add_argument("--size", choices=tuple(mem.SIZES), default="small",
+                        help="the model of the model/lora/dpo/sft benches: small (hidden 512, 8 layers) or 1b "
+                             "(hidden 2048, 16 layers, ~0.85B; the GPU run of scripts/gpu_check.sh)")
     parser.add_argument("--merge", action="store_true", help="keep the results of the benches not rerun from the "
                                                              "existing benchmarks.json (each section keeps its own command and date)")
     parser.add_argument("--report-only", action="store_true", help="measure nothing: rewrite benchmarks.md and the "
@@ -147,14 +153,20 @@ def main() -> None:
     unknown = sorted(set(names) - set(BENCHES))
     if unknown:
         raise SystemExit(f"--only: unknown bench {unknown}; expected some of {list(BENCHES)}")
+    if args.gpu_only and (args.no_gpu or not torch.cuda.is_available()):
+        raise SystemExit("--gpu-only: " + ("--no-gpu skips the only section left" if args.no_gpu else
+                                           "torch.cuda.is_available() is False on this machine"))
+    os.environ["BENCH_SIZE"] = args.size  # read by _bench_common.ARCH in every bench process started below
     clock = mem.RunClock(__file__)
-    results = {"quick": args.quick, "benches": names, "cpu": section("cpu", names, args.quick)}
+    cpu = {"not_run": "the CPU section was skipped (--gpu-only)"} if args.gpu_only else section("cpu", names, args.quick)
+    results = {"quick": args.quick, "benches": names, "cpu": cpu}
     gpu_names = [n for n in names if n not in CPU_ONLY]
     if args.no_gpu:
         results["cuda"] = {"not_run": "the GPU section was skipped (--no-gpu)"}
     elif not torch.cuda.is_available():
         results["cuda"] = {"not_run": f"no GPU: torch.cuda.is_available() is False on this machine (torch "
-                                      f"{torch.__version__}, CUDA build {torch.version.cuda or 'none'})"}
+                                      f"{torch.__version__}, CUDA build {torch.version.cuda or 'none'}); "
+                                      "scripts/gpu_check.sh runs it on a CUDA machine"}
     else:
         results["cuda"] = section("cuda", gpu_names, args.quick)
     results["run"] = clock.finish()
