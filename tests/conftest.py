@@ -11,7 +11,9 @@ import os
 
 # tests/serving needs vLLM, which lives in its own venv (.venv-vllm, scripts/setup_vllm.sh);
 # scripts/test.sh runs that folder there, so the main venv never collects it.
-collect_ignore = ["serving"]
+# tests/cuda needs a GPU: scripts/gpu_check.sh runs it by name on a CUDA machine (a path given on the command
+# line is still collected); tests/scripts/test_gpu_check.py checks here that it imports and collects.
+collect_ignore = ["serving", "cuda"]
 
 # No test may reach the Hugging Face Hub; set before transformers is imported anywhere.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
