@@ -294,7 +294,8 @@ def _turn(item: dict, role: str, content_field: str, what: str, where: str, turn
 
 def _prompt_only(row: dict, fm: dict, where: str) -> dict[str, Any]:
     """A prompt for online RL -> `{"prompt": turns ending with a user turn (or tool results), "fields": the row's
-    other fields under their file names (what trl passes reward functions), + "answer", "tools" when given}`."""
+    other fields under their file names (what trl passes reward functions), + "answer", "tools" when given, and
+    "prompt_text": a string prompt as the file gave it}`."""
     name = fm.get("prompt", "prompt")
     prompt = _field(row, "prompt", fm, where, "prompt_only", kind=(str, list))
     if isinstance(prompt, str):
@@ -311,6 +312,8 @@ def _prompt_only(row: dict, fm: dict, where: str) -> dict[str, Any]:
         # a stand-in reply makes the prompt a whole conversation, so the chat rules are checked in one place
         check_conversation(turns + [{"role": "assistant", "content": "reply"}], where, name)
     example: dict[str, Any] = {"prompt": turns, "fields": {k: v for k, v in row.items() if k != name}}
+    if isinstance(prompt, str):  # reward functions get it as the file gave it: a string, as trl passes it
+        example["prompt_text"] = prompt
     tools = tool_definitions(_field(row, "tools", fm, where, "prompt_only", optional=True, kind=(str, list)),
                              f"{where}: field {fm.get('tools', 'tools')!r}")
     if tools:

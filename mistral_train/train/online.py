@@ -112,8 +112,10 @@ class Rollout:
                 completion_mask = completion_mask * (~out.truncated).long()[:, None]
             rows = [self.prompt_rows[int(i)] for i in prompts["row_index"].repeat_interleave(G)]
             kept = [ids[keep.bool()].tolist() for ids, keep in zip(out.ids.cpu(), out.mask.cpu())]
-            scores.append(self.reward_set.score([row["prompt"] for row in rows], [self.decode(ids) for ids in kept],
-                                                [row["fields"] for row in rows], completion_ids=kept))
+            # a string prompt reaches the reward functions as a string, a message list as messages (trl's two kinds)
+            scores.append(self.reward_set.score([row.get("prompt_text", row["prompt"]) for row in rows],
+                                                [self.decode(ids) for ids in kept], [row["fields"] for row in rows],
+                                                completion_ids=kept, where=[_where(row) for row in rows]))
             window.append({"prompt_ids": prompt_ids.repeat_interleave(G, dim=0),
                            "prompt_mask": prompt_mask.repeat_interleave(G, dim=0),
                            "completion_ids": out.ids, "completion_mask": completion_mask,
@@ -125,7 +127,7 @@ class Rollout:
                 if self.reference is not None:
                     batch["ref_logps"] = self.reference(model, batch).float()
         per_func = torch.cat(scores).to(self.device, torch.float32)  # (n, F): this process's completions
-        rewards = self._combine(per_func)
+        rewards = self.reward_set.combine(per_func)
         penalty = None
         if self.rloo and self.reference is not None:
             penalty = torch.cat([rloo_kl_penalty(b["old_logps"], b["ref_logps"], b["completion_mask"]) for b in window])
@@ -156,13 +158,6 @@ class Rollout:
             raise ValueError("a rollout window has no completion tokens (every completion masked: "
                              "trainer.grpo.mask_truncated_completions with every completion truncated?)")
         return window, units
-
-    def _combine(self, per_func: torch.Tensor) -> torch.Tensor:
-        """Weighted nansum of the reward columns; NaN where every function returned None (trl)."""
-        weights = torch.as_tensor(self.reward_set.weights, dtype=torch.float32, device=per_func.device)
-        rewards = (per_func * weights[None, :]).nansum(dim=1)
-        rewards[torch.isnan(per_func).all(dim=1)] = float("nan")
-        return rewards
 
     def _zero_spread(self, rewards: torch.Tensor, G: int) -> torch.Tensor:
         """trl's frac_reward_zero_std: the share of groups whose rewards do not spread (a NaN spread, fewer than
@@ -250,3 +245,8 @@ def build_online(cfg, model: torch.nn.Module, data, pad_id: int, accelerator, rl
 
         rollout.engine, rollout.sync = vllm_rollouts(cfg, accelerator)
     return online_objective(spec, rloo, trainer.loss_chunk_size, rollout)
+
+
+def _where(row: dict) -> str:
+    """"FILE row K" of a canonical row, for a reward function's error."""
+    return f"{row['source']} row {row['row']}" if "source" in row and "row" in row else "a prompt row"

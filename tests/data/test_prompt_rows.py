@@ -49,7 +49,7 @@ def v3():
 def test_string_prompt_is_one_user_turn_and_every_other_field_is_kept():
     row = {"prompt": "What is two plus two?", "answer": "four", "difficulty": 3, "tags": ["sum"]}
     assert to_canonical(row, "prompt_only", {}, WHERE) == {
-        "prompt": [U("What is two plus two?")], "answer": "four",
+        "prompt": [U("What is two plus two?")], "answer": "four", "prompt_text": "What is two plus two?",
         "fields": {"answer": "four", "difficulty": 3, "tags": ["sum"]}}  # as trl passes columns to reward functions
 
 

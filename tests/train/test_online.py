@@ -19,6 +19,7 @@ from mistral_train.errors import ConfigError
 from mistral_train.losses.grpo import group_advantages, grpo_loss
 from mistral_train.losses.rloo import rloo_advantages, rloo_loss
 from mistral_train.rollout import sampling
+from mistral_train.rollout.rewards import RewardSet
 from mistral_train.rollout.sampling import completions_from_tokens
 from mistral_train.train.loop import backward_window
 from mistral_train.train.online import Rollout, check_spec, online_objective
@@ -40,6 +41,8 @@ class LengthReward:
     def score(self, prompts, completions, rows, **_):
         self.calls.append((prompts, completions, rows))
         return torch.tensor([[float(len(c))] for c in completions])
+
+    combine = RewardSet.combine  # the real weighted nansum
 
 
 def fake_generate(max_len=5):
@@ -343,3 +346,28 @@ def test_frac_reward_zero_std_is_trls(scale, rloo, want, model):
     RLOO always per group. Group 1 (3, 3) does not spread, group 2 (1, 2) does."""
     rollout = make_rollout(GRPOSpec(num_generations=2, scale_rewards=scale), rloo=rloo)
     assert float(rollout._zero_spread(torch.tensor([3.0, 3.0, 1.0, 2.0]), 2)) == want
+
+
+def test_reward_functions_get_string_prompts_as_strings_and_each_rows_place(monkeypatch, model):
+    """A row whose prompt was a string reaches the reward functions as that string (trl's standard kind), a
+    message-list prompt as messages; each completion's "FILE row K" goes with it, for the error naming it."""
+    monkeypatch.setattr(sampling, "generate_completions", fake_generate())
+    rows = [{"prompt": [{"role": "user", "content": f"q{i}"}], "fields": {"answer": str(i)},
+             "source": "prompts.jsonl", "row": i + 1, **({"prompt_text": f"q{i}"} if i % 2 else {})}
+            for i in range(16)]
+    seen = []
+
+    class Recording(LengthReward):
+        def score(self, prompts, completions, rows, where=None, **_):
+            seen.append((prompts, where))
+            return super().score(prompts, completions, rows)
+
+    spec = GRPOSpec(num_generations=G, max_completion_length=5, loss_type="grpo")
+    rollout = Rollout(spec, False, Recording(), lambda ids: "x" * len(ids), rows, EOS, PAD, None,
+                      lambda m: m, lambda t: t, torch.device("cpu"), contextlib.nullcontext, 16, 0)
+    first = next(prompt_batches(8))
+    rollout.draw(model, prompt_batches(8), grad_accum_steps=1)
+    prompts, where = seen[0]
+    for i, prompt, place in zip(first["row_index"].repeat_interleave(G).tolist(), prompts, where):
+        assert prompt == (f"q{i}" if i % 2 else [{"role": "user", "content": f"q{i}"}])
+        assert place == f"prompts.jsonl row {i + 1}"
