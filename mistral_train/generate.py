@@ -89,8 +89,26 @@ def sample_next(
     """
     if temperature <= 0.0:
         return logits.argmax(dim=-1)
-    probs = processed_logits(logits, temperature, top_k, top_p).softmax(dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+    if top_p is None or top_p >= 1.0:
+        probs = processed_logits(logits, temperature, top_k, None).softmax(dim=-1)
+        return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+    return _sample_top_p(processed_logits(logits, temperature, top_k, None), top_p, generator)
+
+
+def _sample_top_p(logits: torch.Tensor, top_p: float, generator: Optional[torch.Generator]) -> torch.Tensor:
+    """One draw per row from `processed_logits(..., top_p)` (whose cut this repeats on the same sorted values),
+    by inverse CDF in the sorted order top_p already needs: one uniform per row instead of multinomial's
+    scatter back to vocabulary order, second softmax and one exponential draw per vocabulary entry
+    (most of sampling's cost at a 32000 vocabulary)."""
+    ascending, order = torch.sort(logits, dim=-1)
+    drop = ascending.softmax(dim=-1).cumsum(dim=-1) <= 1 - top_p
+    drop[:, -1] = False
+    cdf = ascending.masked_fill(drop, float("-inf")).softmax(dim=-1).cumsum(dim=-1)
+    # cut tokens have probability 0, so no u lands on them; the likeliest (last) token is never cut,
+    # so the clamp (u * total rounding up to total) lands on a kept token.
+    u = torch.rand(logits.shape[0], 1, generator=generator, device=logits.device) * cdf[:, -1:]
+    picked = torch.searchsorted(cdf, u, right=True).clamp_(max=logits.shape[-1] - 1)
+    return order.gather(-1, picked).squeeze(-1)
 
 
 def decode_step(model: Mistral, cache: KVCache, token: torch.Tensor, position: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

@@ -52,7 +52,7 @@ class KVCache(nn.Module):
         self.capacity = capacity
         self.rolling = rolling
         self.static = static
-        self._write_slots: Optional[torch.Tensor] = None
+        self._write_slots: Optional[torch.Tensor | slice] = None  # slots this step writes
         self._write_from = 0  # first new token that is written (a long rolling chunk keeps its last W)
         self._concat = False
         self._end = capacity
@@ -98,14 +98,20 @@ class KVCache(nn.Module):
         self._concat = self.rolling and new > 1
         self._write_from = max(0, new - self.capacity) if self.rolling else 0
         written = index[self._write_from :]
-        self._write_slots = written % self.capacity if self.rolling else written
+        if self.rolling:
+            self._write_slots = written % self.capacity
+        else:
+            # Consecutive slots: a basic slice, whose writes are plain copies (an index tensor would make every
+            # layer's write an index_put, a cost each decode step pays 2 x layers times).
+            end = int(index[-1]) + 1
+            self._write_slots = slice(end - written.shape[0], end)
         if self._concat:
             kv_index = torch.cat((self.slot_index, index))
             kv_keep = torch.cat((self.slot_keep, keep), dim=1)
         self.slot_index[self._write_slots] = written
         self.slot_keep[:, self._write_slots] = keep[:, self._write_from :]
         # A plain cache fills from slot 0: attend only over the filled part.
-        self._end = self.capacity if self.rolling else int(index[-1]) + 1
+        self._end = self.capacity if self.rolling else end
         if not self._concat:
             kv_index, kv_keep = self.slot_index[: self._end], self.slot_keep[:, : self._end]
         return kv_index, kv_keep
