@@ -81,9 +81,13 @@ def _run_config(overrides: Sequence[str]) -> RunConfig:
 
 def cmd_train(args: argparse.Namespace) -> int:
     cfg = _run_config(args.overrides)
+    from mistral_train.train.guards import Preempted
     from mistral_train.train.loop import fit  # imported here: torch and the data stack are slow to load
 
-    run_dir = fit(cfg)
+    try:
+        run_dir = fit(cfg)
+    except Preempted:  # checkpoint written and its line printed (train/guards.py): a clean stop, exit 0
+        return 0
     print(f"run directory: {run_dir}")
     return 0
 

@@ -172,6 +172,12 @@ class TrainerSpec:
     # a checkpoint write that fails (disk full, I/O error): stop (one error line) | retry (warn, train on, save
     # again at the next save_every; the last step's save always stops). docs/reliability.md
     save_failure: str = "stop"
+    # a step whose loss or global grad norm is NaN/inf takes no update (train/guards.py); after this many in a
+    # row the run stops (0: never stops)
+    max_nonfinite_steps: int = 10
+    # signals that make the run checkpoint at the next step boundary and exit 0 (SLURM, Kubernetes preemption)
+    preemption_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
+    preemption_grace_s: float = 30.0  # the time the scheduler allows (SLURM KillWait, Kubernetes' default: 30 s); a longer stop warns
     eval_every: Optional[int] = None  # steps between held-out evaluations (data.eval_fraction > 0); None: at the end only
     eval_before_training: bool = False  # also evaluate at step 0, before the first update (logged as step 0)
     eval_max_new_tokens: int = 16  # exact match on held-out rows with an "answer": greedy tokens per reply; 0: off

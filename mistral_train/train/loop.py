@@ -43,6 +43,9 @@ from mistral_train.tokenizer.tokenizer import load_tokenizer, resolve_tokenizer_
 from mistral_train.tracking.metrics import Meter, MetricsLogger, expert_load_metrics, progress_bar
 from mistral_train.tracking.plots import plot_run
 from mistral_train.train.evaluate import checkable, evaluate_loss, exact_match
+from mistral_train.train.guards import (
+    NonFiniteGuard, Preempted, Preemption, agreed, batch_position, check_weights_finite, is_finite,
+)
 from mistral_train.train.export import export_final, merge_adapter_folder, write_sample
 from mistral_train.train.model_setup import build_model, compile_enabled, load_model_weights, save_model_folder
 from mistral_train.train.neftune import NEFTune
@@ -187,6 +190,13 @@ class Run:
 
 
 def _train(cfg: RunConfig, accelerator) -> Path:
+    # handlers first: a signal during setup also stops the run at the first step boundary
+    with Preemption(cfg.trainer.preemption_signals, cfg.trainer.preemption_grace_s) as preemption:
+        return _train_steps(cfg, accelerator, preemption)
+
+
+def _train_steps(cfg: RunConfig, accelerator, preemption: Preemption) -> Path:
+    guard = NonFiniteGuard(cfg.trainer.max_nonfinite_steps)
     spec, run = cfg.trainer, _setup(cfg, accelerator)
     if spec.eval_before_training and run.start == 0:
         run.logger.log(0, run.evaluate(0, {}))
@@ -194,8 +204,8 @@ def _train(cfg: RunConfig, accelerator) -> Path:
     meter = Meter()
     run.model.train()
     for step in range(run.start, spec.max_steps):
-        metrics, tokens_per_s = _step(run, meter)
         done = step + 1
+        metrics, tokens_per_s = _step(run, meter, guard, done)
         bar.update(1)
         bar.set_postfix(loss=f"{metrics['loss']:.3f}", lr=f"{metrics['lr']:.2e}", tok_s=f"{tokens_per_s:.0f}")
         evaluating = done == spec.max_steps or bool(spec.eval_every and done % spec.eval_every == 0)
@@ -203,13 +213,25 @@ def _train(cfg: RunConfig, accelerator) -> Path:
             metrics = run.evaluate(done, metrics)
         if evaluating or done == 1 or done % spec.log_every == 0:
             run.logger.log(done, {**metrics, **meter.row(run.data.train.progress)})
-        if done == spec.max_steps or (spec.save_every and done % spec.save_every == 0):
+        preempted = done < spec.max_steps and preemption.due(accelerator)  # the step boundary: every process agrees
+        if preempted or done == spec.max_steps or (spec.save_every and done % spec.save_every == 0):
+            # the last step always saves, so final/ (written from the same weights) is checked here too
+            check_weights_finite(accelerator, run.model, done, f"checkpoint step_{done}")
             trained = run.full_model.collect(run.model, trainable_only=cfg.adapter.kind != "none")  # every process
-            save_checkpoint(accelerator, run.run_dir, done, run.model, run.optimizer, run.scheduler,
-                            run.data.train.state_dict(), lambda folder: run.write_folder(trained, folder), spec.keep_last,
-                            data_files=run.data.files,  # the last save has no next one to retry at: it stops
-                            save_failure=spec.save_failure if done < spec.max_steps else "stop",
-                            objective_state=run.objective.state_dict() if run.objective.state_dict else None)
+            saved = save_checkpoint(
+                accelerator, run.run_dir, done, run.model, run.optimizer, run.scheduler,
+                run.data.train.state_dict(), lambda folder: run.write_folder(trained, folder), spec.keep_last,
+                data_files=run.data.files,  # the last save, and a preempted one, have no next one to retry at: they stop
+                save_failure=spec.save_failure if done < spec.max_steps and not preempted else "stop",
+                objective_state=run.objective.state_dict() if run.objective.state_dict else None)
+        if preempted:
+            bar.close()
+            run.logger.close()
+            accelerator.wait_for_everyone()
+            line = preemption.message(done, saved if saved is not None else run.run_dir / "checkpoints" / f"step_{done}")
+            if accelerator.is_main_process:
+                print(line, flush=True)
+            raise Preempted(line)
     bar.close()
     run.logger.close()
     _end(run, meter)
@@ -263,10 +285,13 @@ def _setup(cfg: RunConfig, accelerator) -> Run:
                optimizer, scheduler, logger, start)
 
 
-def _step(run: Run, meter: Meter) -> tuple[dict[str, float], float]:
-    """One optimizer step over one accumulation window: (its metrics, tokens per second)."""
+def _step(run: Run, meter: Meter, guard: Optional[NonFiniteGuard] = None,
+          step: int = 0) -> tuple[dict[str, float], float]:
+    """One optimizer step over one accumulation window: (its metrics, tokens per second). With `guard`, a
+    non-finite loss or gradient norm skips the update (train/guards.py); `step` is this step's number (1-based)."""
     accelerator, spec, tick = run.accelerator, run.cfg.trainer, time.perf_counter()
     world, rank = accelerator.num_processes, accelerator.process_index
+    position = run.data.train.state_dict()  # names the window's batches if the step is skipped
     if run.objective.draw is not None:  # GRPO/RLOO: a rollout with the current policy (train/online.py)
         mine, n_tokens, drawn = run.objective.draw(run.model, run.data.train, spec.grad_accum_steps, world, rank)
     else:
@@ -280,11 +305,24 @@ def _step(run: Run, meter: Meter) -> tuple[dict[str, float], float]:
     max_norm = spec.grad_clip if spec.grad_clip > 0 else float("inf")  # inf: the norm is still computed, for the log
     grad_norm = clip_gradients(accelerator, run.model, max_norm)
     lr = float(run.optimizer.param_groups[0]["lr"])  # torchao keeps it as a tensor
-    run.optimizer.step()
-    run.optimizer.zero_grad(set_to_none=True)
-    run.scheduler.step()
+    # the loss is the window's over all processes, the norm global: every process agrees (agreed sums the flag
+    # anyway: a gradient made NaN on one process after DDP's sync shows in that process's norm only)
+    if guard is not None and agreed(accelerator, not (is_finite(loss) and is_finite(grad_norm))):
+        run.optimizer.zero_grad(set_to_none=True)  # no optimizer or scheduler step (Megatron-LM's skipped iteration)
+        line = guard.skip(step, loss, float(grad_norm), batch_position(position))
+        if accelerator.is_main_process:
+            print(f"warning: {line}")
+    else:
+        run.optimizer.step()
+        run.optimizer.zero_grad(set_to_none=True)
+        run.scheduler.step()
+        if guard is not None:
+            guard.ok()
     tokens_per_s = meter.add(drawn, time.perf_counter() - tick, loss)
-    return {"loss": loss, **stats, "lr": lr, "grad_norm": grad_norm}, tokens_per_s
+    metrics = {"loss": loss, **stats, "lr": lr, "grad_norm": grad_norm}
+    if guard is not None and guard.skipped:  # logged from the first skip on, so a clean run's log is unchanged
+        metrics["skipped_steps"] = guard.skipped
+    return metrics, tokens_per_s
 
 
 def _end(run: Run, meter: Meter) -> None:

@@ -92,6 +92,10 @@ def main(argv: list[str]) -> int:
     stall = os.environ.get("MT_TEST_STALL_AFTER_STEP")
     if stall:
         _stall_after(int(stall))
+    sys.path.insert(0, str(Path(__file__).parent))  # under a launcher this file is imported, not run
+    from _fault_switches import install  # MT_TEST_STEP_DELAY_S, MT_TEST_NAN_GRAD (test_nonfinite, test_preemption)
+
+    install()
     from mistral_train.cli import main as cli_main
 
     return cli_main(argv)
