@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from transformers.models.mistral.modeling_mistral import MistralRMSNorm, apply_rotary_pos_emb
 
 from mistral_train.adapters import LoraConfig, apply_lora
+from mistral_train.adapters.lora import LoRALinear
 from mistral_train.model import blocks, rope
 from mistral_train.model.blocks import Block, RMSNorm
 from mistral_train.model.compile import compile_blocks
@@ -183,6 +184,16 @@ def test_fused_block_saves_strictly_less_than_unfused(tiny, unfused):
     # Two norms drop their fp32 normalised input (4 H bytes a token); SwiGLU drops silu(gate) and the product.
     assert plain - fused == T * (2 * 4 * H + 2 * 4 * I)
     assert fused < plain
+
+
+def test_a_lora_down_proj_keeps_the_product_the_plan_counts(tiny):
+    """blocks.MLP fuses the down projection only for a plain nn.Linear; a LoRA down_proj keeps its input (the
+    product, for lora_A's gradient) and its rank-r output: plan.down_proj_keeps_input counts the product."""
+    block, x, inputs = _block_and_inputs(tiny)
+    plain = _saved(block, x, inputs)
+    block.mlp.down_proj = LoRALinear(block.mlp.down_proj, r=4, alpha=8)
+    T, I = 2 * 16, block.mlp.gate_proj.out_features
+    assert _saved(block, x, inputs) - plain == T * (I + 4) * 4
 
 
 def test_model_gradients_equal_unfused_under_checkpointing(tiny, our_model, padded_batch, train_step, unfused):
