@@ -12,6 +12,8 @@ Benches (each a script that also runs alone; each compares ours with the peer in
          (its default grouped_mm experts and its eager loop)
   grpo   bench_grpo.py: one GRPO step (generation, rewards, update) vs trl.GRPOTrainer with transformers'
          generation, the time split between the parts
+  generate  bench_generate.py: batch 32 top_p sampling vs transformers' generate, greedy batch 1 vs the
+         bandwidth floor (CPU)
 The machine's matmul peak (a large fp32 sgemm on CPU, bf16 on CUDA, best of several) is measured
 before every bench and at the end of the run; MFU = tokens/s x model FLOPs per token / the highest
 of those (other load only ever lowers a measurement).
@@ -44,8 +46,9 @@ import _bench_common as mem  # noqa: E402
 import bench_report  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-BENCHES = ("model", "lora", "dpo", "sft", "compile", "dist", "moe", "grpo")
-CPU_ONLY = ("compile", "dist")  # ours against ours (compiled vs eager, 1 vs 2 processes): no CUDA run
+BENCHES = ("model", "lora", "dpo", "sft", "compile", "dist", "moe", "grpo", "generate")
+# ours against ours (compiled vs eager, 1 vs 2 processes), and generate (its targets are CPU ones): no CUDA run
+CPU_ONLY = ("compile", "dist", "generate")
 
 
 def runs(name: str, quick: bool) -> list[tuple[str, list[str]]]:

@@ -119,6 +119,15 @@ def _other_rows(r: dict) -> list[str]:
                          r["trl"]["step_s"] / r["ours"]["step_s"], 2.0, True))
         rows += [f"| GRPO {part}: speed vs trl.GRPOTrainer (their s / ours) | | "
                  f"{r['trl'][part + '_s'] / r['ours'][part + '_s']:.2f}x | (no target) |" for part in ("generation", "update")]
+    elif r["bench"] == "generate":  # issue 18 item 3: batch 32 sampling >= 3x transformers, greedy >= 0.9 x the floor
+        ours = max(v["tokens_per_s"] for k, v in r["sample"].items() if k.startswith("ours"))
+        theirs = max(v["tokens_per_s"] for k, v in r["sample"].items() if k.startswith("hf"))
+        rows.append(_row(f"Batch {r['batch']} top_p sampling: new tokens/s vs transformers generate (its best cache)",
+                         ours / theirs, 3.0, True))
+        greedy = max(v["tokens_per_s"] for k, v in r["greedy"].items() if k.startswith("ours"))
+        same = "" if r["same_greedy_tokens"] else " (greedy tokens DIFFER)"
+        rows.append(_row(f"Greedy batch 1: new tokens/s / bandwidth floor{same}", greedy / r["floor_tokens_per_s"],
+                         0.9, True))
     elif r["bench"] == "model" and r.get("decode"):
         d = r["decode"]
         same = "" if d["hf-sdpa"]["same_tokens"] else " (greedy tokens DIFFER)"
