@@ -14,7 +14,7 @@ cd "$(dirname "$0")/.."
 # In the GPU image (docs: /work/.library/device/KINDS.md, read 2026-11-17); never carried.
 IMAGE=(torch transformers peft accelerate safetensors sentencepiece tokenizers tiktoken tqdm matplotlib numpy
        pyyaml pandas pyarrow xxhash fsspec huggingface-hub jinja2 requests pillow psutil packaging typing-extensions
-       filelock pytest pytest-xdist)
+       filelock attrs pytest pytest-xdist)
 # What the image lacks: our dependencies (pyproject.toml), the oracles the CUDA tests and benches use (trl,
 # bitsandbytes), and what those import at run time (checked here: `import mistral_train.tokenizer, trl, datasets`).
 WHEELS=(
