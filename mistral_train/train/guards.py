@@ -158,8 +158,8 @@ class Preemption:
         """The one line printed when the run stops."""
         name = self.received.name if self.received is not None else "a preemption signal on another process"
         waited = time.monotonic() - self.at if self.at is not None else None
-        took = f" {waited:.1f}s after it" if waited is not None else ""
-        line = (f"preempted by {name}: stopped after step {step}{took}, checkpoint {checkpoint} written; "
+        took = f" {waited:.1f}s after the signal" if waited is not None else ""
+        line = (f"preempted by {name}: stopped after step {step}, checkpoint {checkpoint} written{took}; "
                 "continue by running the same command with resume=latest")
         if waited is not None and waited > self.grace_s:
             line += (f" (warning: this took longer than trainer.preemption_grace_s={self.grace_s:g}s: the job may be "

@@ -76,7 +76,7 @@ def test_sigterm_to_one_rank_stops_both_after_one_checkpoint_and_resume_is_exact
         first.stop()
     lines = [line for line in log.splitlines() if line.startswith("preempted by")]
     assert len(lines) == 1, log[-3000:]  # one line, from the main process
-    stopped = int(re.match(r"preempted by a preemption signal on another process: stopped after step (\d+)", lines[0])[1])
+    stopped = int(re.match(r"preempted by a preemption signal on another process: stopped after step (\d+), ", lines[0])[1])
     assert 1 <= stopped < launch.MAX_STEPS
     saved = sorted(int(p.name.split("_")[1]) for p in (first.run_dir / "checkpoints").iterdir())
     assert saved == sorted({stopped, *(s for s in (3,) if s < stopped)})  # save_every=3, and the stop's

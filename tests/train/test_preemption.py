@@ -80,7 +80,7 @@ def _stopped_at(out: str, sig: signal.Signals, run_dir: Path) -> int:
     """The step of the one 'preempted' line, checked against the checkpoint written for it."""
     lines = [line for line in out.splitlines() if line.startswith("preempted by")]
     assert len(lines) == 1, out
-    step = int(re.match(rf"preempted by {sig.name}: stopped after step (\d+) ", lines[0]).group(1))
+    step = int(re.match(rf"preempted by {sig.name}: stopped after step (\d+), ", lines[0]).group(1))
     assert f"checkpoint {run_dir / 'checkpoints' / f'step_{step}'} written" in lines[0]
     assert lines[0].endswith("continue by running the same command with resume=latest"), lines[0]
     return step
@@ -123,7 +123,7 @@ def test_a_signal_in_process_stops_at_the_boundary_and_the_handlers_are_restored
     monkeypatch.setattr(loop, "_step", step)
     before = signal.getsignal(signal.SIGUSR1)
     cfg = load_run_config(*split_recipe(_args(tmp_path, "inproc", "trainer.preemption_grace_s=1e-9")))
-    with pytest.raises(Preempted, match=r"^preempted by SIGUSR1: stopped after step 2 "):
+    with pytest.raises(Preempted, match=r"^preempted by SIGUSR1: stopped after step 2, "):
         fit(cfg)
     assert signal.getsignal(signal.SIGUSR1) is before
     assert [p.name for p in (tmp_path / "inproc" / "checkpoints").iterdir()] == ["step_2"]
