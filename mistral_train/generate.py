@@ -59,8 +59,9 @@ def processed_logits(
     """The fp32 logits (B, V) sampling draws from: divided by `temperature`, then cut to the `top_k` highest, then
     to the smallest set whose probability reaches `top_p` (cut tokens are -inf). Same order and boundaries as
     transformers' TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper (and vLLM's), so a sampled
-    rollout draws from the distribution trl's would (tests/oracle/test_sampling_parity.py). None: no cut."""
-    logits = logits.float() / temperature
+    rollout draws from the distribution trl's would (tests/oracle/test_sampling_parity.py). None: no cut.
+    At temperature 1 with no cut this is `logits` itself (fp32 input): treat it as read-only."""
+    logits = logits.float() / temperature if temperature != 1.0 else logits.float()  # x / 1 is x exactly: skip a pass
     if top_k is not None and 0 < top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -101,10 +102,13 @@ def _sample_top_p(logits: torch.Tensor, top_p: float, generator: Optional[torch.
     scatter back to vocabulary order, second softmax and one exponential draw per vocabulary entry
     (most of sampling's cost at a 32000 vocabulary)."""
     ascending, order = torch.sort(logits, dim=-1)
-    drop = ascending.softmax(dim=-1).cumsum(dim=-1) <= 1 - top_p
+    probs = ascending.softmax(dim=-1)
+    drop = probs.cumsum(dim=-1) <= 1 - top_p
     drop[:, -1] = False
-    cdf = ascending.masked_fill(drop, float("-inf")).softmax(dim=-1).cumsum(dim=-1)
-    # cut tokens have probability 0, so no u lands on them; the likeliest (last) token is never cut,
+    # The kept tokens' probabilities, unnormalised: scaling u by their total draws from their renormalised
+    # distribution (softmax of the cut logits) without a second softmax.
+    cdf = probs.masked_fill_(drop, 0.0).cumsum(dim=-1)
+    # cut tokens add 0, so no u lands on them; the likeliest (last) token is never cut,
     # so the clamp (u * total rounding up to total) lands on a kept token.
     u = torch.rand(logits.shape[0], 1, generator=generator, device=logits.device) * cdf[:, -1:]
     picked = torch.searchsorted(cdf, u, right=True).clamp_(max=logits.shape[-1] - 1)
