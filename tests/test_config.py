@@ -27,7 +27,7 @@ REQUIRED = {name: ["model.path=/models/Mistral-7B-v0.1", "data.path=/data/corpus
                          "mistral7b_qlora_dpo", "mistral7b_reward", "mistral7b_full_sft_fsdp2", "mistral7b_full_sft_zero3",
                          "mistral7b_qlora_sft_ddp", "mistral_nemo_qlora_sft", "mistral_small_24b_qlora_sft",
                          "ministral3_8b_qlora_sft", "mistral_small3_qlora_sft", "mixtral_8x7b_qlora_sft",
-                         "mistral_small4_qlora_sft")}
+                         "mistral_small4_qlora_sft", "mistral7b_qlora_grpo", "mistral_nemo_qlora_tool_grpo")}
 
 
 @pytest.fixture
