@@ -87,6 +87,75 @@ def compute_dtype(device: str) -> torch.dtype:
     return torch.bfloat16 if device == "cuda" else torch.float32
 
 
+# ---- precision: what the CPU (or GPU) offers, and what each bench runs in
+
+# fp32: fp32 weights and maths. bf16-autocast: fp32 weights, matmuls under torch.autocast(bf16) on both
+# sides. bf16: the weights themselves bf16 on both sides (each side's optimizer as its trainer builds it).
+PRECISIONS = ("fp32", "bf16-autocast", "bf16")
+# /proc/cpuinfo flags that mean bf16 dot-product units (AVX-512 BF16, AMX): without them oneDNN emulates
+# bf16 matmuls through fp32 and bf16 is slower, not faster.
+BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def bf16_support(cpuinfo: str | None = None, device: str = "cpu") -> dict:
+    """Whether this machine has bf16 units: on CPU the flags of /proc/cpuinfo (or `cpuinfo`, its text);
+    on CUDA torch.cuda.is_bf16_supported(). Returns {"cpu", "bf16", "units", "simd"}: the model name,
+    the verdict, the bf16 flags found, and the SIMD flags (avx*, amx*) to name when there are none."""
+    if cpuinfo is None:
+        path = Path("/proc/cpuinfo")
+        cpuinfo = path.read_text() if path.exists() else ""
+    fields: dict[str, str] = {}
+    for line in cpuinfo.splitlines():
+        key, sep, value = line.partition(":")
+        if sep:
+            fields.setdefault(key.strip(), value.strip())  # the first processor speaks for all
+    flags = fields.get("flags", fields.get("Features", "")).split()  # x86 "flags", ARM "Features"
+    units = [f for f in BF16_FLAGS if f in flags]
+    simd = [f for f in flags if f.startswith(("avx", "amx"))]
+    info = {"cpu": fields.get("model name", "unknown"), "bf16": bool(units), "units": units, "simd": simd}
+    if device == "cuda":
+        info.update(bf16=torch.cuda.is_bf16_supported(), units=["cuda"] if torch.cuda.is_bf16_supported() else [])
+    return info
+
+
+def bf16_text(support: dict) -> str:
+    """The machine line's words for `bf16_support`'s answer."""
+    if support["bf16"]:
+        return f"bf16 units: yes ({', '.join(support['units'])})"
+    return f"bf16 units: none (flags: {' '.join(support['simd']) or 'no avx/amx'})"
+
+
+def bf16_skipped(support: dict) -> str:
+    """What a bf16 row says on a machine without bf16 units."""
+    return f"skipped: this CPU has no bf16 units (flags: {' '.join(support['simd']) or 'no avx/amx'})"
+
+
+def default_precision(device: str) -> str:
+    """What a bench runs in without --precision: fp32 on CPU, bf16 weights on CUDA (as before the option)."""
+    return "bf16" if device == "cuda" else "fp32"
+
+
+def weight_dtype(precision: str) -> torch.dtype:
+    """The dtype the weights live in under `precision` (one of PRECISIONS)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"--precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
+    return torch.bfloat16 if precision == "bf16" else torch.float32
+
+
+def autocast(precision: str, device: str) -> Callable[[], contextlib.AbstractContextManager]:
+    """Factory of the forward/backward context: bf16 autocast for bf16-autocast, else nothing."""
+    if precision == "bf16-autocast":
+        return lambda: torch.autocast(device_type=device, dtype=torch.bfloat16)
+    return contextlib.nullcontext
+
+
+def precision_text(precision: str) -> str:
+    """How a bench's markdown names the precision it ran in."""
+    weight_dtype(precision)  # an unknown name fails here with the option's name
+    return {"fp32": "fp32 weights and maths", "bf16-autocast": "fp32 weights, bf16 autocast on both sides",
+            "bf16": "pure bf16 weights on both sides"}[precision]
+
+
 class PeakMemory:
     """Peak memory of this process since `start()`: the RSS high-water mark on CPU,
     `torch.cuda.max_memory_allocated` on CUDA. Call `start()` once the model is built."""
@@ -136,15 +205,44 @@ def serve(handlers: dict[str, Callable[[], dict]]) -> None:
         print(json.dumps(handlers[command]()), file=answers, flush=True)
 
 
-def serve_steps(step: Callable[[], float], device: str, extra: dict[str, Callable[[], dict]] | None = None) -> None:
+class WeightProbe:
+    """Whether a step changed the trained weights: a copy of the first PROBE elements of every trainable
+    parameter (a few hundred KiB, so the peak memory hardly sees it), compared after each step."""
+
+    PROBE = 4096
+
+    def __init__(self, params: list[torch.Tensor]) -> None:
+        self.params = [p for p in params if p.requires_grad]
+        self.before = self._read()
+
+    def _read(self) -> list[torch.Tensor]:
+        return [p.detach().reshape(-1)[: self.PROBE].clone() for p in self.params]
+
+    def moved(self) -> bool:
+        now = self._read()
+        moved = any(bool((a != b).any()) for a, b in zip(now, self.before))
+        self.before = now
+        return moved
+
+
+def serve_steps(step: Callable[[], float | tuple[float, float]], device: str,
+                extra: dict[str, Callable[[], dict]] | None = None, params: list[torch.Tensor] | None = None) -> None:
     """Child side of a training-step bench: peak memory counted from now (the model is built), then
-    "step" (one timed call of `step`, which returns the loss) and "memory"."""
+    "step" (one timed call of `step`, which returns the loss, or (loss, gradient norm)) and "memory".
+    With `params` (the trained ones) each step's answer also says whether they moved."""
+    probe = WeightProbe(params) if params is not None else None
     memory = PeakMemory(device)
     memory.start()
 
     def one_step() -> dict:
-        seconds, loss = timed(step, device)
-        return {"s": seconds, "loss": loss}
+        seconds, out = timed(step, device)
+        loss, norm = out if isinstance(out, tuple) else (out, None)
+        answer = {"s": seconds, "loss": loss}
+        if norm is not None:
+            answer["grad_norm"] = float(norm)
+        if probe is not None:
+            answer["moved"] = probe.moved()
+        return answer
 
     serve({"step": one_step, "memory": memory.read, "profile": lambda: profile_step(step, device), **(extra or {})})
 
@@ -274,6 +372,8 @@ def summarize(result: dict, tokens: int, warmup: int) -> dict:
     memory = result["memory"]
     return {"tokens_per_s": tokens / statistics.median(timed_s), "best_tokens_per_s": tokens / min(timed_s),
             "step_s": [round(r["s"], 4) for r in result["steps"]], "first_loss": result["steps"][0]["loss"],
+            "losses": [r["loss"] for r in result["steps"]], "grad_norms": [r.get("grad_norm") for r in result["steps"]],
+            "moved": [r.get("moved") for r in result["steps"]],
             "peak_mib": memory["peak_mib"] - memory["baseline_mib"], "abs_peak_mib": memory["peak_mib"],
             "peak_reset": memory["peak_reset"], "memory_method": memory["method"], "profile": result.get("profile")}
 
@@ -295,7 +395,12 @@ def machine() -> dict:
             versions[name] = "not installed"
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     return {"cpu": cpu, "cores": len(os.sched_getaffinity(0)), "ram_gib": round(ram_kib / 2**20, 1), "gpu": gpu,
-            "python": platform.python_version(), "versions": versions}
+            "python": platform.python_version(), "versions": versions, "bf16": bf16_support()}
+
+
+def machine_bf16(info: dict) -> str:
+    """`bf16_text` of a machine() record ("bf16 units: unknown" for records written before it was measured)."""
+    return bf16_text(info["bf16"]) if "bf16" in info else "bf16 units: unknown"
 
 
 def versions_text(info: dict) -> str:
@@ -319,6 +424,26 @@ class RunClock:
         return {"command": self.command, "wall_s": time.perf_counter() - self.started, "load_start": self.load_start,
                 "load_end": os.getloadavg()[0], "pressure_end": cpu_pressure(), "machine": machine(),
                 "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
+
+
+def trained(side: dict) -> bool:
+    """A side of `summarize` trained: every step had a nonzero finite gradient norm and moved its weights,
+    and (over two or more steps) the loss changed."""
+    norms, moved, losses = side["grad_norms"], side["moved"], side["losses"]
+    ok_norms = all(n is not None and 0 < n < float("inf") for n in norms)
+    return ok_norms and all(m is not False for m in moved) and (len(losses) < 2 or losses[-1] != losses[0])
+
+
+def trained_note(sides: dict[str, dict]) -> str:
+    """The markdown line saying each side trained: its gradient norms, losses and whether weights moved."""
+    parts = []
+    for name, side in sides.items():
+        norms = ", ".join(f"{n:.3g}" for n in side["grad_norms"] if n is not None) or "not measured"
+        losses = " -> ".join(f"{x:.4f}" for x in (side["losses"][0], side["losses"][-1]))
+        moved = "not probed" if None in side["moved"] else ("yes" if all(side["moved"]) else "NO")
+        parts.append(f"{name}: grad norms {norms}; loss {losses}; weights moved every step: {moved}"
+                     + ("" if trained(side) else " (DID NOT TRAIN)"))
+    return "- Trained: " + "; ".join(parts) + "."
 
 
 def run_notes(settings: dict) -> list[str]:

@@ -89,16 +89,18 @@ def theirs(folder: Path, kind: str, device: str, dtype: torch.dtype) -> torch.nn
     return peft.PeftModel.from_pretrained(model, folder / "adapter", is_trainable=True)
 
 
-def our_optimizer(model: torch.nn.Module, device: str) -> torch.optim.Optimizer:
-    """What fit() builds: AdamW over the trainable parameters (fused where supported), no weight decay."""
-    spec = TrainerSpec(lr=LR, weight_decay=0.0, beta1=0.9, beta2=0.999, device=device)
+def our_optimizer(model: torch.nn.Module, device: str, lr: float = LR) -> torch.optim.Optimizer:
+    """What fit() builds: AdamW over the trainable parameters (fused where supported; over bf16 weights
+    trainer.bf16_update's default, Kahan summation), no weight decay."""
+    spec = TrainerSpec(lr=lr, weight_decay=0.0, beta1=0.9, beta2=0.999, device=device)
     return build_optimizer(model, spec)
 
 
-def their_optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
-    """What transformers' Trainer builds by default on torch >= 2.8 (`adamw_torch_fused`), no weight decay."""
+def their_optimizer(model: torch.nn.Module, lr: float = LR) -> torch.optim.Optimizer:
+    """What transformers' Trainer builds by default on torch >= 2.8 (`adamw_torch_fused`), no weight decay;
+    over bf16 weights a plain bf16 update (the Trainer has no compensated one)."""
     params = [p for p in model.parameters() if p.requires_grad]
-    return torch.optim.AdamW(params, lr=LR, betas=(0.9, 0.999), weight_decay=0.0, fused=True)
+    return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), weight_decay=0.0, fused=True)
 
 
 def peft_config():
@@ -115,17 +117,18 @@ def trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
 
 def serve_training_steps(forward_backward: Callable[[], float], optimizer: torch.optim.Optimizer,
                          model: torch.nn.Module, device: str) -> None:
-    """Child side: serve "step" = `forward_backward()` (returns the loss) + clip 1.0 + optimizer step."""
+    """Child side: serve "step" = `forward_backward()` (returns the loss) + clip 1.0 + optimizer step;
+    each step answers its loss, the gradient norm before clipping and whether the trained weights moved."""
     params = trainable(model)
 
-    def step() -> float:
+    def step() -> tuple[float, float]:
         loss = forward_backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return loss
+        return loss, float(norm)
 
-    mem.serve_steps(step, device)
+    mem.serve_steps(step, device, params=params)
 
 
 def lora_text() -> str:

@@ -22,7 +22,7 @@ from mistral_train.data.sft import SFTExample
 from mistral_train.losses.ce import IGNORE_INDEX
 from mistral_train.train.loop import backward_window
 from mistral_train.train.optim import build_optimizer, build_scheduler
-from mistral_train.train.steps import get_objective
+from mistral_train.train.steps import language_model
 
 THREADS = mem.THREADS
 SEED = 0
@@ -46,13 +46,15 @@ def trainer_spec(steps: int, batch_size: int, device: str) -> TrainerSpec:
 # ---- children: one per side; each returns its command handlers ("warmup", "epoch", "memory" is added)
 
 
-def our_side(packed: bool, examples: list[SFTExample], pad_id: int, weights: Path, out: Path, device: str) -> dict:
-    """Our model driven as fit() drives it: collate, backward_window, clip, AdamW step, schedule step."""
+def our_side(packed: bool, examples: list[SFTExample], pad_id: int, weights: Path, out: Path, device: str,
+             precision: str) -> dict:
+    """Our model driven as fit() drives it: collate, backward_window, clip, AdamW step (over bf16 weights
+    trainer.bf16_update's default, Kahan), schedule step; `precision` one of _bench_common.PRECISIONS."""
     model = Mistral(MistralConfig(**ARCH))
     model.load_state_dict(load_file(weights), strict=True)
-    model.to(device).train()
-    autocast = (lambda: torch.autocast("cuda", torch.bfloat16)) if device == "cuda" else contextlib.nullcontext
-    objective = get_objective("pretrain")
+    model.to(device, mem.weight_dtype(precision)).train()
+    autocast = mem.autocast(precision, device)
+    objective = language_model()
     if packed:
         rows = pack_examples(examples, MAX_LEN)  # once, up front, as the loop does
         items = [rows[i] for i in epoch_order(len(rows), SEED, 0)]
@@ -67,7 +69,7 @@ def our_side(packed: bool, examples: list[SFTExample], pad_id: int, weights: Pat
         pad = batch.pop("pad_mask") if "pad_mask" in batch else batch["attention_mask"] == 0
         batch = {k: v.to(device) for k, v in batch.items()}
         loss, _, _ = backward_window(model, objective, [batch], autocast)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
+        state["grad_norms"].append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)))
         state["optimizer"].step()
         state["optimizer"].zero_grad(set_to_none=True)
         state["scheduler"].step()
@@ -78,6 +80,7 @@ def our_side(packed: bool, examples: list[SFTExample], pad_id: int, weights: Pat
         spec = trainer_spec(steps, size, device)
         state["optimizer"] = build_optimizer(model, spec)
         state["scheduler"] = build_scheduler(state["optimizer"], spec)
+        state["grad_norms"] = []
 
     def warmup() -> dict:
         start(1)
@@ -94,14 +97,17 @@ def our_side(packed: bool, examples: list[SFTExample], pad_id: int, weights: Pat
         if device == "cuda":
             torch.cuda.synchronize()
         return {"s": time.perf_counter() - wall, "cpu_s": time.process_time() - cpu, "steps": len(chunks),
-                "real": real, "slots": slots, "first_loss": losses[0], "mean_loss": sum(losses) / len(losses)}
+                "real": real, "slots": slots, "first_loss": losses[0], "mean_loss": sum(losses) / len(losses),
+                "last_loss": losses[-1], "grad_norms": state["grad_norms"]}
 
     return {"warmup": warmup, "epoch": epoch}
 
 
-def trl_side(packed: bool, examples: list[SFTExample], pad_id: int, weights: Path, out: Path, device: str) -> dict:
-    """trl.SFTTrainer over the same ids and assistant masks; PEFT off, fp32 (bf16 autocast on CUDA), no
-    activation checkpointing."""
+def trl_side(packed: bool, examples: list[SFTExample], pad_id: int, weights: Path, out: Path, device: str,
+             precision: str) -> dict:
+    """trl.SFTTrainer over the same ids and assistant masks; PEFT off, no activation checkpointing;
+    `precision`: fp32, bf16-autocast (fp32 weights, bf16=True: accelerate's autocast) or bf16 (bf16
+    weights, bf16=True, its plain AdamW over them)."""
     import datasets
     import transformers
     import trl
@@ -112,6 +118,7 @@ def trl_side(packed: bool, examples: list[SFTExample], pad_id: int, weights: Pat
     hf_config._attn_implementation = "sdpa"
     model = transformers.MistralForCausalLM(hf_config)
     model.load_state_dict(load_file(weights), strict=True)
+    model.to(mem.weight_dtype(precision))
     tokenizer = transformers.AutoTokenizer.from_pretrained(out / "tokenizer")
     if tokenizer.convert_tokens_to_ids(tokenizer.eos_token) != pad_id:
         raise RuntimeError(f"the HF tokenizer's EOS is not id {pad_id}; the two sides would pad differently")
@@ -134,7 +141,7 @@ def trl_side(packed: bool, examples: list[SFTExample], pad_id: int, weights: Pat
 
     def trainer(max_steps: int, clock: Clock):
         args = trl.SFTConfig(
-            output_dir=str(out / "trl"), report_to=[], bf16=device == "cuda", fp16=False, use_cpu=device == "cpu", seed=SEED,
+            output_dir=str(out / "trl"), report_to=[], bf16=precision != "fp32", fp16=False, use_cpu=device == "cpu", seed=SEED,
             max_steps=max_steps, num_train_epochs=1, per_device_train_batch_size=PACKED_ROWS if packed else PADDED_BATCH,
             train_sampling_strategy="sequential", learning_rate=LR, optim="adamw_torch", weight_decay=WEIGHT_DECAY,
             max_grad_norm=CLIP, lr_scheduler_type="cosine", warmup_steps=0, packing=packed, packing_strategy="bfd",
@@ -172,6 +179,7 @@ def trl_side(packed: bool, examples: list[SFTExample], pad_id: int, weights: Pat
         if clock.threads != THREADS:
             raise RuntimeError(f"trl trained on {clock.threads} threads, expected {THREADS}")
         return {"s": clock.wall, "cpu_s": clock.cpu, "steps": run.state.global_step, "real": counts["real"], "slots": counts["slots"],
-                "first_loss": losses[0], "mean_loss": sum(losses) / len(losses)}
+                "first_loss": losses[0], "mean_loss": sum(losses) / len(losses), "last_loss": losses[-1],
+                "grad_norms": [float(e["grad_norm"]) for e in run.state.log_history if "grad_norm" in e]}
 
     return {"warmup": warmup, "epoch": epoch}

@@ -14,6 +14,9 @@ Benches (each a script that also runs alone; each compares ours with the peer in
          generation, the time split between the parts
   generate  bench_generate.py: batch 32 top_p sampling vs transformers' generate, greedy batch 1 vs the
          bandwidth floor (CPU)
+bf16 (issue 18 item 1): on a CPU with bf16 units (avx512_bf16 or amx_bf16), model, lora, dpo and sft run
+again with --precision bf16-autocast and --precision bf16 (scripts/_bench_precision.py); on one without,
+those rows say they were skipped and why. The bf16 matmul peak is measured beside the fp32 one.
 The machine's matmul peak (a large fp32 sgemm on CPU, bf16 on CUDA, best of several) is measured
 before every bench and at the end of the run; MFU = tokens/s x model FLOPs per token / the highest
 of those (other load only ever lowers a measurement).
@@ -43,10 +46,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared bench helpers beside this file
 import _bench_common as mem  # noqa: E402
+import _bench_precision as precision  # noqa: E402
 import bench_report  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCHES = ("model", "lora", "dpo", "sft", "compile", "dist", "moe", "grpo", "generate")
+PEAK_KEYS = ("peaks", "peak_gflops", "peaks_bf16", "peak_gflops_bf16")  # a section's entries that are not runs
 # ours against ours (compiled vs eager, 1 vs 2 processes), and generate (its targets are CPU ones): no CUDA run
 CPU_ONLY = ("compile", "dist", "generate")
 
@@ -57,9 +62,11 @@ def runs(name: str, quick: bool) -> list[tuple[str, list[str]]]:
         seqs = ((64, 2), (128, 2)) if quick else ((512, 4), (2048, 2))
         # decode once (at the first size); eager attention only at the first size (it adds nothing at 2048)
         # checkpointing on both sides at the longest length, where activations dominate the peak
-        return [(f"model-{seq}", ["bench_model.py", "--seq", str(seq), "--batch", str(batch)]
-                 + ([] if i == 0 else ["--no-decode", "--no-eager", "--checkpointing"])) for i, (seq, batch) in enumerate(seqs)]
-    return [(name, [f"bench_{name}.py"])]
+        default = [(f"model-{seq}", ["bench_model.py", "--seq", str(seq), "--batch", str(batch)]
+                    + ([] if i == 0 else ["--no-decode", "--no-eager", "--checkpointing"])) for i, (seq, batch) in enumerate(seqs)]
+    else:
+        default = [(name, [f"bench_{name}.py"])]
+    return [run for label, argv in default for run in [(label, argv), *precision.precision_runs(name, label, argv, quick)]]
 
 
 def run_bench(argv: list[str], device: str, quick: bool) -> dict:
@@ -79,11 +86,11 @@ def run_bench(argv: list[str], device: str, quick: bool) -> dict:
     return payload
 
 
-def matmul_peak(device: str, quick: bool) -> dict:
-    """Best GFLOP/s of an n x n matmul (fp32 on CPU, bf16 on CUDA) on THREADS threads: the machine's
+def matmul_peak(device: str, quick: bool, dtype: torch.dtype | None = None) -> dict:
+    """Best GFLOP/s of an n x n matmul (default: fp32 on CPU, bf16 on CUDA) on THREADS threads: the machine's
     dense-matmul peak as torch reaches it, measured in this run."""
     torch.set_num_threads(mem.THREADS)
-    dtype = mem.compute_dtype(device)
+    dtype = dtype or mem.compute_dtype(device)
     n, repeats = (1024, 3) if quick else ((8192, 20) if device == "cuda" else (4096, 6))
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
@@ -94,14 +101,26 @@ def matmul_peak(device: str, quick: bool) -> dict:
 
 
 def section(device: str, names: list[str], quick: bool) -> dict:
-    """Every run of `names` on `device`, with the matmul peak measured before each and at the end."""
-    results, peaks = {}, []
+    """Every run of `names` on `device`, with the matmul peak measured before each and at the end (on a CPU
+    with bf16 units the bf16 peak too); bf16 runs on a CPU without them are recorded as skipped, with why."""
+    results, peaks, peaks_bf16 = {}, [], []
+    support = mem.bf16_support(device=device)
+    bf16_peaks = device == "cpu" and support["bf16"]  # on CUDA the default peak is already bf16
     for name in names:
         for label, argv in runs(name, quick):
+            if "--precision" in argv and not support["bf16"]:
+                results[label] = {"skipped": mem.bf16_skipped(support)}
+                continue
             peaks.append(matmul_peak(device, quick))
+            if bf16_peaks:
+                peaks_bf16.append(matmul_peak(device, quick, torch.bfloat16))
             results[label] = run_bench(argv, device, quick)
     peaks.append(matmul_peak(device, quick))
-    return {"peaks": peaks, "peak_gflops": max(p["gflops"] for p in peaks), **results}
+    bf16 = {}
+    if bf16_peaks:
+        peaks_bf16.append(matmul_peak(device, quick, torch.bfloat16))
+        bf16 = {"peaks_bf16": peaks_bf16, "peak_gflops_bf16": max(p["gflops"] for p in peaks_bf16)}
+    return {"peaks": peaks, "peak_gflops": max(p["gflops"] for p in peaks), **bf16, **results}
 
 
 def merged(new: dict, previous_json: Path) -> dict:
@@ -119,10 +138,12 @@ def merged(new: dict, previous_json: Path) -> dict:
         if "not_run" in new[device]:  # e.g. rerun on a machine without a GPU: the earlier GPU figures stay
             new[device] = old[device]
             continue
-        kept = {label: r for label, r in old[device].items() if label not in ("peaks", "peak_gflops") and label not in rerun}
+        kept = {label: r for label, r in old[device].items() if label not in PEAK_KEYS and label not in rerun}
         peaks = old[device]["peaks"] + new[device]["peaks"]
-        new[device] = {"peaks": peaks, "peak_gflops": max(p["gflops"] for p in peaks), **kept,
-                       **{k: v for k, v in new[device].items() if k not in ("peaks", "peak_gflops")}}
+        peaks_bf16 = old[device].get("peaks_bf16", []) + new[device].get("peaks_bf16", [])
+        bf16 = {"peaks_bf16": peaks_bf16, "peak_gflops_bf16": max(p["gflops"] for p in peaks_bf16)} if peaks_bf16 else {}
+        new[device] = {"peaks": peaks, "peak_gflops": max(p["gflops"] for p in peaks), **bf16, **kept,
+                       **{k: v for k, v in new[device].items() if k not in PEAK_KEYS}}
     earlier = [n for n in old.get("benches", []) if n not in new["benches"]]
     new["benches"] = earlier + new["benches"]
     # where each kept bench was measured: the run that wrote the file, or the one it had kept it from

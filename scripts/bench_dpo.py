@@ -17,10 +17,15 @@ its own collated batch, then the optimizer `create_optimizer` built (trl 1.16 re
 datasets in its constructor, so it is built on a 1-row text dataset and then reads our token ids,
 as tests/oracle/test_dpo_trainer_parity.py does). Activation checkpointing is set the same on both
 sides (`--grad-ckpt`; trl's own default is on). Data: B random-token pairs whose chosen sequence
-fills `--seq` and whose rejected one is shorter (padded). Prints markdown and a JSON line.
+fills `--seq` and whose rejected one is shorter (padded). --precision: fp32 (the CPU default);
+bf16-autocast (fp32 weights; torch.autocast(bf16) around our backward_window and around trl's
+training_step, which is what accelerate's bf16 mixed precision wraps the forward in; trl bf16=True);
+bf16 (policy and reference weights bf16; ours steps them with trainer.bf16_update's default Kahan AdamW,
+trl with the plain fused AdamW its Trainer builds; trl bf16=True). Prints markdown and a JSON line.
 
     python scripts/bench_dpo.py [--seq 1024] [--pairs 2] [--references copy,adapter_off,precomputed]
-                                [--grad-ckpt off,on] [--warmup 1] [--steps 3] [--device cpu|cuda|auto] [--quick]
+                                [--grad-ckpt off,on] [--warmup 1] [--steps 3] [--precision fp32|bf16-autocast|bf16]
+                                [--device cpu|cuda|auto] [--quick]
 """
 
 from __future__ import annotations
@@ -68,19 +73,21 @@ def make_pairs(n: int, seq: int, vocab: int) -> list[PreferencePair]:
 def our_step(reference: str, pairs: list[PreferencePair], folder: Path, args: argparse.Namespace):
     """(forward_backward, optimizer, model) of our DPO step for `reference`, as fit() builds them."""
     kind, adapter = REFERENCES[reference]
-    model = models.ours(folder, kind, args.device, mem.compute_dtype(args.device), adapter or "adapter").train()
+    model = models.ours(folder, kind, args.device, mem.weight_dtype(args.precision), adapter or "adapter").train()
+    autocast = mem.autocast(args.precision, args.device)
     model.set_gradient_checkpointing(args.ckpt)
     batch = {k: v.to(args.device) for k, v in collate_pairs(pairs, EOS, packing=False, max_seq_len=args.seq).items()}
     ref = build_reference("copy" if reference == "precomputed" else reference, model, CHUNK)
     if reference == "precomputed":
-        batch["ref_logps"] = ref(model, batch)  # what fit()'s precompute does before step 1; then the copy goes
+        with autocast():
+            batch["ref_logps"] = ref(model, batch)  # what fit()'s precompute does before step 1; then the copy goes
         ref = None
         gc.collect()
     objective = dpo_objective(DPOSpec(loss_type="sigmoid", beta=BETA, reference="copy"), ref, CHUNK)
     optimizer = models.our_optimizer(model, args.device)
 
     def step() -> float:
-        return backward_window(model, objective, [batch], contextlib.nullcontext)[0]
+        return backward_window(model, objective, [batch], autocast)[0]
 
     return step, optimizer, model
 
@@ -93,12 +100,12 @@ def trl_step(reference: str, pairs: list[PreferencePair], folder: Path, args: ar
 
     datasets.disable_progress_bars()
     transformers.utils.logging.set_verbosity_error()
-    dtype = mem.compute_dtype(args.device)
+    dtype, autocast = mem.weight_dtype(args.precision), mem.autocast(args.precision, args.device)
     model = models.theirs(folder, "lora" if reference == "initial_adapter" else "full", args.device, dtype)
     ref_model = models.theirs(folder, "full", args.device, dtype) if reference == "copy" else None
     peft_config = models.peft_config() if reference == "adapter_off" else None
     config = trl.DPOConfig(
-        output_dir=str(folder / f"trl-{reference}"), report_to=[], bf16=args.device == "cuda", fp16=False,
+        output_dir=str(folder / f"trl-{reference}"), report_to=[], bf16=args.precision != "fp32", fp16=False,
         use_cpu=args.device == "cpu", seed=0, disable_tqdm=True, save_strategy="no", max_length=None,
         activation_checkpointing=args.ckpt, per_device_train_batch_size=len(pairs), learning_rate=models.LR,
         weight_decay=0.0, max_grad_norm=1.0, beta=BETA, loss_type=["sigmoid"],
@@ -111,7 +118,8 @@ def trl_step(reference: str, pairs: list[PreferencePair], folder: Path, args: ar
         dataset = datasets.Dataset.from_list([{"prompt_ids": p.prompt_ids, "chosen_ids": p.chosen_ids,
                                                "rejected_ids": p.rejected_ids} for p in pairs])
         if reference == "precomputed":
-            dataset = trainer._precompute_ref_logps(dataset, "train", len(pairs))
+            with autocast():
+                dataset = trainer._precompute_ref_logps(dataset, "train", len(pairs))
     batch = trainer.data_collator([dataset[i] for i in range(len(dataset))])
     if args.ckpt:  # what Trainer.train() does before its loop
         trainer.model.activation_checkpointing_enable(activation_checkpointing_kwargs=config.activation_checkpointing_kwargs)
@@ -119,7 +127,8 @@ def trl_step(reference: str, pairs: list[PreferencePair], folder: Path, args: ar
     trainer.current_gradient_accumulation_steps = 1  # Trainer.train() sets it per window
 
     def step() -> float:
-        return trainer.training_step(trainer.model, batch).item()
+        with autocast():  # accelerate's bf16 autocast comes with Trainer.train()'s prepare(), not run here
+            return trainer.training_step(trainer.model, batch).item()
 
     return step, trainer.optimizer, trainer.model
 
@@ -145,8 +154,8 @@ def report(rows: list[dict], args: argparse.Namespace, settings: dict, tokens: i
     lines = [
         f"- Machine: {info['cpu']}, {info['cores']} cores, {info['ram_gib']} GiB, torch.set_num_threads({mem.THREADS}) "
         f"in every process; {args.device}{' (' + str(info['gpu']) + ')' if args.device == 'cuda' else ''}; Python "
-        f"{info['python']}, {mem.versions_text(info)}; "
-        f"{'bf16 weights, trl bf16=True' if args.device == 'cuda' else 'fp32, trl bf16=False'}.",
+        f"{info['python']}, {mem.versions_text(info)}; {mem.machine_bf16(info)}; precision {args.precision}: "
+        f"{mem.precision_text(args.precision)}, trl bf16={args.precision != 'fp32'}.",
         f"- Model: hidden {arch['hidden_size']}, {arch['num_hidden_layers']} layers, {arch['num_attention_heads']} heads, "
         f"{arch['num_key_value_heads']} KV heads, intermediate {arch['intermediate_size']}, vocab {arch['vocab_size']}; "
         f"the same weights on both sides. LoRA rows: {models.lora_text()} (a new adapter starts with lora_B = 0; "
@@ -158,6 +167,8 @@ def report(rows: list[dict], args: argparse.Namespace, settings: dict, tokens: i
         f"Step seconds (warm-up first): {steps}.",
         mem.memory_note([r[side]["memory"] for r in rows for side in SIDES]) + " The frozen copy (and trl's "
         "reference load) is part of the built model; precomputed log-probs are computed before the reset.",
+        *(mem.trained_note({side: r[side] for side in SIDES}).replace(
+            "- Trained", f"- Trained, {r['reference']}/{r['grad_ckpt']}", 1) for r in rows),
     ]
     return "\n".join(lines + mem.run_notes(settings) + ["", *table])
 
@@ -172,6 +183,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"))
+    parser.add_argument("--precision", choices=mem.PRECISIONS, help="default fp32 on CPU, bf16 on CUDA")
     parser.add_argument("--quick", action="store_true", help="tiny model and batch, 1 step: a smoke test")
     parser.add_argument("--child", choices=SIDES, help=argparse.SUPPRESS)
     parser.add_argument("--group", help=argparse.SUPPRESS)  # REFERENCE:off|on of a child
@@ -179,6 +191,7 @@ def main() -> None:
     args = parser.parse_args()
     args.device, args.arch = mem.pick_device(args.device), mem.QUICK_ARCH if args.quick else mem.ARCH
     args.seq = args.seq or (128 if args.quick else 1024)
+    args.precision = args.precision or mem.default_precision(args.device)
     args.grad_ckpt = args.grad_ckpt or ("off" if args.quick else "off,on")
     if args.quick:
         args.warmup, args.steps = 0, 1
@@ -210,7 +223,7 @@ def main() -> None:
                     row[side] = {**mem.summarize(results[side], tokens, args.warmup), "memory": results[side]["memory"]}
                 rows.append(row)
     settings = clock.finish()
-    payload = {"bench": "dpo", "device": args.device, "arch": args.arch, "seq": args.seq, "pairs": args.pairs,
+    payload = {"bench": "dpo", "device": args.device, "precision": args.precision, "arch": args.arch, "seq": args.seq, "pairs": args.pairs,
                "tokens_per_step": tokens, "rows": rows, "run": settings}
     mem.emit(report(rows, args, settings, tokens), payload)
 

@@ -1,7 +1,12 @@
 """Benchmark our Mistral against transformers' MistralForCausalLM: full training step and greedy decode.
 
-1. Training step (forward, backward and a fused AdamW step, loss on labels = input ids): tokens/s and
-   peak memory (the optimizer's states included).
+1. Training step (forward, backward, clip 1.0 and AdamW, loss on labels = input ids): tokens/s and
+   peak memory (the optimizer's states included), in the precision --precision names:
+   fp32; bf16-autocast (fp32 weights, torch.autocast(bf16) around forward and backward on both sides);
+   bf16 (the weights bf16 on both sides). The optimizer is what each trainer builds: ours
+   `build_optimizer` (fused AdamW over fp32 weights; over bf16 weights trainer.bf16_update's default,
+   torch-optimi's Kahan-summed AdamW), theirs transformers Trainer's default `adamw_torch_fused`
+   (over bf16 weights a plain bf16 update: transformers offers no compensated one).
 2. Greedy decoding with a KV cache: new tokens/s, and whether both sides emit the same tokens.
 
 Sides: ours, transformers with SDPA attention, transformers with eager attention (training
@@ -11,11 +16,11 @@ lives in its own child process (so memory high-water marks do not mix) and the t
 go round-robin over the children (so load from other processes hits every side alike).
 All sides get the same weights (one state dict, saved once as safetensors) and the same
 inputs. Prints a markdown block ready for docs/benchmarks.md and a JSON line for bench_all.py.
-On CUDA (--device cuda) both sides run in bf16 and memory is torch.cuda.max_memory_allocated.
+On CUDA (--device cuda) the default precision is bf16 and memory is torch.cuda.max_memory_allocated.
 
     python scripts/bench_model.py [--seq 512] [--batch 4] [--warmup 1] [--steps 5] [--decode-repeats 5]
                                   [--no-eager] [--no-decode] [--checkpointing]
-                                  [--device cpu|cuda|auto] [--quick]
+                                  [--precision fp32|bf16-autocast|bf16] [--device cpu|cuda|auto] [--quick]
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared bench helper beside this file
 import _bench_common as mem  # noqa: E402
+import _bench_models as models  # noqa: E402
 
 from mistral_train import Mistral, MistralConfig  # noqa: E402
 from mistral_train.generate import generate  # noqa: E402
@@ -66,26 +72,32 @@ def serve_side(side: str, weights: Path, args: argparse.Namespace) -> None:
     """Child process of one side: build the model, then answer "step", "memory" and the decode commands."""
     torch.set_num_threads(THREADS)
     device = args.device
-    model = build(side, weights, args.arch).to(device, mem.compute_dtype(device))
+    model = build(side, weights, args.arch).to(device, mem.weight_dtype(args.precision))
+    autocast = mem.autocast(args.precision, device)
     vocab = args.arch["vocab_size"]
     ids = torch.randint(0, vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(0)).to(device)
     prompt = torch.randint(0, vocab, (1, PROMPT), generator=torch.Generator().manual_seed(1)).to(device)
 
-    # A training step is forward, backward and the optimizer: the same AdamW (fused where the device has it)
-    # on both sides. lr is tiny so the weights, and so the next steps' work, stay as they are.
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-8, fused=True)
+    # A training step is forward, backward, clip and the optimizer each trainer builds (module docstring).
+    # lr is tiny so the greedy tokens after the steps still compare; over bf16 weights 1e-8 is below half
+    # an ulp of every weight and a plain update would not move them, so there lr is the LoRA benches'.
+    lr = models.LR if args.precision == "bf16" else 1e-8
+    optimizer = models.our_optimizer(model, device, lr) if side.startswith("ours") else models.their_optimizer(model, lr)
+    params = list(model.parameters())
 
-    def step() -> float:
+    def step() -> tuple[float, float]:
         model.train()
-        if side.startswith("ours"):
-            loss = model(ids, labels=ids)
-        else:
-            # Training needs no KV cache; turning it off only removes work from their side.
-            loss = model(ids, labels=ids, use_cache=False).loss
-        loss.backward()
+        with autocast():
+            if side.startswith("ours"):
+                loss = model(ids, labels=ids)
+            else:
+                # Training needs no KV cache; turning it off only removes work from their side.
+                loss = model(ids, labels=ids, use_cache=False).loss
+        loss.backward()  # outside autocast, as torch's AMP recipe and our backward_window do
+        norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return loss.item()
+        return loss.item(), float(norm)
 
     def decode(new_tokens: int = args.new_tokens, threads: int = THREADS) -> dict:
         model.eval()
@@ -101,7 +113,14 @@ def serve_side(side: str, weights: Path, args: argparse.Namespace) -> None:
         return {"s": seconds, "tokens": out[0, PROMPT:].tolist()}
 
     mem.serve_steps(step, device, {"decode": decode, "decode_warmup": lambda: decode(8),
-                                   "decode_1thread": lambda: decode(threads=1)})
+                                   "decode_1thread": lambda: decode(threads=1)}, params=params)
+
+
+def optimizer_names(precision: str) -> tuple[str, str]:
+    """(ours, theirs): the AdamW each side's trainer builds over weights of `precision`."""
+    if precision == "bf16":
+        return "torch-optimi AdamW with Kahan summation (trainer.bf16_update auto)", "torch fused AdamW, plain bf16 update"
+    return "torch fused AdamW (build_optimizer)", "torch fused AdamW (Trainer's adamw_torch_fused)"
 
 
 def hf_greedy(model: torch.nn.Module, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
@@ -165,15 +184,18 @@ def report(train: dict, decode: dict, decode_1thread: dict, args: argparse.Names
     lines = [
         f"- Machine: {info['cpu']}, {info['cores']} cores, {info['ram_gib']} GiB, torch.set_num_threads({THREADS}) in "
         f"every process; {args.device}{' (' + info['gpu'] + ')' if args.device == 'cuda' else ''}; Python "
-        f"{info['python']}, {mem.versions_text(info)}; {mem.compute_dtype(args.device)}.",
+        f"{info['python']}, {mem.versions_text(info)}; {mem.machine_bf16(info)}; precision {args.precision}: "
+        f"{mem.precision_text(args.precision)}.",
         f"- Model: hidden {arch['hidden_size']}, {arch['num_hidden_layers']} layers, {arch['num_attention_heads']} heads, "
         f"{arch['num_key_value_heads']} KV heads, intermediate {arch['intermediate_size']}, vocab {arch['vocab_size']}, "
         f"sliding_window None, untied head: {settings['n_params'] / 1e6:.1f} M parameters, the same weights on every side.",
         f"- Training: batch {args.batch} x seq {args.seq} = {tokens} tokens per step, labels = input ids, forward + "
-        f"backward + fused AdamW step (its states in the memory); {warmup} warm-up + {args.steps} timed steps per side, taken round-robin; "
+        f"backward + clip 1.0 + AdamW step (its states in the memory; ours: {optimizer_names(args.precision)[0]}, "
+        f"transformers: {optimizer_names(args.precision)[1]}); {warmup} warm-up + {args.steps} timed steps per side, taken round-robin; "
         "median and best. Step seconds (warm-up first): "
         + "; ".join(f"{s} " + ", ".join(f"{t:.2f}" for t in train[s]["step_s"]) for s in sides) + ".",
         "- First-step losses: " + ", ".join(f"{s} {train[s]['first_loss']:.6f}" for s in sides) + ".",
+        mem.trained_note(train),
         mem.memory_note([settings["memory"][s] for s in sides]),
         mem.profile_note({s: train[s]["profile"] for s in sides}),
     ]
@@ -209,6 +231,7 @@ def main() -> None:
     parser.add_argument("--no-eager", action="store_true", help="skip transformers' eager attention")
     parser.add_argument("--no-decode", action="store_true", help="training steps only")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"))
+    parser.add_argument("--precision", choices=mem.PRECISIONS, help="default fp32 on CPU, bf16 on CUDA")
     parser.add_argument("--quick", action="store_true", help="tiny model, 1 step, short decode: a smoke test")
     parser.add_argument("--checkpointing", action="store_true",
                         help="also ours and transformers sdpa with activation checkpointing on both sides")
@@ -216,6 +239,7 @@ def main() -> None:
     parser.add_argument("--weights", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.device, args.arch = mem.pick_device(args.device), mem.QUICK_ARCH if args.quick else mem.ARCH
+    args.precision = args.precision or mem.default_precision(args.device)
     if args.quick:
         args.warmup, args.steps, args.decode_repeats, args.new_tokens = 0, 1, 1, 8
     args.seq, args.batch = args.seq or (128 if args.quick else 512), args.batch or (2 if args.quick else 4)
@@ -255,7 +279,7 @@ def main() -> None:
     settings = {**clock.finish(), "n_params": n_params, "memory": memory, "gemv_floor_s": floor}
     decode_figures = {s: {"tokens_per_s": args.new_tokens / statistics.median(r["s"] for r in runs),
                           "same_tokens": runs[-1]["tokens"] == decode["ours"][-1]["tokens"]} for s, runs in decode.items()}
-    payload = {"bench": "model", "device": args.device, "seq": args.seq, "batch": args.batch, "arch": args.arch,
+    payload = {"bench": "model", "device": args.device, "precision": args.precision, "seq": args.seq, "batch": args.batch, "arch": args.arch,
                "n_params": n_params, "train": train,
                "decode": decode_figures, "new_tokens": args.new_tokens, "run": settings}
     mem.emit(report(train, decode, decode_1thread, args, settings), payload)

@@ -15,6 +15,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 import _bench_common as mem
+import _bench_precision as precision
 
 from mistral_train.model.config import MistralConfig
 from mistral_train.plan import linear_shapes
@@ -40,7 +41,8 @@ def flops_per_token(arch: dict, seq: int, lora_r: int | None = None) -> float:
 
 
 def _ok(r: Optional[dict]) -> bool:
-    return isinstance(r, dict) and "error" not in r
+    """A default-precision run that measured (bf16 variants and skipped runs have their own table: _bench_precision)."""
+    return isinstance(r, dict) and "error" not in r and "skipped" not in r and not precision.is_variant(r)
 
 
 def step_series(section: dict) -> dict[str, list[dict]]:
@@ -264,11 +266,12 @@ def device_section(name: str, section: dict, images: list[Path], out: Path) -> l
              f"{first['dtype']} matmul on {mem.THREADS} threads, best of {first['repeats']} each: "
              + ", ".join(f"{p['gflops']:.0f}" for p in peaks) + f" GFLOP/s; MFU divides by the highest, "
              f"{section['peak_gflops']:.0f} GFLOP/s (an MFU above 100% would mean every peak measurement was slowed "
-             f"by other load: rerun on a quiet machine). {FLOPS_FORMULA}.", "", *summary(section), "", *why_missed(section)]
+             f"by other load: rerun on a quiet machine). {FLOPS_FORMULA}.", "", *summary(section), "",
+             *precision.table(section, flops_per_token), *why_missed(section)]
     lines += [f"![{p.stem}](img/{p.name})" for p in images if p.parent == out / "img"] + [""]
     for label, r in section.items():
-        if label not in ("peaks", "peak_gflops"):
-            lines += [f"### {label}", "", r["error"] if "error" in r else r["markdown"], ""]
+        if label not in ("peaks", "peak_gflops", "peaks_bf16", "peak_gflops_bf16"):
+            lines += [f"### {label}", "", r.get("error") or r.get("skipped") or r["markdown"], ""]
     return lines
 
 

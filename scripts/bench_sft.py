@@ -15,10 +15,13 @@ Data: synthetic conversations of 1 to 20 turns stitched from the bundled tiny_ch
 real (non-pad) tokens/s, processed token slots/s (pads included), padding share, peak RSS.
 Each side runs in its own child process (clean peak-RSS figures; scripts/_bench_common.py);
 children are warmed up with one optimizer step, then run their timed epoch one after the other.
-On CUDA (--device cuda) every side trains fp32 weights under bf16 autocast (trl: bf16=True) and
-memory is torch.cuda.max_memory_allocated. Prints a markdown block and a JSON line for bench_all.py.
+--precision: fp32 (the CPU default); bf16-autocast (fp32 weights under bf16 autocast, trl: bf16=True; the
+CUDA default); bf16 (the weights bf16 on every side: ours stepped with trainer.bf16_update's default Kahan
+AdamW, trl with its plain AdamW over them, bf16=True). On CUDA memory is torch.cuda.max_memory_allocated.
+Prints a markdown block and a JSON line for bench_all.py.
 
-    python scripts/bench_sft.py [--examples 96] [--repeats 1] [--no-trl-packed] [--device cpu|cuda|auto] [--quick]
+    python scripts/bench_sft.py [--examples 96] [--repeats 1] [--no-trl-packed] [--precision fp32|bf16-autocast|bf16]
+                                [--device cpu|cuda|auto] [--quick]
 """
 
 from __future__ import annotations
@@ -64,12 +67,12 @@ def synthetic_rows(n: int, seed: int) -> list[dict]:
         rows.append({"messages": messages, "source": "synthetic chat", "row": i})
     return rows
 
-def serve_side(side: str, out: Path, device: str) -> None:
+def serve_side(side: str, out: Path, device: str, precision: str) -> None:
     torch.set_num_threads(THREADS)
     data = json.loads((out / "examples.json").read_text())
     examples = [SFTExample(e["input_ids"], e["labels"], "synthetic chat", i, False) for i, e in enumerate(data["examples"])]
     build = our_side if side.startswith("ours") else trl_side
-    handlers = build(side.endswith("packed"), examples, data["pad_id"], out / "weights.safetensors", out, device)
+    handlers = build(side.endswith("packed"), examples, data["pad_id"], out / "weights.safetensors", out, device, precision)
     memory = mem.PeakMemory(device)
     memory.start()  # the weights' transient load copy must not count
     mem.serve({**handlers, "memory": memory.read})
@@ -108,11 +111,12 @@ def figures(epochs: dict, memory: dict) -> dict:
         out[side] = {"epoch_s": wall, "tokens_per_s": last["real"] / wall, "real_per_cpu_s": last["real"] / cpu,
                      "slots_per_s": last["slots"] / wall, "peak_mib": memory[side]["peak_mib"] - memory[side]["baseline_mib"],
                      "abs_peak_mib": memory[side]["peak_mib"], "steps": last["steps"], "real": last["real"],
-                     "slots": last["slots"], "mean_loss": last["mean_loss"]}
+                     "slots": last["slots"], "mean_loss": last["mean_loss"], "losses": [last["first_loss"], last["last_loss"]],
+                     "grad_norms": last["grad_norms"], "moved": [None]}
     return out
 
 
-def report(epochs: dict, warm: dict, memory: dict, data: dict, settings: dict, device: str) -> str:
+def report(epochs: dict, warm: dict, memory: dict, data: dict, settings: dict, device: str, precision: str) -> str:
     """The markdown block: machine, settings, notes and the table."""
     names = {"ours-packed": "ours, packed", "ours-padded": "ours, padded", "trl-padded": "trl SFTTrainer, padded",
              "trl-packed": "trl SFTTrainer, packed (bfd, padding-free)"}
@@ -125,12 +129,12 @@ def report(epochs: dict, warm: dict, memory: dict, data: dict, settings: dict, d
     info = settings["machine"]
     ratios = ", ".join(f"{names[s]} {fig[s]['tokens_per_s'] / fig['trl-padded']['tokens_per_s']:.2f}x"
                        for s in fig if s != "trl-padded")
-    precision = "fp32 weights under bf16 autocast (trl: bf16=True)" if device == "cuda" else "fp32"
     lines = [
         f"- Machine: {info['cpu']}, {info['cores']} cores, {info['ram_gib']} GiB, torch.set_num_threads({THREADS}) in "
         f"every process (children report {sorted({m['threads'] for m in memory.values()})}); {device}"
         f"{' (' + str(info['gpu']) + ')' if device == 'cuda' else ''}; Python {info['python']}, "
-        f"{mem.versions_text(info)}; {precision}.",
+        f"{mem.versions_text(info)}; {mem.machine_bf16(info)}; precision {precision}: {mem.precision_text(precision)} "
+        f"(trl bf16={precision != 'fp32'}).",
         f"- Model: hidden {ARCH['hidden_size']}, {ARCH['num_hidden_layers']} layers, {ARCH['num_attention_heads']} heads, "
         f"{ARCH['num_key_value_heads']} KV heads, intermediate {ARCH['intermediate_size']}, vocab {ARCH['vocab_size']} "
         f"(the real v1 tokenizer), untied head, SDPA: {data['n_params'] / 1e6:.1f} M parameters, the same initial "
@@ -152,6 +156,7 @@ def report(epochs: dict, warm: dict, memory: dict, data: dict, settings: dict, d
         "Real tokens per CPU-second (process CPU time, all threads) is less sensitive to other load than wall time.",
         mem.memory_note(list(memory.values())) + " Read after the epochs (optimizer state, activations, data included).",
         f"- Real-token throughput relative to trl padded: {ratios}.",
+        mem.trained_note(fig).replace("weights moved every step: not probed", "loss first -> last step of the epoch"),
         *mem.run_notes(settings),
         "",
         "| Side | Steps | Real tokens | Token slots | Padding share | Epoch s | Real tokens/s | Slots/s (pads included) "
@@ -168,13 +173,15 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1, help="timed epochs per side (median reported)")
     parser.add_argument("--no-trl-packed", action="store_true", help="skip trl's packed side")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"))
+    parser.add_argument("--precision", choices=mem.PRECISIONS, help="default fp32 on CPU, bf16-autocast on CUDA")
     parser.add_argument("--quick", action="store_true", help=f"{QUICK_EXAMPLES} examples: a smoke test")
     parser.add_argument("--child", choices=SIDES, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.device = mem.pick_device(args.device)
+    args.precision = args.precision or ("bf16-autocast" if args.device == "cuda" else "fp32")
     if args.child:
-        serve_side(args.child, args.out, args.device)
+        serve_side(args.child, args.out, args.device, args.precision)
         return
 
     torch.set_num_threads(THREADS)
@@ -184,7 +191,8 @@ def main() -> None:
         out = Path(tmp)
         data = prepare(out, QUICK_EXAMPLES if args.quick else args.examples)
         print(f"[bench] {data['examples']} examples, {data['tokens']} tokens; building {sides}", file=sys.stderr, flush=True)
-        argvs = {s: [__file__, "--child", s, "--out", str(out), "--device", args.device] for s in sides}
+        argvs = {s: [__file__, "--child", s, "--out", str(out), "--device", args.device, "--precision", args.precision]
+                 for s in sides}
         with mem.children_of(argvs) as children:
             warm = {s: child.ask("warmup") for s, child in children.items()}
             epochs = {s: [] for s in sides}
@@ -194,9 +202,9 @@ def main() -> None:
                     epochs[side].append(children[side].ask("epoch"))
             memory = {s: child.ask("memory") for s, child in children.items()}
     settings = {"repeats": args.repeats, **clock.finish()}
-    payload = {"bench": "sft", "device": args.device, "arch": ARCH, "max_len": MAX_LEN, "data": data,
+    payload = {"bench": "sft", "device": args.device, "precision": args.precision, "arch": ARCH, "max_len": MAX_LEN, "data": data,
                "sides": figures(epochs, memory), "run": settings}
-    mem.emit(report(epochs, warm, memory, data, settings, args.device), payload)
+    mem.emit(report(epochs, warm, memory, data, settings, args.device, args.precision), payload)
 
 
 if __name__ == "__main__":
