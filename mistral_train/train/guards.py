@@ -64,13 +64,13 @@ class NonFiniteGuard:
         self.skipped = 0  # over this process's run, for the metrics
         self.streak: list[str] = []  # the consecutive skipped steps' descriptions
 
-    def skip(self, step: int, loss: float, grad_norm: float, batch: str) -> str:
+    def skip(self, step: int, loss: float, grad_norm: float, batch: str, action: str = "update skipped") -> str:
         """Record a skipped step; return its one-line description, or raise NonFiniteError when it ends a
-        streak of `max_consecutive`."""
+        streak of `max_consecutive`. `action`: what became of the update (an engine may have applied it)."""
         self.skipped += 1
         found = [f"{what} {value}" for what, value in (("loss", loss), ("gradient norm", grad_norm)) if not is_finite(value)]
         found = found or ["gradient norm on another process"]  # this process's own values are finite
-        line = f"step {step}: non-finite {' and '.join(found)}; update skipped ({batch})"
+        line = f"step {step}: non-finite {' and '.join(found)}; {action} ({batch})"
         self.streak.append(f"step {step} ({batch})")
         if self.max_consecutive and len(self.streak) >= self.max_consecutive:
             raise NonFiniteError(f"{len(self.streak)} consecutive steps had a non-finite loss or gradient "

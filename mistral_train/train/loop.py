@@ -309,7 +309,9 @@ def _step(run: Run, meter: Meter, guard: Optional[NonFiniteGuard] = None,
     # anyway: a gradient made NaN on one process after DDP's sync shows in that process's norm only)
     if guard is not None and agreed(accelerator, not (is_finite(loss) and is_finite(grad_norm))):
         run.optimizer.zero_grad(set_to_none=True)  # no optimizer or scheduler step (Megatron-LM's skipped iteration)
-        line = guard.skip(step, loss, float(grad_norm), batch_position(position))
+        # DeepSpeed's engine already stepped inside backward (dist.backward): counted, but the update is its call
+        action = "update left to the DeepSpeed engine" if strategy_of(accelerator).is_deepspeed else "update skipped"
+        line = guard.skip(step, loss, float(grad_norm), batch_position(position), action)
         if accelerator.is_main_process:
             print(f"warning: {line}")
     else:
