@@ -111,23 +111,31 @@ def test_sigterm_then_sigusr1_checkpoint_exit_0_and_resume_equals_an_uninterrupt
            [(r["step"], r["loss"]) for r in _logged(reference)]
 
 
-def test_a_signal_in_process_stops_at_the_boundary_and_the_handlers_are_restored(tmp_path, monkeypatch, capsys):
-    real, calls = loop._step, [0]
+@pytest.mark.parametrize("when, stops", [("step", 2), ("setup", 1)])
+def test_a_signal_in_process_stops_at_the_boundary_and_the_handlers_are_restored(tmp_path, monkeypatch, capsys,
+                                                                                 when, stops):
+    """The signal lands while step 2 runs (twice: a repeat changes nothing), or while the model is being set up
+    (the handlers are installed before): the run stops after that step, or after step 1."""
+    target = "_step" if when == "step" else "_setup"
+    real, calls = getattr(loop, target), [0]
 
-    def step(*args, **kwargs):  # the signal lands while step 2 runs
+    def patched(*args, **kwargs):
         calls[0] += 1
-        if calls[0] == 2:
+        if calls[0] == stops:
+            os.kill(os.getpid(), signal.SIGUSR1)
             os.kill(os.getpid(), signal.SIGUSR1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(loop, "_step", step)
+    monkeypatch.setattr(loop, target, patched)
     before = signal.getsignal(signal.SIGUSR1)
     cfg = load_run_config(*split_recipe(_args(tmp_path, "inproc", "trainer.preemption_grace_s=1e-9")))
-    with pytest.raises(Preempted, match=r"^preempted by SIGUSR1: stopped after step 2, "):
+    with pytest.raises(Preempted, match=rf"^preempted by SIGUSR1: stopped after step {stops}, "):
         fit(cfg)
     assert signal.getsignal(signal.SIGUSR1) is before
-    assert [p.name for p in (tmp_path / "inproc" / "checkpoints").iterdir()] == ["step_2"]
-    assert "this took longer than trainer.preemption_grace_s=1e-09s" in capsys.readouterr().out
+    assert [p.name for p in (tmp_path / "inproc" / "checkpoints").iterdir()] == [f"step_{stops}"]
+    out = capsys.readouterr().out
+    assert out.count("preempted by") == 1
+    assert "this took longer than trainer.preemption_grace_s=1e-09s" in out
 
 
 @pytest.mark.parametrize("names, grace, key", [
