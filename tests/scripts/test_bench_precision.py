@@ -177,7 +177,7 @@ def test_lora_bench_steps_in_each_precision(p, tmp_path, monkeypatch):
 @pytest.mark.parametrize("p", mem.PRECISIONS)
 def test_dpo_bench_steps_in_each_precision(p, tmp_path, monkeypatch):
     models.write_models(tmp_path, TINY)
-    args = _args(p, seq=32, pairs=2, ckpt=False)
+    args = _args(p, seq=64, pairs=2, ckpt=False)  # make_pairs: pair k's rejected is seq / 2 - 16k long
     for side in bench_dpo.SIDES:
         step = _handlers(monkeypatch, lambda: bench_dpo.serve_side(side, "adapter_off", tmp_path, args))["step"]
         with _OutputDtypes() as seen:
