@@ -30,12 +30,15 @@ def _metrics(folder: Path) -> list[dict]:
 
 def test_tiny_grpo_raises_held_out_exact_match_above_the_sft_models(tmp_path):
     # tiny_grpo as it is (model, data, reward), its pretraining and SFT stages shortened as in
-    # tests/test_recipes.py (30 + 120 steps: exact match ~0.1-0.3 on the 102 held-out word lists), then GRPO.
+    # tests/test_recipes.py (30 + 120 steps: exact match ~0.1-0.3 on the 102 held-out word lists), then 10 GRPO
+    # steps.
     # The GRPO stage scores its starting model at step 0: that is the SFT model, on the same held-out lists.
     short = ["recipe=tiny_grpo", "trainer.max_steps=30", "trainer.batch_size=4", "trainer.max_seq_len=128",
              "tracking.progress_bar=false", "tracking.plot=false", "stages.sft.trainer.max_steps=120",
              "+stages.sft.trainer.batch_size=8", "stages.sft.trainer.eval_every=null",
-             "stages.grpo.trainer.eval_every=null"]
+             "stages.grpo.trainer.eval_every=null",
+             # trainer.* above reaches every stage: GRPO keeps the recipe's 16 prompts x 8 completions a step
+             "stages.grpo.trainer.batch_size=128", "stages.grpo.trainer.max_steps=10"]
     assert main([f"run.dir={tmp_path}", *short]) == 0
     sft = [r for r in _metrics(tmp_path / "tiny_grpo" / "sft") if "exact_match" in r]
     grpo = [r for r in _metrics(tmp_path / "tiny_grpo" / "grpo") if "exact_match" in r]
