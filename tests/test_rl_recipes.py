@@ -13,6 +13,7 @@ import pytest
 from mistral_train import MistralConfig
 from mistral_train.cli import main
 from mistral_train.config import load_run_config
+from mistral_train.data.formats import detect_format
 from mistral_train.data.prompt_batches import prompts_per_batch
 from mistral_train.data.spec import Batching
 from mistral_train.rollout.rewards import build_rewards
@@ -51,7 +52,8 @@ def test_tiny_grpo_raises_held_out_exact_match_above_the_sft_models(tmp_path):
 def _checked(recipe: str, overrides: list[str], vocab: int):
     """What a GRPO run checks before it reads weights or data, on the recipe's composed config."""
     cfg = load_run_config(recipe, overrides)
-    assert cfg.run.name == recipe and cfg.trainer.objective == "grpo" and cfg.data.format == "prompt_only"
+    assert cfg.run.name == recipe and cfg.trainer.objective == "grpo" and cfg.data.format == "auto"
+    assert detect_format({"prompt": "q", "answer": "a"}) == "prompt_only"  # what auto makes of a prompt row
     assert OBJECTIVES[cfg.trainer.objective].data_kind == "prompt" and cfg.adapter.kind == "qlora"
     # the recipe's published shape as the folder's config.json (as in tests/test_plan.py)
     (Path(cfg.model.path) / "config.json").write_text(json.dumps(MistralConfig.from_spec(cfg.model, vocab_size=vocab)
