@@ -277,3 +277,35 @@ def rows_in_our_order(calls: list, windows: int) -> list[dict]:
     seen = [p for call in calls for p in call]
     assert len(seen) == windows * BATCH * ACCUM // G and len(set(seen)) == len(seen), f"our rollouts drew {calls}"
     return [by_prompt[p] for p in seen] + [r for p, r in by_prompt.items() if p not in set(seen)]
+
+
+def trl_score_window(scores: torch.Tensor, weights: torch.Tensor, names: list[str], num_generations: int,
+                     scale_rewards: str) -> tuple[dict, dict]:
+    """trl 1.16's own reward combination and advantages: `GRPOTrainer._generate_and_score_completions` called
+    unbound on a stand-in trainer whose generation returns fixed completions and whose `_calculate_rewards`
+    returns `scores` (N, F); the weighting, nansum, unscorable rows and group/batch statistics after it are
+    trl's code. Returns (its output: "advantages", ...; its logged train metrics: "reward", ...)."""
+    from collections import defaultdict
+    from types import SimpleNamespace
+
+    from trl.trainer.grpo_trainer import GRPOTrainer
+
+    n = scores.shape[0]
+    trainer = SimpleNamespace(
+        accelerator=SimpleNamespace(device="cpu", num_processes=1, process_index=0, is_main_process=False,
+                                    gather=lambda t: t, gather_for_metrics=lambda t: t,
+                                    reduce=lambda t, reduction="sum": t),
+        model=SimpleNamespace(training=True, is_gradient_checkpointing=False),
+        environment_factories=None, tools=None, environments=None, _is_vlm=False, beta=0.0,
+        _generate=lambda prompts: ([[1, 2]] * n, [[5, 6, 2]] * n, None, ["x"] * n, None, {}, None, None),
+        _tokenizer=SimpleNamespace(pad_token_id=0), pad_to_multiple_of=None, mask_truncated_completions=False,
+        args=SimpleNamespace(per_device_train_batch_size=n, gradient_checkpointing_kwargs=None,
+                             steps_per_generation=1, gradient_accumulation_steps=1),
+        num_iterations=1, use_vllm=False, vllm_importance_sampling_correction=False,
+        _calculate_rewards=lambda *a: scores.clone(), num_generations=num_generations,
+        multi_objective_aggregation="sum_then_normalize", reward_weights=weights, scale_rewards=scale_rewards,
+        reward_func_names=names, _metrics={"train": defaultdict(list)},
+        _logs=defaultdict(list, rewards=defaultdict(list)), _pending_extra_logs={}, _pending_metrics={},
+    )
+    out = GRPOTrainer._generate_and_score_completions(trainer, [{"prompt": "p"}] * n)
+    return out, trainer._metrics["train"]

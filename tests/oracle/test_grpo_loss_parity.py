@@ -14,6 +14,7 @@ import torch
 from trl.trainer.grpo_trainer import GRPOTrainer
 
 from mistral_train.losses import GRPO_LOSSES, group_advantages, grpo_loss
+from tests.oracle._trl_rl import trl_score_window
 
 B, T, MAX_LEN = 8, 6, 7
 NEED_DEFAULTS = dict(delta=None, sapo_temperature_pos=1.0, sapo_temperature_neg=1.05, vespo_k_pos=2.0,
@@ -116,32 +117,10 @@ def test_inputs_exercise_both_clip_sides():
 
 
 def _trl_advantages(rewards: torch.Tensor, num_generations: int, scale: str) -> torch.Tensor:
-    """trl's advantages: `_generate_and_score_completions` called unbound, generation and rewards stubbed.
-
-    The stubs hand back fixed completions and `rewards` as the one reward function's column; everything after
-    (the group / batch statistics and the NaN handling) is trl's own code.
-    """
-    n = rewards.numel()
-
-    def ident(t):
-        return t
-
-    trainer = SimpleNamespace(
-        accelerator=SimpleNamespace(device="cpu", num_processes=1, process_index=0, is_main_process=False,
-                                    gather=ident, gather_for_metrics=ident, reduce=lambda t, reduction="sum": t),
-        model=SimpleNamespace(training=True, is_gradient_checkpointing=False),
-        environment_factories=None, tools=None, environments=None, _is_vlm=False, beta=0.0,
-        _generate=lambda prompts: ([[1, 2]] * n, [[5, 6, 2]] * n, None, ["x"] * n, None, {}, None, None),
-        _tokenizer=SimpleNamespace(pad_token_id=0), pad_to_multiple_of=None, mask_truncated_completions=False,
-        args=SimpleNamespace(per_device_train_batch_size=n, gradient_checkpointing_kwargs=None,
-                             steps_per_generation=1, gradient_accumulation_steps=1),
-        num_iterations=1, use_vllm=False, vllm_importance_sampling_correction=False,
-        _calculate_rewards=lambda *a: rewards.unsqueeze(1), num_generations=num_generations,
-        multi_objective_aggregation="sum_then_normalize", reward_weights=torch.ones(1, dtype=rewards.dtype),
-        scale_rewards=scale, reward_func_names=["r"], _metrics={"train": defaultdict(list)},
-        _logs=defaultdict(list, rewards=defaultdict(list)), _pending_extra_logs={}, _pending_metrics={},
-    )
-    return GRPOTrainer._generate_and_score_completions(trainer, [{"prompt": "p"}] * n)["advantages"]
+    """trl's advantages of `rewards` as the one reward function's column (generation stubbed; the group / batch
+    statistics and the NaN handling are trl's own code)."""
+    out, _ = trl_score_window(rewards.unsqueeze(1), torch.ones(1, dtype=rewards.dtype), ["r"], num_generations, scale)
+    return out["advantages"]
 
 
 @pytest.mark.parametrize("num_generations", [4, 2])

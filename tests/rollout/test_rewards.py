@@ -16,6 +16,7 @@ from mistral_train.rollout.rewards import (RewardError, build_rewards, exact_ans
                                            normalize_answer)
 from mistral_train.tokenizer.files import write_tokenizer_files
 from tests._tokenizers import bundled
+from tests.oracle._trl_rl import trl_score_window
 
 BUILTIN = "mistral_train.rollout.rewards:"
 
@@ -319,33 +320,10 @@ def test_reward_model_folder_must_be_a_one_label_classifier(tmp_path, hf_model, 
 
 
 def _trl_rewards_and_advantages(scores: torch.Tensor, weights: torch.Tensor, names: list[str], G: int):
-    """trl 1.16's own combination: `GRPOTrainer._generate_and_score_completions` called unbound on a stand-in
-    trainer whose generation returns fixed completions and whose `_calculate_rewards` returns `scores`; the
-    weighting, nansum, unscorable rows and group statistics after it are trl's code. Returns (logged reward
+    """trl 1.16's own combination of `scores` (tests/oracle/_trl_rl.py trl_score_window). Returns (logged reward
     mean, advantages with scale_rewards="none": reward - group mean, 0 on unscorable rows)."""
-    from collections import defaultdict
-
-    from trl.trainer.grpo_trainer import GRPOTrainer
-
-    n = scores.shape[0]
-    trainer = SimpleNamespace(
-        accelerator=SimpleNamespace(device="cpu", num_processes=1, process_index=0, is_main_process=False,
-                                    gather=lambda t: t, gather_for_metrics=lambda t: t,
-                                    reduce=lambda t, reduction="sum": t),
-        model=SimpleNamespace(training=True, is_gradient_checkpointing=False),
-        environment_factories=None, tools=None, environments=None, _is_vlm=False, beta=0.0,
-        _generate=lambda prompts: ([[1, 2]] * n, [[5, 6, 2]] * n, None, ["x"] * n, None, {}, None, None),
-        _tokenizer=SimpleNamespace(pad_token_id=0), pad_to_multiple_of=None, mask_truncated_completions=False,
-        args=SimpleNamespace(per_device_train_batch_size=n, gradient_checkpointing_kwargs=None,
-                             steps_per_generation=1, gradient_accumulation_steps=1),
-        num_iterations=1, use_vllm=False, vllm_importance_sampling_correction=False,
-        _calculate_rewards=lambda *a: scores.clone(), num_generations=G,
-        multi_objective_aggregation="sum_then_normalize",
-        reward_weights=weights, scale_rewards="none", reward_func_names=names, _metrics={"train": defaultdict(list)},
-        _logs=defaultdict(list, rewards=defaultdict(list)), _pending_extra_logs={}, _pending_metrics={},
-    )
-    out = GRPOTrainer._generate_and_score_completions(trainer, [{"prompt": "p"}] * n)
-    return trainer._metrics["train"]["reward"][-1], out["advantages"]
+    out, metrics = trl_score_window(scores, weights, names, G, "none")
+    return metrics["reward"][-1], out["advantages"]
 
 
 def test_combine_equals_trl_grpo_trainer(user_module):
