@@ -167,4 +167,13 @@ class TrainData:
             raise SmallDataError(self.too_few)
 
 
+def answered_rows(rows: Sequence[dict[str, Any]], reply: Optional[str] = None) -> Optional[list[dict[str, Any]]]:
+    """The held-out rows that carry an "answer", as the chat rows exact match scores (TrainData.eval_rows): the
+    prompt turns (+ the `reply` turn, e.g. a pair's chosen answer, when given) as "messages", with the answer,
+    tools, source and row; None when no row carries an answer."""
+    return [{"messages": r["prompt"] + (r[reply] if reply else []), "answer": r["answer"], "source": r["source"],
+             "row": r["row"], **({"tools": r["tools"]} if "tools" in r else {})}
+            for r in rows if "answer" in r] or None
+
+
 WARNING = "warning: "  # the prefix of summary lines that report lost or cut data

@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 
 from mistral_train.data.collate import Batch
-from mistral_train.data.epochs import EpochBatches, TrainData, too_few
+from mistral_train.data.epochs import EpochBatches, TrainData, answered_rows, too_few
 from mistral_train.data.preference import PreferencePair, collate_pairs, tokenize_pairs
 from mistral_train.data.preference_audit import audit_pairs, format_pair_report, pair_length_warnings
 from mistral_train.data.sources import RowSource
@@ -69,8 +69,7 @@ def pair_data(spec: DataSpec, b: Batching, tokenizer, train: RowSource, held: Op
         raise ValueError(f"{held.name}: no held-out pair is left after tokenization ({eval_stats.total().dropped} "
                          f"dropped as longer than trainer.max_seq_len={max_len}, data.overlong={spec.overlong})")
     # held-out pairs with an "answer" also score exact match of greedy replies to their prompt
-    answered = [{"messages": r["prompt"] + r["chosen"], "answer": r["answer"], "source": r["source"], "row": r["row"]}
-                for r in eval_rows if "answer" in r] or None
+    answered = answered_rows(eval_rows, "chosen")
     summary.append(f"{held.name}: {counted(len(eval_pairs), 'held-out pair')}")
     summary += warnings + pair_length_warnings(eval_stats, held.name)
     return TrainData(batches, eval_pairs, b.eval_size, stats, answered, report, summary, too_few=short)

@@ -26,7 +26,7 @@ from typing import Any, Optional
 import torch
 
 from mistral_train.data.collate import Batch
-from mistral_train.data.epochs import EpochBatches, TrainData
+from mistral_train.data.epochs import EpochBatches, TrainData, answered_rows
 from mistral_train.data.sources import RowSource
 from mistral_train.data.spec import Batching, DataSpec
 from mistral_train.errors import ConfigError
@@ -81,8 +81,7 @@ def prompt_data(spec: DataSpec, b: Batching, tokenizer, train: RowSource, held: 
     for row in eval_rows:  # a held-out prompt the template refuses stops the run now, not at the first eval
         encode_prompt(row, tokenizer, spec.chat_format, b.max_seq_len)
     # exact match reads chat rows: the prompt's turns are the conversation it replies to
-    answered = [{"messages": r["prompt"], "answer": r["answer"], "source": r["source"], "row": r["row"],
-                 **({"tools": r["tools"]} if "tools" in r else {})} for r in eval_rows if "answer" in r] or None
+    answered = answered_rows(eval_rows)
     summary.append(f"{held.name}: {counted(len(eval_rows), 'held-out prompt')}, "
                    f"{len(answered or [])} with an answer (exact match)")
     return TrainData(batches, None, b.eval_size, eval_rows=answered, summary=summary, too_few=short, prompt_rows=rows)

@@ -27,7 +27,7 @@ from typing import Iterable, Mapping, Optional, Sequence
 import torch
 
 from mistral_train.data.collate import Batch
-from mistral_train.data.epochs import EpochBatches, TrainData, WARNING, too_few
+from mistral_train.data.epochs import EpochBatches, TrainData, WARNING, answered_rows, too_few
 from mistral_train.data.preference import collate_sequences, tokenize_pair
 from mistral_train.data.sft import SFTExample, row_where
 from mistral_train.data.sources import RowSource
@@ -175,8 +175,7 @@ def unpaired_data(spec: DataSpec, b: Batching, tokenizer, train: RowSource, held
         raise ValueError(f"{held.name}: no held-out example is left after tokenization ({eval_stats.dropped} dropped "
                          f"as longer than trainer.max_seq_len={max_len}, data.overlong={spec.overlong})")
     # held-out rows with an "answer" also score exact match of greedy replies to their prompt
-    answered = [{"messages": r["prompt"] + r["completion"], "answer": r["answer"], "source": r["source"],
-                 "row": r["row"]} for r in eval_rows if "answer" in r] or None
+    answered = answered_rows(eval_rows, "completion")
     summary.append(f"{held.name}: {counted(len(eval_examples), 'held-out example')}")
     summary += _warnings(eval_stats, held.name, max_len, spec.overlong)
     return TrainData(batches, eval_examples, b.eval_size, None, answered, None, summary, too_few=short)
