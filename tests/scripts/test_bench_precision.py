@@ -150,6 +150,14 @@ def _args(p: str, **kw) -> argparse.Namespace:
     return argparse.Namespace(device="cpu", precision=p, arch=TINY, **kw)
 
 
+
+def _step_and_check(monkeypatch, serve, p) -> None:
+    """One step of the bench side `serve` starts, checked: it trained, in precision `p`'s dtypes."""
+    step = _handlers(monkeypatch, serve)["step"]
+    with _OutputDtypes() as seen:
+        answer = step()
+    _check_step(answer, seen.dtypes, p)
+
 @pytest.mark.parametrize("p", mem.PRECISIONS)
 def test_model_bench_steps_in_each_precision(p, tmp_path, monkeypatch):
     weights = tmp_path / "w.safetensors"
@@ -157,10 +165,7 @@ def test_model_bench_steps_in_each_precision(p, tmp_path, monkeypatch):
     save_file(Mistral(MistralConfig(**TINY)).state_dict(), str(weights))
     args = _args(p, seq=16, batch=2, new_tokens=2)
     for side in ("ours", "hf-sdpa"):
-        step = _handlers(monkeypatch, lambda: bench_model.serve_side(side, weights, args))["step"]
-        with _OutputDtypes() as seen:
-            answer = step()
-        _check_step(answer, seen.dtypes, p)
+        _step_and_check(monkeypatch, lambda: bench_model.serve_side(side, weights, args), p)
 
 
 @pytest.mark.parametrize("p", mem.PRECISIONS)
@@ -168,10 +173,7 @@ def test_lora_bench_steps_in_each_precision(p, tmp_path, monkeypatch):
     models.write_models(tmp_path, TINY)
     for kind in ("lora", "qlora"):
         for side in bench_lora.SIDES:
-            step = _handlers(monkeypatch, lambda: bench_lora.serve_side(side, kind, 16, 2, tmp_path, _args(p)))["step"]
-            with _OutputDtypes() as seen:
-                answer = step()
-            _check_step(answer, seen.dtypes, p)
+            _step_and_check(monkeypatch, lambda: bench_lora.serve_side(side, kind, 16, 2, tmp_path, _args(p)), p)
 
 
 @pytest.mark.parametrize("p", mem.PRECISIONS)
@@ -179,10 +181,7 @@ def test_dpo_bench_steps_in_each_precision(p, tmp_path, monkeypatch):
     models.write_models(tmp_path, TINY)
     args = _args(p, seq=64, pairs=2, ckpt=False)  # make_pairs: pair k's rejected is seq / 2 - 16k long
     for side in bench_dpo.SIDES:
-        step = _handlers(monkeypatch, lambda: bench_dpo.serve_side(side, "adapter_off", tmp_path, args))["step"]
-        with _OutputDtypes() as seen:
-            answer = step()
-        _check_step(answer, seen.dtypes, p)
+        _step_and_check(monkeypatch, lambda: bench_dpo.serve_side(side, "adapter_off", tmp_path, args), p)
 
 
 @pytest.mark.parametrize("p", mem.PRECISIONS)
