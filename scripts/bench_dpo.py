@@ -169,6 +169,8 @@ def report(rows: list[dict], args: argparse.Namespace, settings: dict, tokens: i
         "reference load) is part of the built model; precomputed log-probs are computed before the reset.",
         *(mem.trained_note({side: r[side] for side in SIDES}).replace(
             "- Trained", f"- Trained, {r['reference']}/{r['grad_ckpt']}", 1) for r in rows),
+        *(mem.profile_note({side: r[side]["profile"] for side in SIDES}).replace(
+            "- Profile", f"- Profile, {r['reference']}/{r['grad_ckpt']}", 1) for r in rows),
     ]
     return "\n".join(lines + mem.run_notes(settings) + ["", *table])
 
@@ -217,7 +219,7 @@ def main() -> None:
                 print(f"[bench] DPO, {reference} reference, checkpointing {ckpt}", file=sys.stderr, flush=True)
                 child = ["--group", f"{reference}:{ckpt}", "--dir", tmp]
                 results = mem.compare_steps({s: [__file__, *sys.argv[1:], "--child", s, *child] for s in SIDES},
-                                            args.warmup + args.steps)
+                                            args.warmup + args.steps, profile=True)
                 row = {"reference": reference, "grad_ckpt": ckpt, "seq": args.seq, "pairs": args.pairs}
                 for side in SIDES:
                     row[side] = {**mem.summarize(results[side], tokens, args.warmup), "memory": results[side]["memory"]}

@@ -211,3 +211,16 @@ def test_quick_model_bench_reports_the_precision_it_ran_in_and_that_it_trained()
     assert "precision bf16: pure bf16 weights on both sides" in done.stdout and "bf16 units:" in done.stdout
     for side in ("ours", "hf-sdpa"):
         assert payload["train"][side]["grad_norms"][0] > 0 and payload["train"][side]["moved"] == [True]
+
+
+def test_quick_dpo_bench_profiles_both_sides():
+    # the profile behind a DPO verdict: each side's op time, its matmul share and its costliest ops
+    done = subprocess.run([sys.executable, str(SCRIPTS / "bench_dpo.py"), "--quick", "--references", "copy"],
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-2000:]
+    payload = json.loads(next(line for line in done.stdout.splitlines() if line.startswith(mem.JSON_PREFIX))
+                         [len(mem.JSON_PREFIX):])
+    for side in bench_dpo.SIDES:
+        profile = payload["rows"][0][side]["profile"]
+        assert 0 < profile["matmul_ms"] < profile["op_ms"] and profile["top_ops"], profile
+    assert "- Profile, copy/off" in done.stdout
