@@ -39,22 +39,19 @@ from mistral_train.checkpoint.integrity import (
 from mistral_train.checkpoint.state import (
     STATE_FILE, estimate_checkpoint_bytes, folder_bytes, latest_checkpoint, write_error,
 )
-from mistral_train.config import ModelSpec, RunConfig, RunSpec, TrackingSpec, TrainerSpec
+from mistral_train.config import RunConfig
 from mistral_train.errors import CheckpointWriteError, ConfigError, FolderError
 from mistral_train.model import hf
 from mistral_train.train import fit
 from mistral_train.train.resume import resolve_resume
+from tests._tiny import small_run
 
 
 def _cfg(root: Path, name: str, **trainer) -> RunConfig:
     """4 steps of a very small model on the bundled corpus, a checkpoint every 2 steps."""
-    model = ModelSpec(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2)
     spec = dict(max_steps=4, max_seq_len=32, batch_size=2, warmup_steps=2, log_every=1, sample_max_new_tokens=1,
                 save_every=2, keep_last=5)
-    spec.update(trainer)
-    return RunConfig(model=model, trainer=TrainerSpec(**spec), run=RunSpec(name=name, dir=str(root)),
-                     tracking=TrackingSpec(progress_bar=False, plot=False))
+    return small_run(root, name, **{**spec, **trainer})
 
 
 @pytest.fixture(scope="module")

@@ -10,12 +10,13 @@ import torch
 from safetensors.torch import load_file
 
 from mistral_train import Mistral, MistralConfig
-from mistral_train.config import DataSpec, ModelSpec, RunConfig, RunSpec, TrackingSpec, TrainerSpec
+from mistral_train.config import DataSpec, RunConfig, RunSpec, TrackingSpec
 from mistral_train.data.sources import bundled_chat_path
 from mistral_train.tokenizer.tokenizer import load_tokenizer
 from mistral_train.train import fit
 from mistral_train.train.loop import backward_window
 from mistral_train.train.steps import language_model
+from tests._tiny import small_run
 
 
 def _labels_with_holes(ids: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -53,12 +54,8 @@ def test_accumulation_of_k_micro_batches_equals_one_big_batch():
 
 def _tiny_run(tmp_path, name, **trainer) -> RunConfig:
     """A very small model on the real tokenizer and bundled corpus."""
-    model = ModelSpec(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2)
     spec = dict(max_steps=6, max_seq_len=32, batch_size=2, warmup_steps=2, log_every=1, sample_max_new_tokens=5)
-    spec.update(trainer)
-    return RunConfig(model=model, trainer=TrainerSpec(**spec), run=RunSpec(name=name, dir=str(tmp_path)),
-                     tracking=TrackingSpec(progress_bar=False, plot=False))
+    return small_run(tmp_path, name, **{**spec, **trainer})
 
 
 def _losses(run_dir):

@@ -12,10 +12,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mistral_train.config import ModelSpec, RunConfig, RunSpec, TrackingSpec, TrainerSpec
+from mistral_train.config import RunConfig
 from mistral_train.errors import ConfigError
 from mistral_train.train import fit, loop
 from mistral_train.train.guards import NonFiniteError, NonFiniteGuard
+from tests._tiny import small_run
 
 SKIPPED = 3  # the step whose window is poisoned
 
@@ -23,13 +24,9 @@ SKIPPED = 3  # the step whose window is poisoned
 def _cfg(tmp_path, name, **trainer) -> RunConfig:
     """A tiny model on the bundled corpus; a constant lr (no warmup, no decay), so a skipped scheduler step
     does not change the lr of the steps after it."""
-    model = ModelSpec(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2)
     spec = dict(max_steps=5, max_seq_len=32, batch_size=2, warmup_steps=0, min_lr_ratio=1.0, log_every=1,
                 sample_max_new_tokens=1, eval_max_new_tokens=0)
-    spec.update(trainer)
-    return RunConfig(model=model, trainer=TrainerSpec(**spec), run=RunSpec(name=name, dir=str(tmp_path)),
-                     tracking=TrackingSpec(progress_bar=False, plot=False))
+    return small_run(tmp_path, name, **{**spec, **trainer})
 
 
 def _rows(run_dir):
